@@ -1,0 +1,33 @@
+"""metaagent-ray: a coordinator LLM plans a task as a graph of role-based agents; Ray runs each
+agent the moment its own dependencies are done."""
+
+from .api import MetaAgent, load_plan, parse_plan
+from .errors import ConfigError, MetaAgentError, PlanError
+from .events import AgentFinished, AgentStarted, Event, Notice, PlanReady, RunFinished
+from .llm import LLMConfig, register_backend
+from .plan import AgentSpec, ExecutionPlan, Role
+from .record import AgentRecord, RunRecord
+from .runtime import RunInterrupted
+
+__all__ = [
+    "AgentFinished",
+    "AgentRecord",
+    "AgentSpec",
+    "AgentStarted",
+    "ConfigError",
+    "Event",
+    "ExecutionPlan",
+    "LLMConfig",
+    "MetaAgent",
+    "MetaAgentError",
+    "Notice",
+    "PlanError",
+    "PlanReady",
+    "Role",
+    "RunFinished",
+    "RunInterrupted",
+    "RunRecord",
+    "load_plan",
+    "parse_plan",
+    "register_backend",
+]

@@ -1,0 +1,73 @@
+"""The terminal view of a run: the seed's lines, as events arrive."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+from .events import AgentFinished, AgentStarted, Event, Notice, PlanReady, RunFinished
+from .plan import ExecutionPlan
+
+
+def layer_lines(plan: ExecutionPlan, layers: list[list[int]]) -> list[str]:
+    """`🔀 Execution layers (parallel groups): N` and one line per layer, as in the seed."""
+    lines = [f"🔀 Execution layers (parallel groups): {len(layers)}"]
+    for number, layer in enumerate(layers):
+        roles = [plan.agents[agent].role.value for agent in layer]
+        lines.append(f"  Layer {number}: {len(layer)} agents in parallel - {roles}")
+    return lines
+
+
+class ConsoleView:
+    """Prints a run as it happens. `quiet` shows only warnings and the final output."""
+
+    def __init__(self, stream: TextIO | None = None, *, quiet: bool = False) -> None:
+        self.stream = stream or sys.stdout
+        self.quiet = quiet
+
+    def _print(self, text: str = "") -> None:
+        print(text, file=self.stream, flush=True)
+
+    def __call__(self, event: Event) -> None:
+        if isinstance(event, Notice):
+            if event.warning or not self.quiet:
+                self._print(event.text)
+        elif self.quiet and not isinstance(event, RunFinished):
+            return
+        elif isinstance(event, PlanReady):
+            self._show_plan(event)
+        elif isinstance(event, AgentStarted):
+            retry = f" (attempt {event.attempt})" if event.attempt > 1 else ""
+            self._print(f"⚡ [PARALLEL] Agent {event.agent_id}: {event.role}{retry}")
+        elif isinstance(event, AgentFinished):
+            agent = event.agent
+            if agent.status == "ok":
+                self._print(f"✅ [PARALLEL] Agent {agent.id} completed: {agent.role}")
+            else:
+                self._print(f"❌ [PARALLEL] Agent {agent.id} {agent.status}: {agent.role} - {agent.error}")
+        elif isinstance(event, RunFinished):
+            self._show_result(event)
+
+    def _show_plan(self, event: PlanReady) -> None:
+        for warning in event.plan.warnings:
+            self._print(warning)
+        if event.plan.description:
+            self._print(f"📋 Plan: {event.plan.description}")
+        for line in layer_lines(event.plan, event.layers):
+            self._print(line)
+        self._print()
+        self._print(f"⚡ Executing {len(event.plan.agents)} agents on Ray, each as soon as its own dependencies finish...")
+
+    def _show_result(self, event: RunFinished) -> None:
+        record = event.record
+        if not self.quiet:
+            failed = record.failed_agents()
+            span = record.makespan()
+            summary = f"{len(record.agents) - len(failed)}/{len(record.agents)} agents ok"
+            if span is not None:
+                summary += f" in {span:.1f} s"
+            self._print()
+            self._print(f"🏁 {summary}" + (f"; not ok: {failed}" if failed else ""))
+            self._print()
+            self._print("📝 Final output:")
+        self._print(record.final_output)

@@ -1,0 +1,77 @@
+"""The contract every LLM backend keeps, and the types that cross it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field
+
+from ..errors import MetaAgentError
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat message."""
+
+    role: str  # "system", "user" or "assistant"
+    content: str
+
+
+@dataclass(frozen=True)
+class LLMRequest:
+    """One call. `caller`, `agent_id`, `role` and `inputs_from` let test backends answer by identity."""
+
+    messages: list[Message]
+    caller: str  # "coordinator" or "agent"
+    query: str = ""
+    agent_id: int | None = None
+    role: str | None = None
+    task: str | None = None
+    inputs_from: list[int] = field(default_factory=list)
+    json_schema: dict[str, Any] | None = None  # constrain the answer to this JSON schema
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class LLMResponse:
+    """The answer and what it cost, as the backend reports it."""
+
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    llm_ms: float | None = None
+
+
+class LLMError(Exception):
+    """A call failed. `transient` errors (connection, 5xx, timeout) are worth retrying."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class LLMUnavailable(MetaAgentError):
+    """The backend cannot serve at all (no server, no model): say how to fix it before any agent runs."""
+
+
+class LLMConfig(BaseModel):
+    """Which backend to use and how: small, serializable, sent to every Ray worker."""
+
+    backend: str = "fake"
+    model: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    def cache_key(self) -> str:
+        return self.model_dump_json()
+
+
+@runtime_checkable
+class LLM(Protocol):
+    """A backend: answers requests; `check` fails fast with a fix when it cannot serve."""
+
+    def complete(self, request: LLMRequest) -> LLMResponse: ...
+
+    def check(self) -> None: ...
+
+    def describe(self) -> str: ...

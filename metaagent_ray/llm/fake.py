@@ -1,0 +1,150 @@
+"""A deterministic backend for tests, demos and benchmarks.
+
+It answers by identity (agent id, role, task, the agents whose outputs it received), never by call
+order, so runs are reproducible whatever order Ray finishes tasks in. Latency can be simulated per
+agent to show scheduling.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+
+from ..errors import ConfigError
+from .base import LLMConfig, LLMRequest, LLMResponse
+
+
+class FakeLatency(BaseModel):
+    """Seconds each call takes: a default, the coordinator's, and per agent index."""
+
+    default: float = Field(default=0.0, ge=0)
+    coordinator: float | None = Field(default=None, ge=0)
+    agents: dict[int, float] = Field(default_factory=dict)
+
+    @field_validator("agents")
+    @classmethod
+    def _non_negative(cls, value: dict[int, float]) -> dict[int, float]:
+        for agent, seconds in value.items():
+            if seconds < 0:
+                raise ValueError(f"agent {agent}: latency must be >= 0")
+        return value
+
+    @classmethod
+    def from_spec(cls, spec: str | float | None) -> FakeLatency:
+        """SPEC is seconds per call, or a JSON file {"default": s, "coordinator": s, "<agent index>": s}."""
+        if spec is None or spec == "":
+            return cls()
+        if isinstance(spec, (int, float)):
+            return cls(default=float(spec))
+        try:
+            return cls(default=float(spec))
+        except ValueError:
+            pass
+        path = Path(spec)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as error:
+            raise ConfigError(f"--fake-latency {spec}: not a number and not a readable file ({error.strerror})") from None
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"--fake-latency {spec}: not valid JSON ({error.msg} at line {error.lineno})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--fake-latency {spec}: expected a JSON object of seconds")
+        named = {key: data[key] for key in ("default", "coordinator") if key in data}
+        unknown = [key for key in data if key not in named and not str(key).isdigit()]
+        if unknown:
+            raise ConfigError(f"--fake-latency {spec}: unknown keys {unknown} (use default, coordinator or agent indices)")
+        try:
+            return cls(**named, agents={int(key): value for key, value in data.items() if key not in named})
+        except ValidationError as error:
+            first = error.errors()[0]
+            raise ConfigError(f"--fake-latency {spec}: {first['msg']}") from None
+
+    def seconds(self, request: LLMRequest) -> float:
+        if request.caller == "coordinator":
+            return self.coordinator if self.coordinator is not None else self.default
+        return self.agents.get(request.agent_id if request.agent_id is not None else -1, self.default)
+
+
+class FakeOptions(BaseModel):
+    latency: FakeLatency = Field(default_factory=FakeLatency)
+
+
+class FakeLLM:
+    """Answers from the request's identity; plans from the query's shape."""
+
+    def __init__(self, options: FakeOptions) -> None:
+        self.options = options
+
+    def describe(self) -> str:
+        return "fake (deterministic, no model)"
+
+    def check(self) -> None:
+        return None
+
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        seconds = self.options.latency.seconds(request)
+        if seconds:
+            time.sleep(seconds)
+        if request.json_schema is not None:
+            text = json.dumps(plan_for_query(request.query or request.task or ""))
+        else:
+            text = answer_for(request)
+        words = sum(len(message.content.split()) for message in request.messages)
+        return LLMResponse(text=text, prompt_tokens=words, completion_tokens=len(text.split()), llm_ms=seconds * 1000)
+
+
+def answer_for(request: LLMRequest) -> str:
+    """The fake agent answer: it names role, task and the agents whose outputs it received."""
+    inputs = ", ".join(str(agent) for agent in request.inputs_from) or "none"
+    return f"[{request.role}] agent {request.agent_id}: {request.task}\nInputs from agents: {inputs}"
+
+
+_LIST_INTRO = re.compile(r"\b(?:compare|comparing|research|covering|with|between|including|:)\s+(.+)", re.IGNORECASE)
+_SEQUENTIAL = re.compile(r"\b(?:then|use (?:that|this|it)|based on|after that|afterwards)\b", re.IGNORECASE)
+_TOPIC_TAIL = re.compile(r"\s+(?:for|in|on|as|to)\s+(.+)$", re.IGNORECASE)
+
+
+def _items(query: str) -> tuple[list[str], str]:
+    """The enumerated things in a query ("A, B, and C") and what they are compared for."""
+    match = _LIST_INTRO.search(query.rstrip(" .?!"))
+    if not match or _SEQUENTIAL.search(query):
+        return [], ""
+    body = match.group(1)
+    topic = ""
+    tail = _TOPIC_TAIL.search(body)
+    if tail:
+        body, topic = body[: tail.start()], tail.group(1)
+    parts = [part.strip() for part in re.split(r",|\band\b|\bor\b|\bvs\.?\b|\bversus\b", body)]
+    return [part for part in parts if part], topic
+
+
+def plan_for_query(query: str) -> dict:
+    """A sensible plan shape: parallel researchers for enumerated items, else a short chain."""
+    items, topic = _items(query)
+    focus = f" for {topic}" if topic else ""
+    if len(items) >= 2:
+        agents = [{"role": "RESEARCHER", "task": f"Research {item}{focus}", "depends_on": []} for item in items]
+        researchers = list(range(len(items)))
+        agents.append({"role": "ANALYZER", "task": f"Compare {', '.join(items)}{focus}", "depends_on": researchers})
+        agents.append({"role": "SYNTHESIZER", "task": "Write the final report", "depends_on": [len(items)]})
+        return {"description": f"Parallel research on {len(items)} items, then analysis and synthesis", "agents": agents}
+    return {
+        "description": "Research, analyze, then synthesize",
+        "agents": [
+            {"role": "RESEARCHER", "task": f"Research: {query}", "depends_on": []},
+            {"role": "ANALYZER", "task": "Analyze the research findings", "depends_on": [0]},
+            {"role": "SYNTHESIZER", "task": "Write the final answer", "depends_on": [1]},
+        ],
+    }
+
+
+def create(config: LLMConfig) -> FakeLLM:
+    options = dict(config.options)
+    latency = FakeLatency.from_spec(options.pop("latency", None))
+    if options:
+        raise ConfigError(f"fake backend: unknown options {sorted(options)}")
+    return FakeLLM(FakeOptions(latency=latency))

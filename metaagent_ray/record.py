@@ -1,0 +1,164 @@
+"""The run record, a public JSON contract, and the run directory that keeps it on disk.
+
+`record.json` is rewritten atomically whenever an agent finishes, so a run that stops for any
+reason leaves behind everything that had finished.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from .plan import ExecutionPlan
+
+RECORD_VERSION = 1
+AgentState = Literal["pending", "ok", "failed", "skipped"]
+RunState = Literal["running", "ok", "failed", "interrupted"]
+
+
+class AgentRecord(BaseModel):
+    """One agent of a run: its spec after cleaning, what happened, where and when."""
+
+    id: int
+    role: str
+    task: str
+    depends_on: list[int]
+    layer: int
+    status: AgentState = "pending"
+    started_at: float | None = None  # epoch seconds, taken inside the task around the LLM call
+    finished_at: float | None = None
+    inputs_from: list[int] = Field(default_factory=list)
+    output: str = ""
+    error: str | None = None
+    node: str | None = None
+    attempts: int = 0
+    tokens: dict[str, int] | None = None  # {"prompt": n, "completion": n} when the backend reports them
+    llm_ms: float | None = None
+    output_file: str | None = None  # relative to the run directory
+
+
+class RunRecord(BaseModel):
+    """Everything a run did. Other tools read this: add fields, never rename or remove them."""
+
+    version: int = RECORD_VERSION
+    query: str
+    plan: ExecutionPlan
+    layers: list[list[int]]
+    warnings: list[str] = Field(default_factory=list)
+    final_output: str = ""
+    status: RunState = "running"
+    started_at: float = Field(default_factory=time.time)
+    finished_at: float | None = None
+    llm: dict[str, Any] = Field(default_factory=dict)  # backend and model, never secrets
+    slots: int | None = None
+    run_dir: str | None = None
+    agents: list[AgentRecord]
+
+    @classmethod
+    def start(cls, plan: ExecutionPlan, query: str, *, llm: dict[str, Any], slots: int | None) -> RunRecord:
+        layer_of = plan.layer_of()
+        agents = [
+            AgentRecord(id=index, role=spec.role.value, task=spec.task, depends_on=spec.depends_on, layer=layer_of[index])
+            for index, spec in enumerate(plan.agents)
+        ]
+        return cls(
+            query=query,
+            plan=plan,
+            layers=plan.get_execution_layers(),
+            warnings=plan.warnings,
+            llm=llm,
+            slots=slots,
+            agents=agents,
+        )
+
+    def compose_final_output(self) -> str:
+        """The sink agent's output; with several sinks, each under a heading in index order."""
+        sinks = [self.agents[index] for index in self.plan.sinks()]
+        if len(sinks) == 1:
+            return _output_or_reason(sinks[0])
+        return "\n\n".join(f"## Agent {agent.id} ({agent.role}): {agent.task}\n\n{_output_or_reason(agent)}" for agent in sinks)
+
+    def failed_agents(self) -> list[int]:
+        return [agent.id for agent in self.agents if agent.status != "ok"]
+
+    def makespan(self) -> float | None:
+        """Seconds from the first agent's start to the last agent's finish."""
+        starts = [agent.started_at for agent in self.agents if agent.started_at is not None]
+        ends = [agent.finished_at for agent in self.agents if agent.finished_at is not None]
+        return max(ends) - min(starts) if starts and ends else None
+
+
+def _output_or_reason(agent: AgentRecord) -> str:
+    if agent.status == "ok":
+        return agent.output
+    return f"(agent {agent.id} {agent.status}: {agent.error or 'no output'})"
+
+
+def slugify(text: str, limit: int = 40) -> str:
+    """A short, safe file-name fragment of any text (LLM output never becomes a path as is)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:limit].rstrip("-") or "run"
+
+
+class RunDirectory:
+    """`runs/<UTC time>-<slug>/` with record.json, plan.json, final.md and agents/NN-role.md."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @classmethod
+    def create(cls, base: Path | None, slug_source: str) -> RunDirectory:
+        """A new directory: `base` itself when given, else a fresh one under ./runs."""
+        if base is not None:
+            base.mkdir(parents=True, exist_ok=True)
+            return cls(base)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        root = Path("runs")
+        name = f"{stamp}-{slugify(slug_source)}"
+        path, suffix = root / name, 1
+        while path.exists():
+            suffix += 1
+            path = root / f"{name}-{suffix}"
+        path.mkdir(parents=True)
+        return cls(path)
+
+    def write_plan(self, plan: ExecutionPlan) -> None:
+        write_atomic(self.path / "plan.json", plan.model_dump_json(indent=2))
+
+    def write_agent_output(self, agent: AgentRecord) -> str:
+        """Write one agent's output; returns its path relative to the run directory."""
+        relative = f"agents/{agent.id:02d}-{slugify(agent.role, 20)}.md"
+        body = agent.output if agent.status == "ok" else f"(agent {agent.status}: {agent.error})"
+        write_atomic(self.path / relative, f"# Agent {agent.id}: {agent.role}\n\n{agent.task}\n\n---\n\n{body}\n")
+        return relative
+
+    def write_record(self, record: RunRecord) -> None:
+        save_record(self.path / "record.json", record)
+
+    def write_final(self, text: str) -> None:
+        write_atomic(self.path / "final.md", text + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one step, so a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_record(path: Path, record: RunRecord) -> None:
+    """Write a record as JSON (the run directory's and `--record PATH`'s copy)."""
+    write_atomic(path, record.model_dump_json(indent=2))
