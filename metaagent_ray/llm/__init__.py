@@ -32,6 +32,8 @@ BackendFactory = Callable[[LLMConfig], LLM]
 # name -> "module:factory", imported on first use
 _BACKEND_PATHS: dict[str, str] = {
     "fake": "metaagent_ray.llm.fake:create",
+    "ollama": "metaagent_ray.llm.ollama:create",
+    "local": "metaagent_ray.llm.local:create",
 }
 _FACTORIES: dict[str, BackendFactory] = {}
 
