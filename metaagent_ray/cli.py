@@ -39,6 +39,9 @@ RunDirOption = Annotated[Optional[Path], typer.Option("--run-dir", help="Keep th
 LatencyOption = Annotated[
     Optional[str], typer.Option("--fake-latency", help="Fake backend: seconds per call, or a JSON file of seconds by agent index.")
 ]
+FailOption = Annotated[
+    Optional[str], typer.Option("--fake-fail", help="Fake backend: inject faults, e.g. 3, 3:1, 3:hang, coordinator:garbage.")
+]
 MaxAgentsOption = Annotated[int, typer.Option("--max-agents", min=1, help="Refuse plans with more agents than this.")]
 VerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging, and tracebacks on errors.")]
 QuietOption = Annotated[bool, typer.Option("-q", "--quiet", help="Print only warnings and the final output.")]
@@ -70,6 +73,11 @@ def _configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def _fake_options(latency: str | None, fail: str | None) -> dict[str, str]:
+    """The fake backend's options, only those given (other backends take none of them)."""
+    return {key: value for key, value in (("latency", latency), ("fail", fail)) if value is not None}
+
+
 def _exit_for(record: RunRecord | None) -> None:
     if record is not None and record.run_dir:
         print(f"\n💾 Run saved in {record.run_dir}", file=sys.stderr)
@@ -88,6 +96,7 @@ def exec_command(
     record: RecordOption = None,
     run_dir: RunDirOption = None,
     fake_latency: LatencyOption = None,
+    fake_fail: FailOption = None,
     max_agents: MaxAgentsOption = DEFAULT_MAX_AGENTS,
     verbose: VerboseOption = False,
     quiet: QuietOption = False,
@@ -97,9 +106,8 @@ def exec_command(
 
     def action() -> RunRecord:
         plan = load_plan(plan_file, max_agents=max_agents)
-        options = {"latency": fake_latency} if fake_latency is not None else {}
         agent = MetaAgent(
-            llm, model=model, llm_options=options, slots=slots, address=address, max_agents=max_agents,
+            llm, model=model, llm_options=_fake_options(fake_latency, fake_fail), slots=slots, address=address, max_agents=max_agents,
             on_event=ConsoleView(quiet=quiet), verbose=verbose,
         )
         return agent.execute(plan, query, run_dir=run_dir, record_path=record)

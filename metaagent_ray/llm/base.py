@@ -31,6 +31,7 @@ class LLMRequest:
     inputs_from: list[int] = field(default_factory=list)
     json_schema: dict[str, Any] | None = None  # constrain the answer to this JSON schema
     max_tokens: int | None = None
+    attempt: int = 1  # 1 for the first try of this call, 2 for its first retry, ...
 
 
 @dataclass(frozen=True)

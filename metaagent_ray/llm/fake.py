@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMRequest, LLMResponse
+from .base import LLMConfig, LLMError, LLMRequest, LLMResponse
 
 
 class FakeLatency(BaseModel):
@@ -69,8 +71,33 @@ class FakeLatency(BaseModel):
         return self.agents.get(request.agent_id if request.agent_id is not None else -1, self.default)
 
 
+class FakeFaults(BaseModel):
+    """Injected failures: per agent "always", "hang" or a number of failing first attempts; the coordinator's "garbage"."""
+
+    agents: dict[int, Literal["always", "hang"] | int] = Field(default_factory=dict)
+    coordinator: Literal["garbage", "always"] | None = None
+
+    @classmethod
+    def from_spec(cls, spec: str | None) -> FakeFaults:
+        """SPEC like `3` (always fails), `3:1` (fails its first attempt), `3:hang`, `coordinator:garbage`; comma-separated."""
+        faults = cls()
+        for item in filter(None, (part.strip() for part in (spec or "").split(","))):
+            target, _, kind = item.partition(":")
+            kind = kind or "always"
+            if target == "coordinator" and kind in ("garbage", "always"):
+                faults.coordinator = kind  # type: ignore[assignment]
+            elif target.isdigit() and (kind in ("always", "hang") or kind.isdigit()):
+                faults.agents[int(target)] = int(kind) if kind.isdigit() else kind  # type: ignore[assignment]
+            else:
+                raise ConfigError(
+                    f"--fake-fail {spec}: cannot read {item!r} (use AGENT, AGENT:N, AGENT:hang or coordinator:garbage)"
+                )
+        return faults
+
+
 class FakeOptions(BaseModel):
     latency: FakeLatency = Field(default_factory=FakeLatency)
+    faults: FakeFaults = Field(default_factory=FakeFaults)
 
 
 class FakeLLM:
@@ -89,12 +116,28 @@ class FakeLLM:
         seconds = self.options.latency.seconds(request)
         if seconds:
             time.sleep(seconds)
-        if request.json_schema is not None:
+        self._inject_fault(request)
+        if request.caller == "coordinator" and self.options.faults.coordinator == "garbage":
+            text = "Sure! Here is a plan: agents, roles... {not json"
+        elif request.json_schema is not None:
             text = json.dumps(plan_for_query(request.query or request.task or ""))
         else:
             text = answer_for(request)
         words = sum(len(message.content.split()) for message in request.messages)
         return LLMResponse(text=text, prompt_tokens=words, completion_tokens=len(text.split()), llm_ms=seconds * 1000)
+
+
+    def _inject_fault(self, request: LLMRequest) -> None:
+        faults = self.options.faults
+        if request.caller == "coordinator":
+            if faults.coordinator == "always":
+                raise LLMError("injected failure of the coordinator call")
+            return
+        fault = faults.agents.get(request.agent_id if request.agent_id is not None else -1)
+        if fault == "hang":
+            threading.Event().wait()  # never answers: only a timeout ends this call
+        if fault == "always" or (isinstance(fault, int) and request.attempt <= fault):
+            raise LLMError(f"injected failure of agent {request.agent_id} (attempt {request.attempt})", transient=fault != "always")
 
 
 def answer_for(request: LLMRequest) -> str:
@@ -145,6 +188,7 @@ def plan_for_query(query: str) -> dict:
 def create(config: LLMConfig) -> FakeLLM:
     options = dict(config.options)
     latency = FakeLatency.from_spec(options.pop("latency", None))
+    faults = FakeFaults.from_spec(options.pop("fail", None))
     if options:
         raise ConfigError(f"fake backend: unknown options {sorted(options)}")
-    return FakeLLM(FakeOptions(latency=latency))
+    return FakeLLM(FakeOptions(latency=latency, faults=faults))

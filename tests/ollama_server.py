@@ -1,0 +1,349 @@
+"""An Ollama-compatible HTTP server for tests: real HTTP on 127.0.0.1, answers by content, faults on demand.
+
+The Ollama backend is tested through the official `ollama` client against this server, never by
+patching the client. It records every request, counts chat calls in flight (to show that calls
+overlap, or that a cap holds), answers from the request's content rather than its arrival order,
+and can misbehave per request the ways a real server does: HTTP 500, a dropped connection, a stall
+past the client's timeout, a malformed body, a model that is not pulled.
+
+    with OllamaServer() as server:
+        llm = create_llm(LLMConfig(backend="ollama", options={"host": server.url}))
+        ...
+        assert all(body["model"] == "llama3.2:1b" for body in server.chat_bodies())
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Literal, Mapping
+
+Fault = Literal["http_500", "drop", "stall", "malformed", "not_found"]
+Responder = Callable[[dict[str, Any]], str]  # a chat request body -> the answer's text
+DelayFn = Callable[[dict[str, Any]], float]  # a chat request body -> seconds to wait before answering
+FaultFn = Callable[[dict[str, Any]], "Fault | None"]  # a chat request body -> the fault to answer with
+
+DEFAULT_MODELS: dict[str, int] = {"llama3.2:1b": 1_321_098_329}  # name -> size in bytes, as `ollama list`
+
+DEFAULT_PLAN: dict[str, Any] = {
+    "description": "Two parallel researchers, then analysis and synthesis",
+    "agents": [
+        {"role": "RESEARCHER", "task": "Research the first aspect", "depends_on": []},
+        {"role": "RESEARCHER", "task": "Research the second aspect", "depends_on": []},
+        {"role": "ANALYZER", "task": "Compare the findings", "depends_on": [0, 1]},
+        {"role": "SYNTHESIZER", "task": "Write the final answer", "depends_on": [2]},
+    ],
+}
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as it arrived: `body` is the parsed JSON, None when there was none."""
+
+    method: str
+    path: str
+    body: dict[str, Any] | None
+    arrived: float  # time.monotonic()
+
+
+def last_user_message(body: dict[str, Any]) -> str:
+    """The content of the request's last user message ("" when there is none)."""
+    users = [message.get("content", "") for message in body.get("messages", []) if message.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def default_responder(body: dict[str, Any]) -> str:
+    """A valid plan when the request asks for JSON (`format`), else an answer naming the request."""
+    if body.get("format") is not None:
+        return json.dumps(DEFAULT_PLAN)
+    first_line = (last_user_message(body).strip().splitlines() or [""])[0]
+    return f"Answer to: {first_line[:120]}"
+
+
+def first_calls(count: int, fault: Fault) -> FaultFn:
+    """A fault for the first `count` chat calls, then normal answers: for retry tests."""
+    lock = threading.Lock()
+    seen = 0
+
+    def choose(body: dict[str, Any]) -> Fault | None:
+        nonlocal seen
+        with lock:
+            seen += 1
+            return fault if seen <= count else None
+
+    return choose
+
+
+def _full_name(model: str) -> str:
+    """As Ollama does: a model named without a tag is `name:latest`."""
+    return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
+
+
+class OllamaServer:
+    """The server: start with `with OllamaServer(...) as server` (or start()/stop()); it listens at `url`.
+
+    `responder`, `delay`, `fault` and `hold` may be changed between calls; `reset()` restores them and
+    clears the records. `hold=N` makes each chat call wait until N are in flight (at most
+    `hold_timeout` s), so overlap is shown by the count, not by timing.
+    """
+
+    def __init__(
+        self,
+        *,
+        models: Mapping[str, int] | None = None,
+        responder: Responder = default_responder,
+        delay: float | DelayFn = 0.0,
+        fault: FaultFn | None = None,
+        hold: int | None = None,
+        hold_timeout: float = 5.0,
+        stall_seconds: float = 30.0,
+    ) -> None:
+        self.models = dict(DEFAULT_MODELS if models is None else models)
+        self.responder = responder
+        self.delay = delay
+        self.fault = fault
+        self.hold = hold
+        self.hold_timeout = hold_timeout
+        self.stall_seconds = stall_seconds
+        self._initial = (responder, delay, fault, hold)
+        self._lock = threading.Condition()
+        self._requests: list[RecordedRequest] = []
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._closing = threading.Event()  # wakes stalled and delayed handlers at shutdown
+        self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd.owner = self
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> OllamaServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving; stalled, delayed or held handlers are woken so that none outlives the server."""
+        self._closing.set()
+        with self._lock:
+            self._lock.notify_all()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> OllamaServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request so far, in arrival order (a copy)."""
+        with self._lock:
+            return list(self._requests)
+
+    def chat_bodies(self) -> list[dict[str, Any]]:
+        """The JSON bodies of the /api/chat requests so far."""
+        return [request.body or {} for request in self.requests if request.path == "/api/chat"]
+
+    @property
+    def in_flight(self) -> int:
+        """Chat calls being handled now."""
+        with self._lock:
+            return self._in_flight
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most chat calls ever handled at once (since the last reset)."""
+        with self._lock:
+            return self._max_in_flight
+
+    def wait_for_in_flight(self, count: int, timeout: float) -> bool:
+        """Wait until `count` chat calls are in flight at once; False if that did not happen in time."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._in_flight >= count or self._closing.is_set(), timeout)
+            return self._in_flight >= count
+
+    def reset(self) -> None:
+        """Forget the requests seen and the in-flight maximum; restore the behaviour given at start."""
+        self.responder, self.delay, self.fault, self.hold = self._initial
+        with self._lock:
+            self._requests.clear()
+            self._max_in_flight = self._in_flight
+
+    # --- request handling (called on the server's handler threads) ---
+
+    def _record(self, method: str, path: str, body: dict[str, Any] | None) -> None:
+        with self._lock:
+            self._requests.append(RecordedRequest(method, path, body, time.monotonic()))
+
+    def _has_model(self, name: str) -> bool:
+        return any(_full_name(model) == _full_name(name) for model in self.models)
+
+    def _handle(self, handler: _Handler, method: str) -> None:
+        path = handler.path.split("?", 1)[0]
+        body: dict[str, Any] | None = None
+        length = int(handler.headers.get("Content-Length") or 0)
+        if length:
+            try:
+                body = json.loads(handler.rfile.read(length))
+            except json.JSONDecodeError:
+                self._record(method, path, None)
+                handler.send_json(400, {"error": "invalid JSON body"})
+                return
+        self._record(method, path, body)
+        if method in ("GET", "HEAD") and path == "/":
+            handler.send_text(200, "Ollama is running")
+        elif method == "GET" and path == "/api/version":
+            handler.send_json(200, {"version": "0.0.0-test"})
+        elif method == "GET" and path == "/api/tags":
+            handler.send_json(200, {"models": [_tag(name, size) for name, size in self.models.items()]})
+        elif method == "POST" and path == "/api/show":
+            self._show(handler, body or {})
+        elif method == "POST" and path == "/api/chat":
+            self._chat(handler, body or {})
+        else:
+            handler.send_text(404, "404 page not found")
+
+    def _show(self, handler: _Handler, body: dict[str, Any]) -> None:
+        name = str(body.get("model", ""))
+        if not self._has_model(name):
+            handler.send_json(404, {"error": f"model '{name}' not found"})
+            return
+        handler.send_json(200, {
+            "modelfile": "",
+            "parameters": "",
+            "template": "{{ .Prompt }}",
+            "details": _tag(name, 0)["details"],
+            "model_info": {"general.architecture": "llama"},
+            "capabilities": ["completion"],
+            "modified_at": "2025-01-01T00:00:00Z",
+        })
+
+    def _chat(self, handler: _Handler, body: dict[str, Any]) -> None:
+        started = time.monotonic()
+        with self._lock:
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+            self._lock.notify_all()
+        try:
+            self._chat_in_flight(handler, body, started)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._lock.notify_all()
+
+    def _chat_in_flight(self, handler: _Handler, body: dict[str, Any], started: float) -> None:
+        fault = self.fault(body) if self.fault is not None else None
+        if fault is None and not self._has_model(str(body.get("model", ""))):
+            fault = "not_found"
+        if self.hold is not None:
+            self.wait_for_in_flight(self.hold, self.hold_timeout)
+        seconds = self.delay(body) if callable(self.delay) else self.delay
+        if seconds:
+            self._closing.wait(seconds)
+        if fault == "stall":
+            self._closing.wait(self.stall_seconds)
+            handler.drop()
+        elif fault == "drop":
+            handler.drop()
+        elif fault == "http_500":
+            handler.send_json(500, {"error": "llama runner process has terminated: exit status 2 (test fault)"})
+        elif fault == "not_found":
+            handler.send_json(404, {"error": f"model \"{body.get('model', '')}\" not found, try pulling it first"})
+        elif fault == "malformed":
+            handler.send_raw(200, "application/json", b'{"model": "x", "message": {"role": "assistant", "content": "unterm')
+        else:
+            self._answer(handler, body, started)
+
+    def _answer(self, handler: _Handler, body: dict[str, Any], started: float) -> None:
+        try:
+            text = self.responder(body)
+        except Exception as error:  # a test's responder failed: say so over HTTP rather than hang
+            handler.send_json(500, {"error": f"test responder failed: {error!r}"})
+            return
+        prompt_tokens = sum(len(str(message.get("content", "")).split()) for message in body.get("messages", []))
+        total_ns = max(1, int((time.monotonic() - started) * 1e9))
+        handler.send_json(200, {
+            "model": body.get("model", ""),
+            "created_at": "2025-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": text},
+            "done": True,
+            "done_reason": "stop",
+            "total_duration": total_ns,
+            "load_duration": 0,
+            "prompt_eval_count": prompt_tokens,
+            "prompt_eval_duration": total_ns // 2,
+            "eval_count": len(text.split()),
+            "eval_duration": total_ns // 2,
+        })
+
+
+def _tag(name: str, size: int) -> dict[str, Any]:
+    """One entry of /api/tags, shaped like a real server's."""
+    return {
+        "name": name,
+        "model": name,
+        "modified_at": "2025-01-01T00:00:00Z",
+        "size": size,
+        "digest": "0" * 64,
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": "llama",
+            "families": ["llama"],
+            "parameter_size": "1.2B",
+            "quantization_level": "Q8_0",
+        },
+    }
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    """One thread per request, a deep accept queue for bursts of concurrent calls."""
+
+    daemon_threads = True
+    request_queue_size = 128
+    owner: OllamaServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Hands each request to the owning OllamaServer; one request per connection (HTTP/1.0)."""
+
+    server: _HTTPServer
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        self.server.owner._handle(self, "GET")
+
+    def do_HEAD(self) -> None:
+        self.server.owner._handle(self, "HEAD")
+
+    def do_POST(self) -> None:
+        self.server.owner._handle(self, "POST")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: pytest shows failures, not access logs."""
+
+    def send_raw(self, status: int, content_type: str, payload: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def send_json(self, status: int, data: dict[str, Any]) -> None:
+        self.send_raw(status, "application/json; charset=utf-8", json.dumps(data).encode())
+
+    def send_text(self, status: int, text: str) -> None:
+        self.send_raw(status, "text/plain; charset=utf-8", text.encode())
+
+    def drop(self) -> None:
+        """Close the connection without a word: the client sees the server disconnect."""
+        self.close_connection = True

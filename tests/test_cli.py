@@ -1,0 +1,114 @@
+"""The command line: the seed's terminal lines, exit codes, and one clear line for every bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from metaagent_ray.cli import app
+
+from .conftest import EXAMPLES
+
+
+def metaagent(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The real command in a fresh process (these inputs fail before Ray starts)."""
+    return subprocess.run([sys.executable, "-m", "metaagent_ray", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def write(tmp_path: Path, name: str, content: object) -> Path:
+    path = tmp_path / name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    return path
+
+
+AGENT = {"role": "RESEARCHER", "task": "t", "depends_on": []}
+
+BAD_PLANS = {
+    "not-json.json": ("{agents: [", "not valid JSON"),
+    "missing-task.json": ({"agents": [{"role": "WRITER"}]}, "agents[0].task: Field required"),
+    "deps-not-list.json": ({"agents": [{**AGENT, "depends_on": "0"}]}, "agents[0].depends_on: must be a list of integers"),
+    "deps-not-ints.json": ({"agents": [AGENT, {**AGENT, "depends_on": [0.5]}]}, "agents[1].depends_on[0]: must be a list of integers"),
+    "unknown-role.json": (
+        {"agents": [{**AGENT, "role": "WIZARD"}]},
+        "agents[0].role: unknown role 'WIZARD' (roles: RESEARCHER, ANALYZER, PLANNER, WRITER, CRITIC, SYNTHESIZER, COORDINATOR)",
+    ),
+    "no-agents.json": ({"description": "empty", "agents": []}, "agents: the plan has no agents"),
+    "not-an-object.json": ([AGENT], "the plan must be a JSON object"),
+    "too-many.json": ({"agents": [AGENT] * 65}, "the plan has 65 agents, more than --max-agents 64"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_PLANS))
+def test_bad_plan_files_get_one_line_and_exit_2(tmp_path: Path, name: str):
+    content, expected = BAD_PLANS[name]
+    path = write(tmp_path, name, content)
+    result = metaagent("exec", str(path), "--llm", "fake", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {path}: ") and expected in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "runs").exists()  # nothing ran, nothing half-written
+
+
+def test_missing_plan_file_and_bad_options(tmp_path: Path):
+    missing = metaagent("exec", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and "cannot read the plan file" in missing.stderr
+    plan = str(EXAMPLES / "parallel_research.json")
+    for args, expected in [
+        (["--llm", "nonsense"], "unknown LLM backend 'nonsense'"),
+        (["--fake-latency", "soon"], "--fake-latency soon: not a number and not a readable file"),
+        (["--fake-fail", "x:y"], "--fake-fail x:y: cannot read"),
+    ]:
+        result = metaagent("exec", plan, *args, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr
+
+
+def test_max_agents_option_is_honoured(tmp_path: Path):
+    result = metaagent("exec", str(EXAMPLES / "software_architecture.json"), "--max-agents", "10", cwd=tmp_path)
+    assert result.returncode == 2 and "the plan has 15 agents, more than --max-agents 10" in result.stderr
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_exec_prints_the_seed_lines_and_the_final_output(tmp_path: Path):
+    record_path = tmp_path / "record.json"
+    result = CliRunner().invoke(
+        app,
+        ["exec", str(EXAMPLES / "parallel_research.json"), "--llm", "fake", "--run-dir", str(tmp_path / "run"), "--record", str(record_path)],
+    )
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "🔀 Execution layers (parallel groups): 3" in out
+    assert "  Layer 0: 3 agents in parallel - ['RESEARCHER', 'RESEARCHER', 'RESEARCHER']" in out
+    assert "  Layer 1: 1 agents in parallel - ['ANALYZER']" in out
+    for agent, role in enumerate(["RESEARCHER"] * 3 + ["ANALYZER", "SYNTHESIZER"]):
+        assert f"⚡ [PARALLEL] Agent {agent}: {role}" in out
+        assert f"✅ [PARALLEL] Agent {agent} completed: {role}" in out
+        assert out.index(f"⚡ [PARALLEL] Agent {agent}: {role}") < out.index(f"✅ [PARALLEL] Agent {agent} completed: {role}")
+    assert result.stdout.rstrip().endswith("[SYNTHESIZER] agent 4: Create a comparison report\nInputs from agents: 3")
+    assert json.loads(record_path.read_text())["status"] == "ok"
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_failed_agents_exit_1_and_keep_what_finished(tmp_path: Path):
+    result = CliRunner().invoke(
+        app, ["exec", str(EXAMPLES / "parallel_research.json"), "--llm", "fake", "--fake-fail", "2", "--run-dir", str(tmp_path / "run")]
+    )
+    assert result.exit_code == 1
+    assert "❌ [PARALLEL] Agent 2 failed: RESEARCHER" in result.output
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert [agent["status"] for agent in record["agents"]] == ["ok", "ok", "failed", "ok", "ok"]
+    assert (tmp_path / "run" / "agents" / "00-researcher.md").exists()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_quiet_prints_only_the_final_output(tmp_path: Path):
+    result = CliRunner().invoke(app, ["exec", str(EXAMPLES / "parallel_research.json"), "-q", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0
+    assert "PARALLEL" not in result.output and "Inputs from agents: 3" in result.output
