@@ -86,8 +86,8 @@ class OllamaServer:
     """The server: start with `with OllamaServer(...) as server` (or start()/stop()); it listens at `url`.
 
     `responder`, `delay`, `fault` and `hold` may be changed between calls; `reset()` restores them and
-    clears the records. `hold=N` makes each chat call wait until N are in flight (at most
-    `hold_timeout` s), so overlap is shown by the count, not by timing.
+    clears the records. `hold=N` makes each chat call wait until N have been in flight at once (at
+    most `hold_timeout` s), so overlap is shown by the count, not by timing.
     """
 
     def __init__(
@@ -154,7 +154,8 @@ class OllamaServer:
 
     @property
     def in_flight(self) -> int:
-        """Chat calls being handled now."""
+        """Chat calls being handled now; a stalled call counts until `stall_seconds` pass or the server stops,
+        even after its client gave up."""
         with self._lock:
             return self._in_flight
 
@@ -169,6 +170,12 @@ class OllamaServer:
         with self._lock:
             self._lock.wait_for(lambda: self._in_flight >= count or self._closing.is_set(), timeout)
             return self._in_flight >= count
+
+    def _wait_for_peak(self, count: int, timeout: float) -> None:
+        """Wait until `count` calls have been in flight at once: the peak, unlike the live count,
+        stays reached when the first released call finishes before the others wake."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._max_in_flight >= count or self._closing.is_set(), timeout)
 
     def reset(self) -> None:
         """Forget the requests seen and the in-flight maximum; restore the behaviour given at start."""
@@ -244,7 +251,7 @@ class OllamaServer:
         if fault is None and not self._has_model(str(body.get("model", ""))):
             fault = "not_found"
         if self.hold is not None:
-            self.wait_for_in_flight(self.hold, self.hold_timeout)
+            self._wait_for_peak(self.hold, self.hold_timeout)
         seconds = self.delay(body) if callable(self.delay) else self.delay
         if seconds:
             self._closing.wait(seconds)

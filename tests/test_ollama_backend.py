@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import pytest
-from ollama_server import DEFAULT_PLAN, OllamaServer, first_calls
+from tests.ollama_server import DEFAULT_PLAN, OllamaServer, first_calls
 
 from metaagent_ray.errors import ConfigError
 from metaagent_ray.llm import LLMConfig, LLMError, LLMRequest, LLMUnavailable, Message, create_llm
