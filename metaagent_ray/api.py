@@ -8,11 +8,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .errors import PlanError
-from .events import EventHandler, ignore
-from .llm import LLMConfig, create_llm
+from .coordinator import make_plan
+from .errors import ConfigError, PlanError
+from .events import EventHandler, Notice, ignore
+from .llm import LLM, LLMConfig, create_llm
 from .plan import ExecutionPlan, explain
-from .record import RunDirectory, RunRecord, save_record
+from .record import CoordinatorRecord, RunDirectory, RunRecord, save_record
 from .runtime import RayOptions, RunInterrupted, execute_plan
 
 DEFAULT_MAX_AGENTS = 64
@@ -69,10 +70,30 @@ class MetaAgent:
         self.max_agents = max_agents
         self.on_event = on_event
 
-    def _checked_llm(self) -> LLMConfig:
-        """Build the backend once in the driver: bad options and unreachable servers fail before any agent runs."""
-        create_llm(self.llm_config).check()
-        return self.llm_config
+    def _driver_llm(self) -> LLM:
+        """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
+        llm = create_llm(self.llm_config)
+        llm.check()
+        return llm
+
+    def plan(self, query: str) -> ExecutionPlan:
+        """Ask the coordinator for a plan; nothing is executed. `plan.warnings` says if it fell back."""
+        return self._plan(query)[0]
+
+    def run(self, query: str, *, run_dir: Path | str | None = None, save: bool = True, record_path: Path | str | None = None) -> RunRecord:
+        """Plan the query with the coordinator, then execute the plan; returns the run record."""
+        plan, coordinator = self._plan(query)
+        return self._execute(plan, query, coordinator, run_dir=run_dir, save=save, record_path=record_path)
+
+    def _plan(self, query: str) -> tuple[ExecutionPlan, CoordinatorRecord]:
+        if not query.strip():
+            raise ConfigError("the query is empty")
+        llm = self._driver_llm()
+        self.on_event(Notice(f"🧭 Coordinator planning with {llm.describe()}..."))
+        plan, coordinator = make_plan(query, llm, max_agents=self.max_agents)
+        tries = "" if coordinator.attempts == 1 else f" after {coordinator.attempts} tries"
+        self.on_event(Notice(f"🧭 Coordinator planned {len(plan.agents)} agents{tries}"))
+        return plan, coordinator
 
     def execute(
         self,
@@ -88,11 +109,25 @@ class MetaAgent:
             plan = parse_plan(plan, max_agents=self.max_agents)
         elif len(plan.agents) > self.max_agents:
             raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.max_agents}")
-        query = query or plan.description
-        llm = self._checked_llm()
+        self._driver_llm()
+        return self._execute(plan, query or plan.description, None, run_dir=run_dir, save=save, record_path=record_path)
+
+    def _execute(
+        self,
+        plan: ExecutionPlan,
+        query: str,
+        coordinator: CoordinatorRecord | None,
+        *,
+        run_dir: Path | str | None,
+        save: bool,
+        record_path: Path | str | None,
+    ) -> RunRecord:
         directory = RunDirectory.create(Path(run_dir) if run_dir else None, query or "plan") if save else None
         try:
-            record = execute_plan(plan, query, llm, ray_options=self.ray_options, run_dir=directory, on_event=self.on_event)
+            record = execute_plan(
+                plan, query, self.llm_config, ray_options=self.ray_options, run_dir=directory, on_event=self.on_event,
+                coordinator=coordinator,
+            )
         except RunInterrupted as stop:
             if record_path is not None:
                 save_record(Path(record_path), stop.record)

@@ -104,6 +104,10 @@ class ExecutionPlan(BaseModel):
         """What cleaning changed, in words a user can act on."""
         return list(self._warnings)
 
+    def add_warning(self, text: str) -> None:
+        """Note something about how this plan came to be (e.g. the coordinator fell back)."""
+        self._warnings.append(text)
+
     @property
     def cycle(self) -> list[int] | None:
         """The cycle that forced sequential execution, if there was one."""
@@ -189,3 +193,29 @@ def explain(error: ValidationError) -> str:
             message = f"must be a list of integers (agent indices), got {item['input']!r}"
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
+
+
+def plan_json_schema(max_agents: int) -> dict[str, Any]:
+    """The JSON schema a coordinator LLM must answer in: the plan model's own schema, flattened.
+
+    `$ref`s are inlined and `depth` left out (the runtime sets it), because constrained decoders
+    (Ollama's `format`, llama.cpp grammars) handle a self-contained schema best.
+    """
+    schema = ExecutionPlan.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(definitions[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: inline(value) for key, value in node.items() if key not in ("title", "default")}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    flat = inline(schema)
+    flat["properties"].pop("depth", None)
+    flat["required"] = ["description", "agents"]
+    flat["properties"]["agents"]["maxItems"] = max_agents
+    flat["properties"]["agents"]["items"]["required"] = ["role", "task", "depends_on"]
+    return flat

@@ -44,6 +44,16 @@ class AgentRecord(BaseModel):
     output_file: str | None = None  # relative to the run directory
 
 
+class CoordinatorRecord(BaseModel):
+    """How the plan was made, when a coordinator LLM made it."""
+
+    attempts: int
+    fallback: bool = False
+    errors: list[str] = Field(default_factory=list)  # why earlier answers were rejected
+    llm_ms: float | None = None
+    tokens: dict[str, int] | None = None
+
+
 class RunRecord(BaseModel):
     """Everything a run did. Other tools read this: add fields, never rename or remove them."""
 
@@ -59,6 +69,7 @@ class RunRecord(BaseModel):
     llm: dict[str, Any] = Field(default_factory=dict)  # backend and model, never secrets
     slots: int | None = None
     run_dir: str | None = None
+    coordinator: CoordinatorRecord | None = None
     agents: list[AgentRecord]
 
     @classmethod

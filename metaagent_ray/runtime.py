@@ -23,7 +23,7 @@ from .errors import ConfigError, MetaAgentError
 from .events import AgentFinished, AgentStarted, EventHandler, PlanReady, RunFinished
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
-from .record import AgentRecord, RunDirectory, RunRecord
+from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord
 
 SLOT_RESOURCE = "llm_slot"
 PLACEMENT_TIMEOUT_S = 30.0
@@ -128,12 +128,14 @@ def execute_plan(
     ray_options: RayOptions,
     run_dir: RunDirectory | None = None,
     on_event: EventHandler,
+    coordinator: CoordinatorRecord | None = None,
     max_tokens: int | None = None,
 ) -> RunRecord:
     """Run every agent of `plan` on Ray and return the record; checkpoints `run_dir` as agents finish."""
     ensure_ray(ray_options)
     record = RunRecord.start(plan, query, llm={"backend": llm.backend, "model": llm.model}, slots=ray_options.slots)
     record.run_dir = str(run_dir.path) if run_dir else None
+    record.coordinator = coordinator
     if run_dir is not None:
         run_dir.write_plan(plan)
         run_dir.write_record(record)

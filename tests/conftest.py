@@ -33,3 +33,12 @@ def latency_file(tmp_path: Path):
         return str(path)
 
     return write
+
+
+@pytest.fixture
+def ollama_server():
+    """An Ollama-compatible server on 127.0.0.1 (see tests/ollama_server.py)."""
+    from tests.ollama_server import OllamaServer
+
+    with OllamaServer() as server:
+        yield server

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from metaagent_ray.cli import app
 
-from .conftest import EXAMPLES
+from tests.conftest import EXAMPLES
 
 
 def metaagent(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,7 @@ import pytest
 from metaagent_ray import AgentFinished, AgentStarted, MetaAgent, PlanReady, RunFinished, load_plan, parse_plan
 from metaagent_ray.record import RunRecord
 
-from .conftest import EXAMPLES
+from tests.conftest import EXAMPLES
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 

@@ -1,0 +1,90 @@
+"""Query -> validated ExecutionPlan.
+
+The coordinator LLM answers under the plan's JSON schema (structured output); its answer is still
+validated here, since a model may ignore the schema. An invalid answer gets one retry with the
+validation error fed back; a second failure gets a safe fallback plan and a warning, never a crash.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import ValidationError
+
+from .errors import MetaAgentError
+from .llm import LLM, LLMError, LLMRequest, Message
+from .plan import ExecutionPlan, explain, plan_json_schema
+from .prompts import load_prompt
+from .record import CoordinatorRecord
+
+COORDINATOR_TRIES = 2
+
+
+class CoordinatorError(MetaAgentError):
+    """The coordinator's LLM call itself failed, so there is no plan to run."""
+
+    exit_code = 1
+
+
+def fallback_plan(query: str, depth: int = 0) -> ExecutionPlan:
+    """A plan that always works: research the request, then answer it."""
+    return ExecutionPlan.model_validate(
+        {
+            "description": "Fallback plan: research the request, then answer it",
+            "agents": [
+                {"role": "RESEARCHER", "task": f"Research what is needed to answer: {query}", "depends_on": []},
+                {"role": "SYNTHESIZER", "task": "Answer the request using the research", "depends_on": [0]},
+            ],
+            "depth": depth,
+        }
+    )
+
+
+def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
+    """Validate the coordinator's answer; raises ValueError with a one-line reason."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    if isinstance(data, dict):
+        data = {**data, "depth": depth}
+    try:
+        plan = ExecutionPlan.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(explain(error)) from None
+    if len(plan.agents) > max_agents:
+        raise ValueError(f"the plan has {len(plan.agents)} agents, more than the limit of {max_agents}")
+    return plan
+
+
+def make_plan(query: str, llm: LLM, *, max_agents: int, depth: int = 0) -> tuple[ExecutionPlan, CoordinatorRecord]:
+    """Ask the coordinator LLM for a plan that maximises parallelism; always returns a usable plan."""
+    messages = [
+        Message("system", load_prompt("coordinator").format(max_agents=max_agents)),
+        Message("user", load_prompt("coordinator_user").format(query=query)),
+    ]
+    schema = plan_json_schema(max_agents)
+    record = CoordinatorRecord(attempts=0)
+    llm_ms, prompt_tokens, completion_tokens = 0.0, 0, 0
+    for attempt in range(1, COORDINATOR_TRIES + 1):
+        request = LLMRequest(messages=list(messages), caller="coordinator", query=query, json_schema=schema, attempt=attempt)
+        try:
+            response = llm.complete(request)
+        except LLMError as error:
+            raise CoordinatorError(f"the coordinator's LLM call failed: {error}") from None
+        record.attempts = attempt
+        llm_ms += response.llm_ms or 0.0
+        prompt_tokens += response.prompt_tokens or 0
+        completion_tokens += response.completion_tokens or 0
+        record.llm_ms, record.tokens = llm_ms, {"prompt": prompt_tokens, "completion": completion_tokens}
+        try:
+            return _parse(response.text, max_agents, depth), record
+        except ValueError as error:
+            record.errors.append(str(error))
+            messages += [Message("assistant", response.text), Message("user", load_prompt("coordinator_retry").format(error=error))]
+    plan = fallback_plan(query, depth)
+    plan.add_warning(
+        f"⚠️ The coordinator's plan was invalid {COORDINATOR_TRIES} times ({record.errors[-1]}); using a fallback plan"
+    )
+    record.fallback = True
+    return plan, record
