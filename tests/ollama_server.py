@@ -182,7 +182,7 @@ class OllamaServer:
         self.responder, self.delay, self.fault, self.hold = self._initial
         with self._lock:
             self._requests.clear()
-            self._max_in_flight = self._in_flight
+            self._max_in_flight = 0
 
     # --- request handling (called on the server's handler threads) ---
 
