@@ -12,6 +12,7 @@ from .coordinator import make_plan
 from .errors import ConfigError, PlanError
 from .events import EventHandler, Notice, ignore
 from .llm import LLM, LLMConfig, create_llm
+from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .record import CoordinatorRecord, RunDirectory, RunRecord, save_record
 from .runtime import RayOptions, RunInterrupted, execute_plan
@@ -55,7 +56,7 @@ class MetaAgent:
 
     def __init__(
         self,
-        llm: str | LLMConfig = "fake",
+        llm: str | LLMConfig = "auto",
         *,
         model: str | None = None,
         llm_options: dict[str, Any] | None = None,
@@ -66,12 +67,16 @@ class MetaAgent:
         verbose: bool = False,
     ) -> None:
         self.llm_config = llm if isinstance(llm, LLMConfig) else LLMConfig(backend=llm, model=model, options=llm_options or {})
+
         self.ray_options = RayOptions(address=address, slots=slots, verbose=verbose)
         self.max_agents = max_agents
         self.on_event = on_event
 
     def _driver_llm(self) -> LLM:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
+        if self.llm_config.backend == "auto":
+            self.llm_config, why = resolve_auto(self.llm_config)
+            self.on_event(Notice(f"🤖 LLM backend: {self.llm_config.backend}, because {why}"))
         llm = create_llm(self.llm_config)
         llm.check()
         return llm

@@ -30,7 +30,9 @@ def _commands() -> None:
 class RunOptions:
     """The options every command takes; each field's annotation is its command-line option."""
 
-    llm: Annotated[str, typer.Option("--llm", help="LLM backend: fake, ollama or local.")] = "fake"
+    llm: Annotated[
+        str, typer.Option("--llm", help="LLM backend: auto (Ollama if it serves the model, else local), ollama, local or fake.")
+    ] = "auto"
     model: Annotated[Optional[str], typer.Option("--model", help="Model name (Ollama) or GGUF file (local).")] = None
     ollama_host: Annotated[Optional[str], typer.Option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST).")] = None
     slots: Annotated[
@@ -54,8 +56,8 @@ class RunOptions:
         fake = {key: value for key, value in (("latency", self.fake_latency), ("fail", self.fake_fail)) if value is not None}
         if fake and self.llm != "fake":
             raise ConfigError("--fake-latency and --fake-fail apply to --llm fake only")
-        if self.ollama_host is not None and self.llm != "ollama":
-            raise ConfigError("--ollama-host applies to --llm ollama only")
+        if self.ollama_host is not None and self.llm not in ("ollama", "auto"):
+            raise ConfigError("--ollama-host applies to --llm ollama or auto only")
         return {**fake, **({"host": self.ollama_host} if self.ollama_host is not None else {})}
 
     def meta_agent(self, stream: TextIO | None = None) -> MetaAgent:

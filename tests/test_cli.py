@@ -62,8 +62,9 @@ def test_missing_plan_file_and_bad_options(tmp_path: Path):
     plan = str(EXAMPLES / "parallel_research.json")
     for args, expected in [
         (["--llm", "nonsense"], "unknown LLM backend 'nonsense'"),
-        (["--fake-latency", "soon"], "--fake-latency soon: not a number and not a readable file"),
-        (["--fake-fail", "x:y"], "--fake-fail x:y: cannot read"),
+        (["--llm", "fake", "--fake-latency", "soon"], "--fake-latency soon: not a number and not a readable file"),
+        (["--llm", "fake", "--fake-fail", "x:y"], "--fake-fail x:y: cannot read"),
+        (["--llm", "ollama", "--fake-fail", "3"], "--fake-latency and --fake-fail apply to --llm fake only"),
     ]:
         result = metaagent("exec", plan, *args, cwd=tmp_path)
         assert result.returncode == 2, result.stderr
@@ -109,6 +110,6 @@ def test_failed_agents_exit_1_and_keep_what_finished(tmp_path: Path):
 
 @pytest.mark.usefixtures("ray_session")
 def test_quiet_prints_only_the_final_output(tmp_path: Path):
-    result = CliRunner().invoke(app, ["exec", str(EXAMPLES / "parallel_research.json"), "-q", "--run-dir", str(tmp_path / "run")])
+    result = CliRunner().invoke(app, ["exec", str(EXAMPLES / "parallel_research.json"), "-q", "--llm", "fake", "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0
     assert "PARALLEL" not in result.output and "Inputs from agents: 3" in result.output
