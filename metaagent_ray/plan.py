@@ -217,5 +217,7 @@ def plan_json_schema(max_agents: int) -> dict[str, Any]:
     flat["properties"].pop("depth", None)
     flat["required"] = ["description", "agents"]
     flat["properties"]["agents"]["maxItems"] = max_agents
-    flat["properties"]["agents"]["items"]["required"] = ["role", "task", "depends_on"]
+    agent = flat["properties"]["agents"]["items"]
+    agent["required"] = ["role", "task", "depends_on"]
+    agent["properties"]["depends_on"]["maxItems"] = max_agents - 1  # stops a small model counting on forever
     return flat

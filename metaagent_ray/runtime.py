@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ from .plan import AgentSpec, ExecutionPlan
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord
 
 SLOT_RESOURCE = "llm_slot"
+WARM_WORKERS = 16  # idle Ray workers kept alive when no slot count says how many agents run at once
 PLACEMENT_TIMEOUT_S = 30.0
 
 log = logging.getLogger(__name__)
@@ -64,7 +67,10 @@ def ensure_ray(options: RayOptions) -> None:
             ray.init(address=options.address, **common)
         else:
             resources = {SLOT_RESOURCE: float(options.slots)} if options.slots else {}
-            ray.init(resources=resources, **common)
+            # Ray keeps only as many idle workers as CPUs and kills the rest within a second; agents
+            # are I/O-bound and a worker may hold a loaded model, so keep as many as may run at once.
+            warm = max(options.slots or WARM_WORKERS, os.cpu_count() or 1)
+            ray.init(resources=resources, _system_config={"num_workers_soft_limit": warm}, **common)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {options.address}" if options.address else "a local Ray instance"
         raise ConfigError(f"cannot start or reach {where}: {error}") from None
@@ -72,35 +78,59 @@ def ensure_ray(options: RayOptions) -> None:
 
 @ray.remote(num_cpus=0)
 class _EventHub:
-    """Collects start events from agent tasks; the driver awaits the next batch (no polling)."""
+    """Collects start events from agent tasks; each run's driver awaits its next batch (no polling).
+
+    One hub serves every run of a driver, so no run waits for an actor to start.
+    """
 
     def __init__(self) -> None:
-        self._queue: asyncio.Queue[AgentStarted] = asyncio.Queue()
-        self._attempts: dict[int, int] = {}
+        self._queues: dict[str, asyncio.Queue[AgentStarted | None]] = {}  # None ends a run's stream
+        self._attempts: dict[tuple[str, int], int] = {}
 
-    async def started(self, agent_id: int, role: str) -> int:
+    def _queue(self, run_id: str) -> asyncio.Queue[AgentStarted | None]:
+        return self._queues.setdefault(run_id, asyncio.Queue())
+
+    async def started(self, run_id: str, agent_id: int, role: str) -> int:
         """Count a start of this agent's task and announce it; returns the attempt number."""
-        attempt = self._attempts.get(agent_id, 0) + 1
-        self._attempts[agent_id] = attempt
-        self._queue.put_nowait(AgentStarted(agent_id=agent_id, role=role, attempt=attempt))
+        attempt = self._attempts.get((run_id, agent_id), 0) + 1
+        self._attempts[(run_id, agent_id)] = attempt
+        self._queue(run_id).put_nowait(AgentStarted(agent_id=agent_id, role=role, attempt=attempt))
         return attempt
 
-    async def next_batch(self) -> list[AgentStarted]:
-        events = [await self._queue.get()]
-        while not self._queue.empty():
-            events.append(self._queue.get_nowait())
-        return events
+    async def next_batch(self, run_id: str) -> list[AgentStarted]:
+        queue = self._queue(run_id)
+        events = [await queue.get()]
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        return [event for event in events if event is not None]
+
+    async def forget(self, run_id: str) -> None:
+        """The run is over: release its waiting `next_batch` and its counts."""
+        self._queue(run_id).put_nowait(None)
+        self._queues.pop(run_id)
+        self._attempts = {key: value for key, value in self._attempts.items() if key[0] != run_id}
+
+
+_hubs: dict[str, Any] = {}  # Ray job id -> its hub; holding the handle keeps the actor alive
+
+
+def _event_hub() -> Any:
+    """This driver's hub, created on first use."""
+    job = ray.get_runtime_context().get_job_id()
+    if job not in _hubs:
+        _hubs[job] = _EventHub.remote()
+    return _hubs[job]
 
 
 @ray.remote(num_cpus=0)
 def _agent_task(
-    context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, *inputs: AgentResult
+    context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, *inputs: AgentResult
 ) -> AgentResult:
     """One agent on a Ray worker. Ray passes the dependencies' results in place of their ObjectRefs."""
-    attempt = ray.get(hub.started.remote(context.agent_id, context.spec.role.value))
+    attempt = hub.started.remote(run_id, context.agent_id, context.spec.role.value)  # not awaited: the agent starts now
     result = run_agent(context, inputs, dependency_specs)
     result.node = ray.get_runtime_context().get_node_id()
-    result.attempt = attempt
+    result.attempt = ray.get(attempt)
     return result
 
 
@@ -148,7 +178,7 @@ def execute_plan(
         task_options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
             placement_group=group, placement_group_capture_child_tasks=True
         )
-    hub = _EventHub.remote()
+    hub, run_id = _event_hub(), uuid.uuid4().hex
     refs: dict[int, ray.ObjectRef] = {}
     try:
         for agent_id in plan.topological_order():
@@ -156,8 +186,8 @@ def execute_plan(
             context = AgentContext(agent_id=agent_id, spec=spec, query=query, llm=llm, depth=plan.depth, max_tokens=max_tokens)
             dependency_specs = {dep: plan.agents[dep] for dep in spec.depends_on}
             dependency_refs = [refs[dep] for dep in spec.depends_on]
-            refs[agent_id] = _agent_task.options(**task_options).remote(context, dependency_specs, hub, *dependency_refs)
-        _follow(record, refs, hub, run_dir, on_event)
+            refs[agent_id] = _agent_task.options(**task_options).remote(context, dependency_specs, hub, run_id, *dependency_refs)
+        _follow(record, refs, hub.next_batch.remote, run_id, run_dir, on_event)
     except KeyboardInterrupt:
         for ref in refs.values():
             ray.cancel(ref, force=True)
@@ -165,7 +195,7 @@ def execute_plan(
         where = f" in {run_dir.path}" if run_dir else ""
         raise RunInterrupted(f"interrupted; the agents that finished are saved{where}", record) from None
     finally:
-        ray.kill(hub)
+        hub.forget.remote(run_id)
         if group is not None:
             remove_placement_group(group)
     _finish(record, run_dir, "ok" if not record.failed_agents() else "failed")
@@ -174,12 +204,17 @@ def execute_plan(
 
 
 def _follow(
-    record: RunRecord, refs: dict[int, ray.ObjectRef], hub: Any, run_dir: RunDirectory | None, on_event: EventHandler
+    record: RunRecord,
+    refs: dict[int, ray.ObjectRef],
+    next_batch: Any,
+    run_id: str,
+    run_dir: RunDirectory | None,
+    on_event: EventHandler,
 ) -> None:
     """Report starts and completions as they happen, checkpointing the record after each completion."""
     pending = {ref: agent_id for agent_id, ref in refs.items()}
     announced: dict[int, int] = {}  # agent -> the latest attempt whose start was reported
-    next_events = hub.next_batch.remote()
+    next_events = next_batch(run_id)
     while pending:
         ready, _ = ray.wait([next_events, *pending], num_returns=1)
         if ready[0] == next_events:
@@ -187,7 +222,7 @@ def _follow(
                 if event.attempt > announced.get(event.agent_id, 0):
                     announced[event.agent_id] = event.attempt
                     on_event(event)
-            next_events = hub.next_batch.remote()
+            next_events = next_batch(run_id)
             continue
         agent = record.agents[pending.pop(ready[0])]
         try:
