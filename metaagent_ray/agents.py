@@ -1,20 +1,39 @@
 """What one agent does: turn its role, task, the query and its dependencies' outputs into an LLM call.
 
 Plain Python with no Ray in it: the runtime wraps `run_agent` in a Ray task, and tests can call it
-directly.
+directly. Transient LLM errors are retried here with exponential backoff and jitter; an agent that
+may delegate can answer DELEGATE, and then gets a sub-plan from the coordinator for the runtime to run.
 """
 
 from __future__ import annotations
 
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
-from .llm import LLMConfig, LLMError, LLMRequest, Message, get_llm
-from .plan import AgentSpec
+from .coordinator import make_plan
+from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, get_llm
+from .plan import AgentSpec, ExecutionPlan
 from .prompts import load_prompt
 
-AgentStatus = Literal["ok", "failed", "skipped"]
+AgentStatus = Literal["ok", "failed", "skipped", "delegated"]
+FailurePolicy = Literal["continue", "stop"]
+DELEGATE = "DELEGATE"
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 8.0
+
+
+@dataclass(frozen=True)
+class AgentLimits:
+    """How hard an agent tries, and how far it may recurse: the same for every agent of a run."""
+
+    retries: int = 2
+    call_timeout: float | None = None
+    max_tokens: int | None = None
+    on_failure: FailurePolicy = "continue"
+    max_depth: int = 2
+    max_agents: int = 64
 
 
 @dataclass(frozen=True)
@@ -25,8 +44,19 @@ class AgentContext:
     spec: AgentSpec
     query: str
     llm: LLMConfig
+    limits: AgentLimits = field(default_factory=AgentLimits)
     depth: int = 0
-    max_tokens: int | None = None
+    path: str = ""  # "2" for a top-level agent, "2.1" for agent 1 of agent 2's sub-plan
+    layer: int = 0
+    delegation_allowed: bool = True  # False once the run's total agent budget is spent
+
+    @property
+    def label(self) -> str:
+        return self.path or str(self.agent_id)
+
+    @property
+    def may_delegate(self) -> bool:
+        return self.delegation_allowed and self.depth < self.limits.max_depth
 
 
 @dataclass
@@ -46,7 +76,12 @@ class AgentResult:
     completion_tokens: int | None = None
     llm_ms: float | None = None
     node: str | None = None
-    attempt: int = 1
+    attempts: int = 0  # LLM calls tried, across Ray's re-executions of the task
+    reused: bool = False  # taken from an earlier run by `resume`, no LLM call
+    sub_plan: ExecutionPlan | None = None  # set when the agent delegated: what the runtime runs for it
+    sub_query: str = ""  # the request the sub-plan's agents work on
+    sub_results: list[AgentResult] = field(default_factory=list)  # the sub-plan's agents, once run
+    warnings: list[str] = field(default_factory=list)
 
 
 def format_inputs(inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) -> str:
@@ -65,47 +100,96 @@ def format_inputs(inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) ->
     return "\n\n".join(blocks)
 
 
-def build_messages(context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) -> list[Message]:
+def build_messages(
+    context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec], *, may_delegate: bool = False
+) -> list[Message]:
     """System prompt from the role, user prompt from the query, task and inputs."""
     role_prompt = load_prompt(f"roles/{context.spec.role.value.lower()}")
     user_prompt = load_prompt("agent").format(
-        query=context.query, task=context.spec.task, inputs=format_inputs(inputs, specs)
+        query=context.query,
+        task=context.spec.task,
+        inputs=format_inputs(inputs, specs),
+        delegation="\n\n" + load_prompt("agent_delegation") if may_delegate else "",
     )
     return [Message("system", role_prompt), Message("user", user_prompt)]
 
 
+class CallFailed(Exception):
+    """The LLM call failed for good, after `attempts` tries."""
+
+    def __init__(self, error: LLMError, attempts: int) -> None:
+        super().__init__(str(error))
+        self.attempts = attempts
+
+
+def call_with_retries(llm: LLM, request: LLMRequest, retries: int) -> tuple[LLMResponse, int]:
+    """Call the LLM, retrying transient errors with exponential backoff and jitter; returns the tries used."""
+    attempt = 1
+    while True:
+        try:
+            return llm.complete(replace(request, attempt=attempt)), attempt
+        except LLMError as error:
+            if not error.transient or attempt > retries:
+                raise CallFailed(error, attempt) from error
+        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
+        time.sleep(delay * random.uniform(0.5, 1.0))
+        attempt += 1
+
+
 def run_agent(context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) -> AgentResult:
-    """Call the LLM once for this agent; a failed call becomes a `failed` result, never an exception."""
+    """Do this agent's work; a failed call becomes a `failed` result, never an exception."""
     received = [result.agent_id for result in inputs if result.status == "ok"]
     missing = [result.agent_id for result in inputs if result.status != "ok"]
+    result = AgentResult(
+        agent_id=context.agent_id, role=context.spec.role.value, status="ok", inputs_from=received, missing_inputs=missing
+    )
+    if missing and context.limits.on_failure == "stop":
+        result.status, result.error = "skipped", f"skipped: input from agent(s) {missing} is missing (--on-failure stop)"
+        return result
+    may_delegate = context.may_delegate
     request = LLMRequest(
-        messages=build_messages(context, inputs, specs),
+        messages=build_messages(context, inputs, specs, may_delegate=may_delegate),
         caller="agent",
         query=context.query,
         agent_id=context.agent_id,
         role=context.spec.role.value,
         task=context.spec.task,
         inputs_from=received,
-        max_tokens=context.max_tokens,
-    )
-    result = AgentResult(
-        agent_id=context.agent_id,
-        role=context.spec.role.value,
-        status="ok",
-        inputs_from=received,
-        missing_inputs=missing,
+        max_tokens=context.limits.max_tokens,
+        timeout=context.limits.call_timeout,
+        may_delegate=may_delegate,
     )
     llm = get_llm(context.llm)
     result.started_at = time.time()
     try:
-        response = llm.complete(request)
-    except LLMError as error:
+        response, result.attempts = call_with_retries(llm, request, context.limits.retries)
+        result.output = response.text
+        result.prompt_tokens, result.completion_tokens, result.llm_ms = (
+            response.prompt_tokens,
+            response.completion_tokens,
+            response.llm_ms,
+        )
+        if may_delegate and response.text.strip().upper().startswith(DELEGATE):
+            _delegate(context, inputs, specs, llm, result)
+    except CallFailed as failure:
+        result.status, result.error, result.attempts = "failed", str(failure), failure.attempts
+    except LLMError as error:  # the sub-plan's coordinator call failed
         result.status, result.error = "failed", str(error)
     except Exception as error:  # a backend bug must fail this agent, not the whole run
         result.status, result.error = "failed", f"{type(error).__name__}: {error}"
-    else:
-        result.output = response.text
-        result.prompt_tokens, result.completion_tokens = response.prompt_tokens, response.completion_tokens
-        result.llm_ms = response.llm_ms
+        result.attempts = max(result.attempts, 1)
     result.finished_at = time.time()
     return result
+
+
+def _delegate(
+    context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec], llm: LLM, result: AgentResult
+) -> None:
+    """The agent asked for a team: plan its task as a sub-plan one level deeper, for the runtime to run."""
+    sub_query = load_prompt("sub_query").format(
+        task=context.spec.task, query=context.query, inputs=format_inputs(inputs, specs)
+    )
+    plan, coordinator = make_plan(sub_query, llm, max_agents=context.limits.max_agents, depth=context.depth + 1)
+    result.status, result.output, result.sub_plan, result.sub_query = "delegated", "", plan, sub_query
+    if coordinator.fallback:
+        result.warnings.append(f"Agent {context.label}: the coordinator's sub-plan fell back: {coordinator.errors[-1]}")

@@ -4,20 +4,46 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .agents import AgentLimits
 from .coordinator import make_plan
 from .errors import ConfigError, PlanError
 from .events import EventHandler, Notice, ignore
 from .llm import LLM, LLMConfig, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
-from .record import CoordinatorRecord, RunDirectory, RunRecord, save_record
-from .runtime import RayOptions, RunInterrupted, execute_plan
+from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, save_record
+from .runtime import RayOptions, RunInterrupted, RunLimits, execute_plan
 
 DEFAULT_MAX_AGENTS = 64
+INJECTED_FAULTS = "fail"  # the fake backend's fault-injection option: never stored for a resume
+
+
+class RunSettings(BaseModel):
+    """How to run: backend, resources and limits. Stored in the record, so `resume` can run alike."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    llm: str = "auto"
+    model: str | None = None
+    llm_options: dict[str, Any] = Field(default_factory=dict)
+    slots: int | None = Field(default=None, ge=1)
+    address: str | None = None
+    retries: int = Field(default=2, ge=0, le=10)
+    agent_timeout: float | None = Field(default=300.0, gt=0)
+    on_failure: Literal["continue", "stop"] = "continue"
+    max_depth: int = Field(default=2, ge=0)
+    max_agents: int = Field(default=DEFAULT_MAX_AGENTS, ge=1)
+    max_total_agents: int = Field(default=200, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+    def stored(self) -> dict[str, Any]:
+        """What a resume may reuse: everything but injected faults."""
+        options = {key: value for key, value in self.llm_options.items() if key != INJECTED_FAULTS}
+        return self.model_copy(update={"llm_options": options}).model_dump()
 
 
 def parse_plan(data: Any, *, source: str = "plan", max_agents: int = DEFAULT_MAX_AGENTS) -> ExecutionPlan:
@@ -47,37 +73,42 @@ def load_plan(path: Path | str, *, max_agents: int = DEFAULT_MAX_AGENTS) -> Exec
     return parse_plan(data, source=str(path), max_agents=max_agents)
 
 
+def load_record(run_dir: Path | str) -> RunRecord:
+    """The record a run left in its directory."""
+    path = Path(run_dir) / "record.json"
+    try:
+        return RunRecord.model_validate_json(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{run_dir}: not a run directory ({path}: {error.strerror or error})") from None
+    except ValidationError as error:
+        raise ConfigError(f"{path}: not a valid run record ({explain(error)})") from None
+
+
 class MetaAgent:
     """Plans and runs agent graphs on Ray.
 
-    >>> agent = MetaAgent(llm="fake")
-    >>> record = agent.execute(load_plan("examples/parallel_research.json"), "Compare Python, Rust and Go")
+    >>> agent = MetaAgent(llm="fake", slots=4)
+    >>> record = agent.run("Compare Python, Rust, and Go for web development")
     """
 
-    def __init__(
-        self,
-        llm: str | LLMConfig = "auto",
-        *,
-        model: str | None = None,
-        llm_options: dict[str, Any] | None = None,
-        slots: int | None = None,
-        address: str | None = None,
-        max_agents: int = DEFAULT_MAX_AGENTS,
-        on_event: EventHandler = ignore,
-        verbose: bool = False,
-    ) -> None:
-        self.llm_config = llm if isinstance(llm, LLMConfig) else LLMConfig(backend=llm, model=model, options=llm_options or {})
-
-        self.ray_options = RayOptions(address=address, slots=slots, verbose=verbose)
-        self.max_agents = max_agents
+    def __init__(self, llm: str = "auto", *, on_event: EventHandler = ignore, verbose: bool = False, **settings: Any) -> None:
+        try:
+            self.settings = RunSettings(llm=llm, **settings)
+        except ValidationError as error:
+            raise ConfigError(explain(error)) from None
         self.on_event = on_event
+        self.verbose = verbose
+        self._llm_config: LLMConfig | None = None
 
     def _driver_llm(self) -> LLM:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
-        if self.llm_config.backend == "auto":
-            self.llm_config, why = resolve_auto(self.llm_config)
-            self.on_event(Notice(f"🤖 LLM backend: {self.llm_config.backend}, because {why}"))
-        llm = create_llm(self.llm_config)
+        if self._llm_config is None:
+            config = LLMConfig(backend=self.settings.llm, model=self.settings.model, options=self.settings.llm_options)
+            if config.backend == "auto":
+                config, why = resolve_auto(config)
+                self.on_event(Notice(f"🤖 LLM backend: {config.backend}, because {why}"))
+            self._llm_config = config
+        llm = create_llm(self._llm_config)
         llm.check()
         return llm
 
@@ -88,17 +119,8 @@ class MetaAgent:
     def run(self, query: str, *, run_dir: Path | str | None = None, save: bool = True, record_path: Path | str | None = None) -> RunRecord:
         """Plan the query with the coordinator, then execute the plan; returns the run record."""
         plan, coordinator = self._plan(query)
-        return self._execute(plan, query, coordinator, run_dir=run_dir, save=save, record_path=record_path)
-
-    def _plan(self, query: str) -> tuple[ExecutionPlan, CoordinatorRecord]:
-        if not query.strip():
-            raise ConfigError("the query is empty")
-        llm = self._driver_llm()
-        self.on_event(Notice(f"🧭 Coordinator planning with {llm.describe()}..."))
-        plan, coordinator = make_plan(query, llm, max_agents=self.max_agents)
-        tries = "" if coordinator.attempts == 1 else f" after {coordinator.attempts} tries"
-        self.on_event(Notice(f"🧭 Coordinator planned {len(plan.agents)} agents{tries}"))
-        return plan, coordinator
+        directory = self._directory(run_dir, query, save)
+        return self._execute(plan, query, directory, record_path, coordinator=coordinator)
 
     def execute(
         self,
@@ -111,27 +133,92 @@ class MetaAgent:
     ) -> RunRecord:
         """Run a plan and return its record, kept in a run directory (unless `save` is False)."""
         if not isinstance(plan, ExecutionPlan):
-            plan = parse_plan(plan, max_agents=self.max_agents)
-        elif len(plan.agents) > self.max_agents:
-            raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.max_agents}")
+            plan = parse_plan(plan, max_agents=self.settings.max_agents)
+        elif len(plan.agents) > self.settings.max_agents:
+            raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.settings.max_agents}")
         self._driver_llm()
-        return self._execute(plan, query or plan.description, None, run_dir=run_dir, save=save, record_path=record_path)
+        query = query or plan.description
+        return self._execute(plan, query, self._directory(run_dir, query, save), record_path)
+
+    @classmethod
+    def resume(
+        cls,
+        run_dir: Path | str,
+        *,
+        on_event: EventHandler = ignore,
+        verbose: bool = False,
+        record_path: Path | str | None = None,
+        **overrides: Any,
+    ) -> RunRecord:
+        """Re-run what failed, was skipped or never finished in `run_dir`, and everything downstream of it.
+
+        The other agents' outputs are reused without calling the LLM. `overrides` replace the stored
+        settings (backend, model, slots, ...); injected faults are never carried over.
+        """
+        previous = load_record(run_dir)
+        settings = {**previous.settings, **overrides}
+        if "llm" in overrides and overrides["llm"] != previous.settings.get("llm"):
+            settings["llm_options"] = overrides.get("llm_options", {})
+        meta = cls(on_event=on_event, verbose=verbose, **settings)
+        rerun = previous.plan.descendants(set(previous.failed_agents()))
+        reused = {agent.id: agent for agent in previous.agents if agent.id not in rerun}
+        meta.on_event(Notice(f"♻️ Resuming {run_dir}: re-running agents {sorted(rerun)}, reusing {sorted(reused)}"))
+        meta._driver_llm()
+        directory = RunDirectory(Path(run_dir))
+        return meta._execute(
+            previous.plan, previous.query, directory, record_path, coordinator=previous.coordinator, reused=reused
+        )
+
+    def _plan(self, query: str) -> tuple[ExecutionPlan, CoordinatorRecord]:
+        if not query.strip():
+            raise ConfigError("the query is empty")
+        llm = self._driver_llm()
+        self.on_event(Notice(f"🧭 Coordinator planning with {llm.describe()}..."))
+        plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents)
+        tries = "" if coordinator.attempts == 1 else f" after {coordinator.attempts} tries"
+        self.on_event(Notice(f"🧭 Coordinator planned {len(plan.agents)} agents{tries}"))
+        return plan, coordinator
+
+    @staticmethod
+    def _directory(run_dir: Path | str | None, query: str, save: bool) -> RunDirectory | None:
+        return RunDirectory.create(Path(run_dir) if run_dir else None, query or "plan") if save else None
+
+    def _limits(self) -> RunLimits:
+        settings = self.settings
+        agent = AgentLimits(
+            retries=settings.retries,
+            call_timeout=settings.agent_timeout,
+            max_tokens=settings.max_tokens,
+            on_failure=settings.on_failure,
+            max_depth=settings.max_depth,
+            max_agents=settings.max_agents,
+        )
+        return RunLimits(agent=agent, max_total_agents=settings.max_total_agents)
 
     def _execute(
         self,
         plan: ExecutionPlan,
         query: str,
-        coordinator: CoordinatorRecord | None,
-        *,
-        run_dir: Path | str | None,
-        save: bool,
+        directory: RunDirectory | None,
         record_path: Path | str | None,
+        *,
+        coordinator: CoordinatorRecord | None = None,
+        reused: dict[int, AgentRecord] | None = None,
     ) -> RunRecord:
-        directory = RunDirectory.create(Path(run_dir) if run_dir else None, query or "plan") if save else None
+        assert self._llm_config is not None, "the backend is checked before a run"
+        ray_options = RayOptions(address=self.settings.address, slots=self.settings.slots, verbose=self.verbose)
         try:
             record = execute_plan(
-                plan, query, self.llm_config, ray_options=self.ray_options, run_dir=directory, on_event=self.on_event,
+                plan,
+                query,
+                self._llm_config,
+                ray_options=ray_options,
+                limits=self._limits(),
+                on_event=self.on_event,
+                run_dir=directory,
                 coordinator=coordinator,
+                settings=self.settings.stored(),
+                reused=reused,
             )
         except RunInterrupted as stop:
             if record_path is not None:

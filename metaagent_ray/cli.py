@@ -28,11 +28,14 @@ def _commands() -> None:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """The options every command takes; each field's annotation is its command-line option."""
+    """The options every command takes; each field's annotation is its command-line option.
+
+    Unset options are None, so the API's defaults apply and `resume` keeps the stored settings.
+    """
 
     llm: Annotated[
-        str, typer.Option("--llm", help="LLM backend: auto (Ollama if it serves the model, else local), ollama, local or fake.")
-    ] = "auto"
+        Optional[str], typer.Option("--llm", help="LLM backend: auto (Ollama if it serves the model, else local), ollama, local or fake.")
+    ] = None
     model: Annotated[Optional[str], typer.Option("--model", help="Model name (Ollama) or GGUF file (local).")] = None
     ollama_host: Annotated[Optional[str], typer.Option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST).")] = None
     slots: Annotated[
@@ -41,37 +44,58 @@ class RunOptions:
     address: Annotated[Optional[str], typer.Option("--address", help="Connect to this Ray cluster instead of starting Ray locally.")] = None
     record: Annotated[Optional[Path], typer.Option("--record", help="Also write the run record (JSON) to this file.")] = None
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Keep the run's files here (default runs/<UTC time>-<slug>/).")] = None
+    retries: Annotated[Optional[int], typer.Option("--retries", min=0, help="Retries of a transient LLM error per agent [default: 2].")] = None
+    agent_timeout: Annotated[
+        Optional[float], typer.Option("--agent-timeout", help="Seconds one LLM call may take; a hung agent is cancelled [default: 300].")
+    ] = None
+    on_failure: Annotated[
+        Optional[str], typer.Option("--on-failure", help="When an agent fails: continue (dependents run without it) or stop (they are skipped).")
+    ] = None
+    max_depth: Annotated[Optional[int], typer.Option("--max-depth", min=0, help="How deep agents may delegate to sub-plans [default: 2].")] = None
+    max_agents: Annotated[Optional[int], typer.Option("--max-agents", min=1, help="Refuse plans with more agents [default: 64].")] = None
+    max_total_agents: Annotated[
+        Optional[int], typer.Option("--max-total-agents", min=1, help="Bound on all agents of a run, sub-plans included [default: 200].")
+    ] = None
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Most tokens one agent's answer may have.")] = None
     fake_latency: Annotated[
         Optional[str], typer.Option("--fake-latency", help="Fake backend: seconds per call, or a JSON file of seconds by agent index.")
     ] = None
     fake_fail: Annotated[
         Optional[str], typer.Option("--fake-fail", help="Fake backend: inject faults, e.g. 3, 3:1, 3:hang, coordinator:garbage.")
     ] = None
-    max_agents: Annotated[int, typer.Option("--max-agents", min=1, help="Refuse plans with more agents than this.")] = DEFAULT_MAX_AGENTS
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging, and tracebacks on errors.")] = False
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only warnings and the final output.")] = False
 
-    def llm_options(self) -> dict[str, str]:
-        """Backend options from the flags that were given; a flag for another backend is an error."""
+    def settings(self) -> dict[str, Any]:
+        """The API settings these flags give; a flag for another backend is an error."""
         fake = {key: value for key, value in (("latency", self.fake_latency), ("fail", self.fake_fail)) if value is not None}
         if fake and self.llm != "fake":
             raise ConfigError("--fake-latency and --fake-fail apply to --llm fake only")
-        if self.ollama_host is not None and self.llm not in ("ollama", "auto"):
+        if self.ollama_host is not None and self.llm not in (None, "ollama", "auto"):
             raise ConfigError("--ollama-host applies to --llm ollama or auto only")
-        return {**fake, **({"host": self.ollama_host} if self.ollama_host is not None else {})}
+        options = {**fake, **({"host": self.ollama_host} if self.ollama_host is not None else {})}
+        given = {
+            "llm": self.llm,
+            "model": self.model,
+            "llm_options": options or None,
+            "slots": self.slots,
+            "address": self.address,
+            "retries": self.retries,
+            "agent_timeout": self.agent_timeout,
+            "on_failure": self.on_failure,
+            "max_depth": self.max_depth,
+            "max_agents": self.max_agents,
+            "max_total_agents": self.max_total_agents,
+            "max_tokens": self.max_tokens,
+        }
+        return {key: value for key, value in given.items() if value is not None}
+
+    def view(self, stream: TextIO | None = None) -> ConsoleView:
+        return ConsoleView(stream, quiet=self.quiet)
 
     def meta_agent(self, stream: TextIO | None = None) -> MetaAgent:
         """The API object these options describe, reporting to `stream` (default stdout)."""
-        return MetaAgent(
-            self.llm,
-            model=self.model,
-            llm_options=self.llm_options(),
-            slots=self.slots,
-            address=self.address,
-            max_agents=self.max_agents,
-            on_event=ConsoleView(stream, quiet=self.quiet),
-            verbose=self.verbose,
-        )
+        return MetaAgent(on_event=self.view(stream), verbose=self.verbose, **self.settings())
 
 
 def with_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -123,10 +147,12 @@ def _fail(message: str, code: int) -> None:
 
 
 def _finish(record: RunRecord) -> None:
-    """Say where the run is kept; exit 1 if any agent did not succeed."""
+    """Say where the run is kept and how to resume it; exit 1 if any agent did not succeed."""
     if record.run_dir:
         print(f"\n💾 Run saved in {record.run_dir}", file=sys.stderr)
     if record.status != "ok":
+        if record.run_dir:
+            print(f"↩️ To re-run what did not finish: metaagent resume {shlex.quote(record.run_dir)}", file=sys.stderr)
         raise typer.Exit(1)
 
 
@@ -142,7 +168,7 @@ def exec_command(
     options: RunOptions,
 ) -> None:
     """Run a plan file."""
-    plan = load_plan(plan_file, max_agents=options.max_agents)
+    plan = load_plan(plan_file, max_agents=options.max_agents or DEFAULT_MAX_AGENTS)
     _finish(options.meta_agent().execute(plan, query, run_dir=options.run_dir, record_path=options.record))
 
 
@@ -174,6 +200,22 @@ def plan_command(
         print(line, file=sys.stderr if output is None else sys.stdout)
     if output is not None:
         print(f"💾 Plan saved to {output}; run it with: metaagent exec {output} --query {shlex.quote(query)}")
+
+
+@app.command("resume")
+@with_run_options
+def resume_command(
+    earlier_run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The directory of an earlier run.", show_default=False)],
+    *,
+    options: RunOptions,
+) -> None:
+    """Re-run what failed, was skipped or never finished in RUN_DIR, and everything downstream; reuse the rest.
+
+    Options given here replace the run's stored ones; injected faults are never carried over.
+    """
+    if options.run_dir is not None:
+        raise ConfigError("resume writes into RUN_DIR itself; --run-dir does not apply")
+    _finish(MetaAgent.resume(earlier_run, on_event=options.view(), verbose=options.verbose, record_path=options.record, **options.settings()))
 
 
 def main() -> None:

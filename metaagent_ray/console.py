@@ -18,6 +18,11 @@ def layer_lines(plan: ExecutionPlan, layers: list[list[int]]) -> list[str]:
     return lines
 
 
+def _indent(path: str) -> str:
+    """Sub-plan agents ("2.1") are indented under their parent."""
+    return "    " * path.count(".")
+
+
 class ConsoleView:
     """Prints a run as it happens. `quiet` shows only warnings and the final output."""
 
@@ -38,13 +43,15 @@ class ConsoleView:
             self._show_plan(event)
         elif isinstance(event, AgentStarted):
             retry = f" (attempt {event.attempt})" if event.attempt > 1 else ""
-            self._print(f"⚡ [PARALLEL] Agent {event.agent_id}: {event.role}{retry}")
+            self._print(f"{_indent(event.path)}⚡ [PARALLEL] Agent {event.path}: {event.role}{retry}")
         elif isinstance(event, AgentFinished):
             agent = event.agent
+            label = agent.path or str(agent.id)
             if agent.status == "ok":
-                self._print(f"✅ [PARALLEL] Agent {agent.id} completed: {agent.role}")
+                reused = " (reused)" if agent.reused else ""
+                self._print(f"{_indent(label)}✅ [PARALLEL] Agent {label} completed: {agent.role}{reused}")
             else:
-                self._print(f"❌ [PARALLEL] Agent {agent.id} {agent.status}: {agent.role} - {agent.error}")
+                self._print(f"{_indent(label)}❌ [PARALLEL] Agent {label} {agent.status}: {agent.role} - {agent.error}")
         elif isinstance(event, RunFinished):
             self._show_result(event)
 

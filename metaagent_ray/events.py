@@ -28,15 +28,22 @@ class PlanReady:
 
 @dataclass(frozen=True)
 class AgentStarted:
-    """An agent's task began on a Ray worker (`attempt` > 1 when Ray retried it)."""
+    """An agent's task began on a Ray worker (`attempt` > 1 when Ray ran it again after a crash)."""
 
-    agent_id: int
+    path: str  # "2", or "2.1" for agent 1 of agent 2's sub-plan
     role: str
     attempt: int
+    pid: int  # the worker process, 0 when unknown
+
+    @property
+    def agent_id(self) -> int:
+        return int(self.path.rsplit(".", 1)[-1])
 
 
 @dataclass(frozen=True)
 class AgentFinished:
+    """An agent has its final result (for a delegating agent: once its sub-plan finished)."""
+
     agent: AgentRecord
 
 

@@ -27,6 +27,7 @@ class AgentRecord(BaseModel):
     """One agent of a run: its spec after cleaning, what happened, where and when."""
 
     id: int
+    path: str = ""  # "2" at the top level, "2.1" for agent 1 of agent 2's sub-plan
     role: str
     task: str
     depends_on: list[int]
@@ -42,6 +43,18 @@ class AgentRecord(BaseModel):
     tokens: dict[str, int] | None = None  # {"prompt": n, "completion": n} when the backend reports them
     llm_ms: float | None = None
     output_file: str | None = None  # relative to the run directory
+    reused: bool = False  # taken from the run being resumed, without an LLM call
+    sub_run: SubRunRecord | None = None  # the sub-plan this agent delegated its task to
+
+
+class SubRunRecord(BaseModel):
+    """An agent's delegated task: the sub-plan the coordinator made for it, and its agents."""
+
+    query: str
+    plan: ExecutionPlan
+    layers: list[list[int]]
+    warnings: list[str] = Field(default_factory=list)
+    agents: list[AgentRecord]
 
 
 class CoordinatorRecord(BaseModel):
@@ -67,34 +80,18 @@ class RunRecord(BaseModel):
     started_at: float = Field(default_factory=time.time)
     finished_at: float | None = None
     llm: dict[str, Any] = Field(default_factory=dict)  # backend and model, never secrets
+    settings: dict[str, Any] = Field(default_factory=dict)  # what `resume` reuses: options, limits
     slots: int | None = None
     run_dir: str | None = None
     coordinator: CoordinatorRecord | None = None
     agents: list[AgentRecord]
 
     @classmethod
-    def start(cls, plan: ExecutionPlan, query: str, *, llm: dict[str, Any], slots: int | None) -> RunRecord:
-        layer_of = plan.layer_of()
-        agents = [
-            AgentRecord(id=index, role=spec.role.value, task=spec.task, depends_on=spec.depends_on, layer=layer_of[index])
-            for index, spec in enumerate(plan.agents)
-        ]
-        return cls(
-            query=query,
-            plan=plan,
-            layers=plan.get_execution_layers(),
-            warnings=plan.warnings,
-            llm=llm,
-            slots=slots,
-            agents=agents,
-        )
+    def start(cls, plan: ExecutionPlan, query: str, **fields: Any) -> RunRecord:
+        return cls(query=query, plan=plan, layers=plan.get_execution_layers(), warnings=plan.warnings, agents=agent_records(plan), **fields)
 
     def compose_final_output(self) -> str:
-        """The sink agent's output; with several sinks, each under a heading in index order."""
-        sinks = [self.agents[index] for index in self.plan.sinks()]
-        if len(sinks) == 1:
-            return _output_or_reason(sinks[0])
-        return "\n\n".join(f"## Agent {agent.id} ({agent.role}): {agent.task}\n\n{_output_or_reason(agent)}" for agent in sinks)
+        return compose_final_output(self.plan, self.agents)
 
     def failed_agents(self) -> list[int]:
         return [agent.id for agent in self.agents if agent.status != "ok"]
@@ -104,6 +101,25 @@ class RunRecord(BaseModel):
         starts = [agent.started_at for agent in self.agents if agent.started_at is not None]
         ends = [agent.finished_at for agent in self.agents if agent.finished_at is not None]
         return max(ends) - min(starts) if starts and ends else None
+
+
+def compose_final_output(plan: ExecutionPlan, agents: list[AgentRecord]) -> str:
+    """The sink agent's output; with several sinks, each under a heading in index order."""
+    sinks = [agents[index] for index in plan.sinks()]
+    if len(sinks) == 1:
+        return _output_or_reason(sinks[0])
+    return "\n\n".join(f"## Agent {agent.id} ({agent.role}): {agent.task}\n\n{_output_or_reason(agent)}" for agent in sinks)
+
+
+def agent_records(plan: ExecutionPlan, prefix: str = "") -> list[AgentRecord]:
+    """A pending record for every agent of a plan (`prefix` is the parent's path in a sub-plan)."""
+    layer_of = plan.layer_of()
+    return [
+        AgentRecord(
+            id=index, path=f"{prefix}{index}", role=spec.role.value, task=spec.task, depends_on=spec.depends_on, layer=layer_of[index]
+        )
+        for index, spec in enumerate(plan.agents)
+    ]
 
 
 def _output_or_reason(agent: AgentRecord) -> str:
@@ -145,7 +161,8 @@ class RunDirectory:
 
     def write_agent_output(self, agent: AgentRecord) -> str:
         """Write one agent's output; returns its path relative to the run directory."""
-        relative = f"agents/{agent.id:02d}-{slugify(agent.role, 20)}.md"
+        number = "-".join(f"{int(step):02d}" for step in (agent.path or str(agent.id)).split("."))
+        relative = f"agents/{number}-{slugify(agent.role, 20)}.md"
         body = agent.output if agent.status == "ok" else f"(agent {agent.status}: {agent.error})"
         write_atomic(self.path / relative, f"# Agent {agent.id}: {agent.role}\n\n{agent.task}\n\n---\n\n{body}\n")
         return relative

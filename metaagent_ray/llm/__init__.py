@@ -34,6 +34,8 @@ _BACKEND_PATHS: dict[str, str] = {
     "fake": "metaagent_ray.llm.fake:create",
     "ollama": "metaagent_ray.llm.ollama:create",
     "local": "metaagent_ray.llm.local:create",
+    "openai": "metaagent_ray.llm.openai:create",
+    "pooled": "metaagent_ray.pool:create_backend",
 }
 _FACTORIES: dict[str, BackendFactory] = {}
 

@@ -32,6 +32,8 @@ class LLMRequest:
     json_schema: dict[str, Any] | None = None  # constrain the answer to this JSON schema
     max_tokens: int | None = None
     attempt: int = 1  # 1 for the first try of this call, 2 for its first retry, ...
+    timeout: float | None = None  # seconds this call may take; backends bound their own waits by it
+    may_delegate: bool = False  # the prompt offers the agent to answer DELEGATE
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 It answers by identity (agent id, role, task, the agents whose outputs it received), never by call
 order, so runs are reproducible whatever order Ray finishes tasks in. Latency can be simulated per
-agent to show scheduling.
+agent to show scheduling, faults injected per agent, and an agent whose task contains "[delegate]"
+delegates to a sub-plan whenever its depth allows.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
 from .base import LLMConfig, LLMError, LLMRequest, LLMResponse
+
+
+DELEGATE_MARKER = "[delegate]"  # an agent whose task holds this delegates whenever it may
 
 
 class FakeLatency(BaseModel):
@@ -120,7 +124,9 @@ class FakeLLM:
         if request.caller == "coordinator" and self.options.faults.coordinator == "garbage":
             text = "Sure! Here is a plan: agents, roles... {not json"
         elif request.json_schema is not None:
-            text = json.dumps(plan_for_query(request.query or request.task or ""))
+            text = json.dumps(plan_for_query((request.query or request.task or "").splitlines()[0]))
+        elif request.may_delegate and DELEGATE_MARKER in (request.task or ""):
+            text = "DELEGATE"
         else:
             text = answer_for(request)
         words = sum(len(message.content.split()) for message in request.messages)
@@ -134,8 +140,9 @@ class FakeLLM:
                 raise LLMError("injected failure of the coordinator call")
             return
         fault = faults.agents.get(request.agent_id if request.agent_id is not None else -1)
-        if fault == "hang":
-            threading.Event().wait()  # never answers: only a timeout ends this call
+        if fault == "hang":  # never answers: only the call's timeout, or the runtime's, ends it
+            if not threading.Event().wait(request.timeout):
+                raise LLMError(f"agent {request.agent_id}: no answer within {request.timeout:g} s", transient=True)
         if fault == "always" or (isinstance(fault, int) and request.attempt <= fault):
             raise LLMError(f"injected failure of agent {request.agent_id} (attempt {request.attempt})", transient=fault != "always")
 
