@@ -1,0 +1,155 @@
+"""Failures stay contained, transient errors are retried, hung agents are cancelled, runs resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from metaagent_ray import AgentStarted, MetaAgent, parse_plan
+from metaagent_ray.cli import app
+from metaagent_ray.record import RunRecord
+from tests.conftest import EXAMPLES
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+PLAN = EXAMPLES / "business_plan.json"  # 0,1,2,3 -> 4(0,1), 5(0,1) -> 6(2,4), 7(3,4) -> 8(5,6,7)
+
+
+def run(fail: str, **settings) -> RunRecord:
+    return MetaAgent(llm="fake", llm_options={"fail": fail}, **settings).execute(json.loads(PLAN.read_text()), "q", save=False)
+
+
+def test_a_permanent_failure_is_contained_and_dependents_run_without_it():
+    record = run("4")
+    assert record.status == "failed"
+    assert [agent.status for agent in record.agents] == ["ok"] * 4 + ["failed"] + ["ok"] * 4
+    assert record.agents[4].attempts == 1 and "injected failure of agent 4" in record.agents[4].error
+    assert record.agents[6].inputs_from == [2] and record.agents[7].inputs_from == [3]
+    assert record.final_output == record.agents[8].output
+
+
+def test_on_failure_stop_skips_everything_downstream():
+    record = run("4", on_failure="stop")
+    assert [agent.status for agent in record.agents] == ["ok"] * 4 + ["failed", "ok", "skipped", "skipped", "skipped"]
+    assert "input from agent(s) [4] is missing" in record.agents[6].error
+    assert record.agents[8].started_at is None  # skipped agents never call the LLM
+
+
+def test_a_transient_failure_is_retried():
+    record = run("2:1")
+    assert record.status == "ok"
+    assert record.agents[2].attempts == 2 and record.agents[3].attempts == 1
+
+
+def test_retries_run_out():
+    record = run("2:5", retries=1)
+    assert record.agents[2].status == "failed" and record.agents[2].attempts == 2
+
+
+def test_a_hung_call_is_ended_by_the_agent_timeout():
+    record = run("3:hang", agent_timeout=0.5, retries=0)
+    assert record.agents[3].status == "failed" and "no answer within 0.5 s" in record.agents[3].error
+    assert record.agents[7].status == "ok" and record.agents[8].status == "ok"
+
+
+def test_a_call_that_ignores_its_timeout_is_cancelled_by_the_runtime(latency_file):
+    latency = latency_file({"default": 0.0, "3": 120.0})  # sleeps, deaf to the call's timeout
+    record = MetaAgent(llm="fake", llm_options={"latency": latency}, agent_timeout=0.5, retries=0).execute(
+        json.loads(PLAN.read_text()), "q", save=False
+    )
+    assert record.agents[3].status == "failed" and "timed out" in record.agents[3].error
+    assert record.agents[8].status == "ok"
+
+
+def test_killing_the_worker_mid_agent_still_completes_the_run(latency_file):
+    latency = latency_file({"default": 0.0, "1": 3.0})
+    killed: list[int] = []
+
+    def kill_agent_1(event: object) -> None:
+        if isinstance(event, AgentStarted) and event.path == "1" and event.attempt == 1 and event.pid:
+            os.kill(event.pid, signal.SIGKILL)
+            killed.append(event.pid)
+
+    record = MetaAgent(llm="fake", llm_options={"latency": latency}, on_event=kill_agent_1).execute(
+        json.loads(PLAN.read_text()), "q", save=False
+    )
+    assert killed
+    assert record.status == "ok"
+    assert record.agents[1].attempts == 2
+
+
+def test_exec_fails_then_resume_reruns_only_the_failed_agent_and_its_descendants(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    first = CliRunner().invoke(app, ["exec", str(PLAN), "--llm", "fake", "--fake-fail", "3", "--run-dir", str(run_dir)])
+    assert first.exit_code == 1
+    assert f"metaagent resume {run_dir}" in first.output
+    before = RunRecord.model_validate_json((run_dir / "record.json").read_text())
+    assert before.failed_agents() == [3]
+
+    second = CliRunner().invoke(app, ["resume", str(run_dir)])
+    assert second.exit_code == 0, second.output
+    after = RunRecord.model_validate_json((run_dir / "record.json").read_text())
+    assert after.status == "ok"
+    rerun = {3, 7, 8}
+    assert {agent.id for agent in after.agents if not agent.reused} == rerun
+    for agent in after.agents:
+        if agent.id not in rerun:  # reused as they were: same output, same timestamps, no new LLM call
+            assert agent.reused and agent.started_at == before.agents[agent.id].started_at
+            assert agent.output == before.agents[agent.id].output
+    assert after.agents[7].inputs_from == [3, 4]
+    assert "fail" not in after.settings["llm_options"]
+    assert "✅ [PARALLEL] Agent 3 completed: PLANNER" in second.output
+
+
+def test_resume_of_a_finished_run_reuses_everything(tmp_path: Path):
+    run_dir = tmp_path / "run"
+    assert CliRunner().invoke(app, ["exec", str(PLAN), "--llm", "fake", "--run-dir", str(run_dir)]).exit_code == 0
+    again = CliRunner().invoke(app, ["resume", str(run_dir)])
+    assert again.exit_code == 0
+    assert all(agent.reused for agent in RunRecord.model_validate_json((run_dir / "record.json").read_text()).agents)
+
+
+def test_resume_of_something_that_is_not_a_run_is_one_line(tmp_path: Path):
+    result = CliRunner().invoke(app, ["resume", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: {tmp_path}: not a run directory")
+
+
+@st.composite
+def dags_with_failures(draw: st.DrawFn) -> tuple[dict, set[int]]:
+    count = draw(st.integers(min_value=1, max_value=8))
+    agents = [
+        {"role": "RESEARCHER", "task": f"t{index}", "depends_on": draw(st.lists(st.integers(0, index - 1), max_size=3, unique=True)) if index else []}
+        for index in range(count)
+    ]
+    failing = draw(st.sets(st.integers(0, count - 1), max_size=count))
+    return {"description": "random", "agents": agents}, failing
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dags_with_failures(), st.sampled_from(["continue", "stop"]))
+def test_every_agent_ends_in_one_final_state_that_agrees_with_the_policy(case: tuple[dict, set[int]], policy: str):
+    data, failing = case
+    plan = parse_plan(data)
+    fail = ",".join(str(agent) for agent in sorted(failing))
+    options = {"fail": fail} if fail else {}
+    record = MetaAgent(llm="fake", llm_options=options, on_failure=policy).execute(plan, "q", save=False)
+    expected: dict[int, str] = {}
+    for agent in plan.topological_order():
+        deps_ok = all(expected[dep] == "ok" for dep in plan.agents[agent].depends_on)
+        if policy == "stop" and not deps_ok:
+            expected[agent] = "skipped"
+        else:
+            expected[agent] = "failed" if agent in failing else "ok"
+    assert {agent.id: agent.status for agent in record.agents} == expected
+    for agent in record.agents:
+        if agent.status != "skipped":
+            assert agent.inputs_from == [dep for dep in agent.depends_on if expected[dep] == "ok"]
+    assert record.status == ("ok" if not failing else "failed")
