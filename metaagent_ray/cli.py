@@ -16,7 +16,9 @@ import typer
 from .api import DEFAULT_MAX_AGENTS, MetaAgent, load_plan
 from .console import ConsoleView, layer_lines
 from .errors import ConfigError, MetaAgentError
+from .llm import LLMConfig
 from .record import RunRecord
+from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -216,6 +218,56 @@ def resume_command(
     if options.run_dir is not None:
         raise ConfigError("resume writes into RUN_DIR itself; --run-dir does not apply")
     _finish(MetaAgent.resume(earlier_run, on_event=options.view(), verbose=options.verbose, record_path=options.record, **options.settings()))
+
+
+SlotLLMOption = Annotated[str, typer.Option("--llm", help="LLM backend: auto, ollama, local or fake.")]
+SlotModelOption = Annotated[Optional[str], typer.Option("--model", help="Model name (Ollama) or GGUF file (local).")]
+SlotHostOption = Annotated[Optional[str], typer.Option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST).")]
+SlotFakeSizeOption = Annotated[
+    Optional[float], typer.Option("--fake-model-mb", min=0, help="Fake backend: pretend each instance holds a model of this many MB.")
+]
+SlotVerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Tracebacks on errors.")]
+
+
+def _slot_plan(llm: str, model: str | None, ollama_host: str | None, fake_model_mb: float | None) -> SlotPlan:
+    """This node's LLM slots for the backend these flags describe."""
+    if ollama_host is not None and llm not in ("ollama", "auto"):
+        raise ConfigError("--ollama-host applies to --llm ollama or auto only")
+    if fake_model_mb is not None and llm != "fake":
+        raise ConfigError("--fake-model-mb applies to --llm fake only")
+    options = {"host": ollama_host} if ollama_host is not None else {"model_mb": fake_model_mb} if fake_model_mb is not None else {}
+    return default_slots(LLMConfig(backend=llm, model=model, options=options))
+
+
+@app.command("resources")
+def resources_command(
+    llm: SlotLLMOption = "auto",
+    model: SlotModelOption = None,
+    ollama_host: SlotHostOption = None,
+    fake_model_mb: SlotFakeSizeOption = None,
+    verbose: SlotVerboseOption = False,
+) -> None:
+    """Print this node's LLM slots: RAM, cores, GPUs, the model's footprint, the reasoning and the count."""
+
+    def show() -> None:
+        plan = _slot_plan(llm, model, ollama_host, fake_model_mb)
+        print("\n".join(plan.reasons))
+        print(f"\n{SLOT_RESOURCE} = {plan.slots}: Ray started here gets this many LLM slots (--slots N overrides).")
+        print(f"On a cluster node: ray start --resources '{node_resources_json(plan)}'")
+
+    _guarded(verbose, show)
+
+
+@app.command("node-resources")
+def node_resources_command(
+    llm: SlotLLMOption = "auto",
+    model: SlotModelOption = None,
+    ollama_host: SlotHostOption = None,
+    fake_model_mb: SlotFakeSizeOption = None,
+    verbose: SlotVerboseOption = False,
+) -> None:
+    """Print only the JSON for `ray start --resources '<json>'` on this cluster node."""
+    _guarded(verbose, lambda: print(node_resources_json(_slot_plan(llm, model, ollama_host, fake_model_mb))))
 
 
 def main() -> None:
