@@ -33,7 +33,7 @@ import psutil
 from pydantic import BaseModel
 
 from .errors import ConfigError
-from .llm import LLMConfig, create_llm, local, ollama
+from .llm import LLMConfig, create_llm, fake, local, ollama
 from .llm.auto import resolve_auto
 
 MiB = 1024**2
@@ -296,12 +296,7 @@ def ollama_footprint(config: LLMConfig) -> ModelFootprint:
 
 def fake_footprint(config: LLMConfig) -> ModelFootprint:
     """No model; option `model_mb` (default 0) pretends each instance holds one of that size."""
-    try:
-        model_mb = float(config.options.get("model_mb", 0))
-    except (TypeError, ValueError):
-        model_mb = -1.0
-    if model_mb < 0:
-        raise ConfigError(f"fake backend: model_mb must be a number >= 0, not {config.options.get('model_mb')!r}")
+    model_mb = fake.create(config).options.model_mb
     return ModelFootprint(
         source=f"fake: {model_mb:g} MB per instance (option model_mb)",
         instance_bytes=int(model_mb * MB),

@@ -31,9 +31,9 @@ from .errors import ConfigError, MetaAgentError
 from .events import AgentFinished, AgentStarted, Event, EventHandler, Notice, PlanReady, RunFinished
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
+from .resources import SLOT_RESOURCE, SlotPlan, default_slots
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, SubRunRecord, agent_records, compose_final_output
 
-SLOT_RESOURCE = "llm_slot"
 WARM_WORKERS = 16  # idle Ray workers kept alive when no slot count says how many agents run at once
 PLACEMENT_TIMEOUT_S = 30.0
 RAY_TASK_RETRIES = 3  # re-executions when a worker process dies mid-agent
@@ -77,29 +77,36 @@ class RunLimits:
         return call * (self.agent.retries + 1) + BACKOFF_MAX_S * self.agent.retries + DEADLINE_GRACE_S
 
 
-def ensure_ray(options: RayOptions) -> None:
-    """Connect to the cluster at `address`, or start Ray embedded with `slots` LLM slots."""
+def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> SlotPlan | None:
+    """Connect to the cluster at `address`, or start Ray embedded with LLM slots for this machine.
+
+    Embedded Ray gets `slots` LLM slots, or as many as the machine's RAM, cores and the model allow
+    (the plan is returned so the caller can show its reasoning).
+    """
     if ray.is_initialized():
-        return
+        return None
     common: dict[str, Any] = {
         "include_dashboard": False,
         "logging_level": logging.INFO if options.verbose else logging.ERROR,
         "log_to_driver": options.verbose,
     }
+    plan = None
     try:
         if options.address:
             ray.init(address=options.address, **common)
-        else:
-            resources = {SLOT_RESOURCE: float(options.slots)} if options.slots else {}
-            # Ray keeps only as many idle workers as CPUs and kills the rest within a second; agents
-            # are I/O-bound and a worker may hold a loaded model, so keep as many as may run at once.
-            warm = max(options.slots or WARM_WORKERS, os.cpu_count() or 1)
-            ray.init(
-                resources=resources, num_gpus=options.num_gpus, _system_config={"num_workers_soft_limit": warm}, **common
-            )
+            return None
+        if options.slots is None and llm is not None:
+            plan = default_slots(llm)
+        node_slots = options.slots or (plan.slots if plan else None)
+        resources = {SLOT_RESOURCE: float(node_slots)} if node_slots else {}
+        # Ray keeps only as many idle workers as CPUs and kills the rest within a second; agents
+        # are I/O-bound and a worker may hold a loaded model, so keep as many as may run at once.
+        warm = max(node_slots or WARM_WORKERS, os.cpu_count() or 1)
+        ray.init(resources=resources, num_gpus=options.num_gpus, _system_config={"num_workers_soft_limit": warm}, **common)
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {options.address}" if options.address else "a local Ray instance"
         raise ConfigError(f"cannot start or reach {where}: {error}") from None
+    return plan
 
 
 @dataclass(frozen=True)
@@ -367,13 +374,15 @@ def execute_plan(
 
     Agents in `reused` (from the run being resumed) keep their records and are not run again.
     """
-    ensure_ray(ray_options)
+    slot_plan = ensure_ray(ray_options, llm)
+    if slot_plan is not None:
+        on_event(Notice(f"🧮 {slot_plan.slots} LLM slots on this machine ({slot_plan.reasons[-1]}; see `metaagent resources`)"))
     record = RunRecord.start(
         plan,
         query,
         llm={"backend": llm.backend, "model": llm.model},
         settings=settings or {},
-        slots=ray_options.slots,
+        slots=ray_options.slots or int(ray.cluster_resources().get(SLOT_RESOURCE, 0)) or None,
         run_dir=str(run_dir.path) if run_dir else None,
         coordinator=coordinator,
     )

@@ -1,4 +1,9 @@
-"""One Ray instance for the whole test session: starting Ray costs about 10 s here."""
+"""One Ray instance for the whole test session: starting Ray costs about 10 s here.
+
+The session's Ray is a simulated two-node cluster (two raylets on this machine) with different
+`llm_slot` counts and two logical GPUs on the head, so placement across nodes and GPU pinning are
+tested without a real cluster or GPU.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +12,40 @@ from pathlib import Path
 
 import pytest
 
-from metaagent_ray.runtime import RayOptions, ensure_ray
+from metaagent_ray.runtime import SLOT_RESOURCE, WARM_WORKERS
 
-SESSION_SLOTS = 8  # the node's llm_slot capacity; runs with --slots N <= 8 reserve N of them
+HEAD_SLOTS, WORKER_SLOTS = 8, 4  # llm_slot per node; runs with --slots N <= 12 reserve N of them
+LOGICAL_GPUS = 2
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="session")
-def ray_session():
-    import ray
+def ray_cluster():
+    import logging
 
-    ensure_ray(RayOptions(slots=SESSION_SLOTS))
-    yield
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "resources": {SLOT_RESOURCE: HEAD_SLOTS},
+            "num_gpus": LOGICAL_GPUS,
+            "_system_config": {"num_workers_soft_limit": WARM_WORKERS},
+        },
+    )
+    cluster.add_node(resources={SLOT_RESOURCE: WORKER_SLOTS}, num_gpus=0)
+    ray.init(address=cluster.address, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    yield cluster
     ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_session(ray_cluster):
+    """Ray is up: the runtime finds it initialized and uses it."""
+    yield
 
 
 @pytest.fixture

@@ -236,7 +236,7 @@ def test_ollama_footprint_asks_the_server_and_reads_its_parallelism(monkeypatch:
 def test_fake_footprint_takes_a_size_and_refuses_a_bad_one() -> None:
     assert model_footprint(LLMConfig(backend="fake", options={"model_mb": 500})).instance_bytes == 500_000_000
     assert model_footprint(LLMConfig(backend="fake")).instance_bytes == 0
-    with pytest.raises(ConfigError, match="model_mb must be a number >= 0"):
+    with pytest.raises(ConfigError, match="model_mb: Input should be greater than or equal to 0"):
         model_footprint(LLMConfig(backend="fake", options={"model_mb": -1}))
 
 

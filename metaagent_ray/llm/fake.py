@@ -102,6 +102,7 @@ class FakeFaults(BaseModel):
 class FakeOptions(BaseModel):
     latency: FakeLatency = Field(default_factory=FakeLatency)
     faults: FakeFaults = Field(default_factory=FakeFaults)
+    model_mb: float = Field(default=0.0, ge=0)  # the model size slot planning assumes (no model is loaded)
 
 
 class FakeLLM:
@@ -196,6 +197,10 @@ def create(config: LLMConfig) -> FakeLLM:
     options = dict(config.options)
     latency = FakeLatency.from_spec(options.pop("latency", None))
     faults = FakeFaults.from_spec(options.pop("fail", None))
+    model_mb = options.pop("model_mb", 0.0)
     if options:
         raise ConfigError(f"fake backend: unknown options {sorted(options)}")
-    return FakeLLM(FakeOptions(latency=latency, faults=faults))
+    try:
+        return FakeLLM(FakeOptions(latency=latency, faults=faults, model_mb=model_mb))
+    except ValidationError as error:
+        raise ConfigError(f"fake backend: model_mb: {error.errors()[0]['msg']}") from None
