@@ -17,6 +17,7 @@ from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, save_record
 from .runtime import RayOptions, RunInterrupted, RunLimits, execute_plan
+from .viz import write_pictures
 
 DEFAULT_MAX_AGENTS = 64
 INJECTED_FAULTS = "fail"  # the fake backend's fault-injection option: never stored for a resume
@@ -226,4 +227,6 @@ class MetaAgent:
             raise
         if record_path is not None:
             save_record(Path(record_path), record)
+        if directory is not None:
+            write_pictures(record, directory.path)
         return record

@@ -13,11 +13,12 @@ from typing import Annotated, Any, Callable, Optional, TextIO, get_type_hints
 
 import typer
 
-from .api import DEFAULT_MAX_AGENTS, MetaAgent, load_plan
+from .api import DEFAULT_MAX_AGENTS, MetaAgent, load_plan, load_record
 from .console import ConsoleView, layer_lines
 from .errors import ConfigError, MetaAgentError
 from .llm import LLMConfig
 from .record import RunRecord
+from .viz import write_pictures
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -268,6 +269,15 @@ def node_resources_command(
 ) -> None:
     """Print only the JSON for `ray start --resources '<json>'` on this cluster node."""
     _guarded(verbose, lambda: print(node_resources_json(_slot_plan(llm, model, ollama_host, fake_model_mb))))
+
+
+@app.command("viz")
+def viz_command(
+    earlier_run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The directory of a run.", show_default=False)],
+) -> None:
+    """Draw a run: graph.svg (layers, colours, dependencies), timeline.svg and graph.mmd (Mermaid), in RUN_DIR."""
+    for path in _guarded(False, lambda: write_pictures(load_record(earlier_run), earlier_run)):
+        print(path)
 
 
 def main() -> None:

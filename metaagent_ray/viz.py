@@ -1,0 +1,160 @@
+"""Pictures of a run: the execution graph and a timeline, as self-contained SVG, and Mermaid text.
+
+The graph follows the seed: one colour per layer, the agents of a layer side by side on one row
+(they may run in parallel), edges labelled with the dependency, and each node's layer and status.
+The timeline shows what the layers hide: each agent starts the moment its own dependencies finish.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from pathlib import Path
+
+from .plan import ExecutionPlan
+from .record import AgentRecord, RunRecord, write_atomic
+
+LAYER_COLOURS = ["#8ecae6", "#ffb703", "#90be6d", "#f28482", "#cdb4db", "#f9c74f", "#84a59d", "#a3c4f3"]
+STATUS_MARK = {"ok": "✓", "failed": "✗", "skipped": "–", "pending": "…", "delegated": "→"}
+NODE_W, NODE_H, GAP_X, GAP_Y, MARGIN = 190, 58, 30, 70, 20
+
+
+def colour(layer: int) -> str:
+    return LAYER_COLOURS[layer % len(LAYER_COLOURS)]
+
+
+def _short(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _row_order(plan: ExecutionPlan, layers: list[list[int]]) -> list[list[int]]:
+    """Order each layer by the mean position of its agents' dependencies, to cross fewer edges."""
+    position: dict[int, float] = {}
+    ordered = []
+    for layer in layers:
+        def key(agent: int) -> tuple[float, int]:
+            deps = plan.agents[agent].depends_on
+            return (sum(position[dep] for dep in deps) / len(deps) if deps else -1.0, agent)
+
+        row = sorted(layer, key=key)
+        position.update({agent: index for index, agent in enumerate(row)})
+        ordered.append(row)
+    return ordered
+
+
+def _on_curve(t: float, *points: tuple[float, float]) -> tuple[float, float]:
+    """A point of a cubic Bezier curve: where an edge's label goes, near its source."""
+    weights = [(1 - t) ** 3, 3 * (1 - t) ** 2 * t, 3 * (1 - t) * t**2, t**3]
+    return sum(w * p[0] for w, p in zip(weights, points)), sum(w * p[1] for w, p in zip(weights, points))
+
+
+def graph_svg(plan: ExecutionPlan, agents: list[AgentRecord] | None = None) -> str:
+    """The DAG as SVG: rows are layers (parallel groups), colours are layers, edges say who feeds whom."""
+    layers = _row_order(plan, plan.get_execution_layers())
+    width = max(len(row) for row in layers) * (NODE_W + GAP_X) - GAP_X + 2 * MARGIN + 170
+    height = len(layers) * (NODE_H + GAP_Y) - GAP_Y + 2 * MARGIN
+    centre: dict[int, tuple[float, float]] = {}
+    for number, row in enumerate(layers):
+        row_width = len(row) * (NODE_W + GAP_X) - GAP_X
+        left = 170 + MARGIN + (width - 170 - 2 * MARGIN - row_width) / 2
+        for index, agent in enumerate(row):
+            centre[agent] = (left + index * (NODE_W + GAP_X) + NODE_W / 2, MARGIN + number * (NODE_H + GAP_Y) + NODE_H / 2)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" font-family="sans-serif" font-size="12">',
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" orient="auto">'
+        '<path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>',
+        f'<rect width="{width:.0f}" height="{height:.0f}" fill="white"/>',
+    ]
+    for number, row in enumerate(layers):
+        y = MARGIN + number * (NODE_H + GAP_Y) + NODE_H / 2
+        parallel = f"{len(row)} in parallel" if len(row) > 1 else "1 agent"
+        parts.append(f'<text x="{MARGIN}" y="{y - 4:.0f}" font-weight="bold" fill="{colour(number)}" stroke="#333" stroke-width="0.3">Layer {number}</text>')
+        parts.append(f'<text x="{MARGIN}" y="{y + 12:.0f}" fill="#555">{parallel}</text>')
+    for agent, spec in enumerate(plan.agents):
+        x2, y2 = centre[agent]
+        for dep in spec.depends_on:
+            x1, y1 = centre[dep]
+            top, bottom = y1 + NODE_H / 2, y2 - NODE_H / 2
+            bend = (bottom - top) / 2
+            parts.append(
+                f'<path d="M{x1:.0f},{top:.0f} C{x1:.0f},{top + bend:.0f} {x2:.0f},{bottom - bend:.0f} {x2:.0f},{bottom:.0f}" '
+                'fill="none" stroke="#555" stroke-width="1.2" marker-end="url(#arrow)"/>'
+            )
+            label_x, label_y = _on_curve(0.3, (x1, top), (x1, top + bend), (x2, bottom - bend), (x2, bottom))
+            parts.append(f'<text x="{label_x + 4:.0f}" y="{label_y:.0f}" fill="#777" font-size="10">{dep}→{agent}</text>')
+    layer_of = plan.layer_of()
+    for agent, spec in enumerate(plan.agents):
+        x, y = centre[agent]
+        record = agents[agent] if agents else None
+        status = f" {STATUS_MARK.get(record.status, '')}" if record else ""
+        timing = ""
+        if record and record.started_at is not None and record.finished_at is not None:
+            timing = f" · {record.finished_at - record.started_at:.1f} s"
+        stroke = "#c00" if record and record.status in ("failed", "skipped") else "#333"
+        parts += [
+            f'<g><title>{escape(spec.task)}</title>',
+            f'<rect x="{x - NODE_W / 2:.0f}" y="{y - NODE_H / 2:.0f}" width="{NODE_W}" height="{NODE_H}" rx="8" '
+            f'fill="{colour(layer_of[agent])}" stroke="{stroke}" stroke-width="1.5"/>',
+            f'<text x="{x:.0f}" y="{y - 10:.0f}" text-anchor="middle" font-weight="bold">Agent {agent} · {spec.role.value}{status}</text>',
+            f'<text x="{x:.0f}" y="{y + 6:.0f}" text-anchor="middle">{escape(_short(spec.task, 30))}</text>',
+            f'<text x="{x:.0f}" y="{y + 21:.0f}" text-anchor="middle" fill="#333" font-size="10">layer {layer_of[agent]}{timing}</text>',
+            "</g>",
+        ]
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def timeline_svg(record: RunRecord) -> str:
+    """Each agent's LLM call as a bar on a shared clock, coloured by layer."""
+    timed = [agent for agent in record.agents if agent.started_at is not None and agent.finished_at is not None]
+    if not timed:
+        return '<svg xmlns="http://www.w3.org/2000/svg" width="300" height="40"><text x="10" y="25">no agent ran</text></svg>'
+    start = min(agent.started_at for agent in timed)  # type: ignore[type-var]
+    span = max(agent.finished_at for agent in timed) - start or 1.0  # type: ignore[operator]
+    label_w, plot_w, row_h = 220, 640, 22
+    height = len(timed) * row_h + 2 * MARGIN + 30
+    scale = plot_w / span
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 2 * MARGIN}" height="{height}" font-family="sans-serif" font-size="12">',
+        f'<rect width="{label_w + plot_w + 2 * MARGIN}" height="{height}" fill="white"/>',
+    ]
+    for step in range(6):
+        x = MARGIN + label_w + step * plot_w / 5
+        parts.append(f'<line x1="{x:.0f}" y1="{MARGIN}" x2="{x:.0f}" y2="{height - 30}" stroke="#ddd"/>')
+        parts.append(f'<text x="{x:.0f}" y="{height - 12}" text-anchor="middle" fill="#555">{step * span / 5:.1f} s</text>')
+    for row, agent in enumerate(sorted(timed, key=lambda agent: (agent.started_at, agent.id))):
+        y = MARGIN + row * row_h
+        x = MARGIN + label_w + (agent.started_at - start) * scale  # type: ignore[operator]
+        bar = max((agent.finished_at - agent.started_at) * scale, 2)  # type: ignore[operator]
+        stroke = "#c00" if agent.status != "ok" else "#333"
+        parts.append(f'<text x="{MARGIN}" y="{y + 15}">Agent {agent.id} · {agent.role} (layer {agent.layer})</text>')
+        parts.append(
+            f'<rect x="{x:.1f}" y="{y + 3}" width="{bar:.1f}" height="{row_h - 6}" rx="3" fill="{colour(agent.layer)}" stroke="{stroke}">'
+            f"<title>{escape(agent.task)}: {agent.finished_at - agent.started_at:.2f} s, {agent.status}</title></rect>"  # type: ignore[operator]
+        )
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def mermaid(plan: ExecutionPlan) -> str:
+    """The graph as a Mermaid flowchart (GitHub renders it), one class per layer."""
+    layer_of = plan.layer_of()
+    lines = ["flowchart TD"]
+    for agent, spec in enumerate(plan.agents):
+        task = _short(spec.task, 40).replace('"', "'")
+        lines.append(f'    a{agent}["Agent {agent}: {spec.role.value}<br/>{escape(task)}<br/>layer {layer_of[agent]}"]:::layer{layer_of[agent]}')
+    for agent, spec in enumerate(plan.agents):
+        lines += [f"    a{dep} -->|{dep}→{agent}| a{agent}" for dep in spec.depends_on]
+    lines += [f"    classDef layer{number} fill:{colour(number)}" for number in sorted(set(layer_of.values()))]
+    return "\n".join(lines) + "\n"
+
+
+def write_pictures(record: RunRecord, directory: Path) -> list[Path]:
+    """graph.svg, timeline.svg and graph.mmd for a run; returns their paths."""
+    files = {
+        directory / "graph.svg": graph_svg(record.plan, record.agents),
+        directory / "timeline.svg": timeline_svg(record),
+        directory / "graph.mmd": mermaid(record.plan),
+    }
+    for path, text in files.items():
+        write_atomic(path, text)
+    return list(files)
