@@ -1,0 +1,265 @@
+"""A stand-in LLM server: real HTTP on 127.0.0.1, speaking the Ollama API or the OpenAI chat API.
+
+Two uses. In-process, it is the OpenAI-compatible server the `openai` backend is tested against
+(faults on demand, like tests/ollama_server.py). As a process, it stands in for `ollama serve` or
+`vllm serve` in the GPU pool's tests, which need no GPU:
+
+    python -m tests.stand_in_server --port 8001 --api ollama --delay 0.2
+
+Either way it answers `GET /gpu` with the CUDA_VISIBLE_DEVICES it was started with and its pid (so
+tests can check that Ray pinned it to its GPU share, and that stopping the pool ended it), and
+`GET /stats` with its chat calls so far and the most it ever had in flight at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Literal, Sequence
+
+from tests.ollama_server import DEFAULT_PLAN, default_responder
+
+Api = Literal["ollama", "openai"]
+Fault = Literal["http_500", "http_429", "http_400", "drop", "stall", "malformed"]
+Responder = Callable[[dict[str, Any]], str]  # a chat request body -> the answer's text
+FaultFn = Callable[[dict[str, Any]], "Fault | None"]  # a chat request body -> the fault to answer with
+
+
+def answer(body: dict[str, Any]) -> str:
+    """A valid plan when the request asks for JSON (either API's way), else an answer naming the request."""
+    if body.get("response_format") is not None or body.get("format") is not None:
+        return json.dumps(DEFAULT_PLAN)
+    return default_responder(body)
+
+
+class StandInServer:
+    """Start with `with StandInServer(api=...) as server` (or start()/stop()); it listens at `url`.
+
+    `delay`, `responder` and `fault` may be changed between calls. Chat calls to a model not in
+    `models` get the API's "model not found" answer (HTTP 404).
+    """
+
+    def __init__(
+        self,
+        *,
+        api: Api = "openai",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        models: Sequence[str] = ("test-model",),
+        delay: float = 0.0,
+        responder: Responder = answer,
+        fault: FaultFn | None = None,
+        stall_seconds: float = 30.0,
+    ) -> None:
+        self.api = api
+        self.models = list(models)
+        self.delay = delay
+        self.responder = responder
+        self.fault = fault
+        self.stall_seconds = stall_seconds
+        self._lock = threading.Lock()
+        self._bodies: list[dict[str, Any]] = []
+        self._headers: list[dict[str, str]] = []
+        self._in_flight = 0
+        self._max_in_flight = 0
+        self._closing = threading.Event()  # wakes delayed and stalled handlers at shutdown
+        self._httpd = _HTTPServer((host, port), _Handler)
+        self._httpd.owner = self
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The server's root; the OpenAI API lives under `base_url`."""
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def base_url(self) -> str:
+        """What an OpenAI client takes as its base URL."""
+        return f"{self.url}/v1"
+
+    def start(self) -> StandInServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._closing.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> StandInServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def chat_bodies(self) -> list[dict[str, Any]]:
+        """The JSON bodies of the chat calls so far, in arrival order."""
+        with self._lock:
+            return list(self._bodies)
+
+    def chat_headers(self) -> list[dict[str, str]]:
+        """The headers of the chat calls so far (names in lower case)."""
+        with self._lock:
+            return list(self._headers)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"chats": len(self._bodies), "in_flight": self._in_flight, "max_in_flight": self._max_in_flight}
+
+    # --- request handling (on the server's handler threads) ---
+
+    def _handle(self, handler: _Handler, method: str) -> None:
+        path = handler.path.split("?", 1)[0]
+        if method == "GET" and path == "/gpu":
+            handler.send_json(200, {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()})
+        elif method == "GET" and path == "/stats":
+            handler.send_json(200, self.stats())
+        elif self.api == "ollama" and method == "GET" and path == "/":
+            handler.send_text(200, "Ollama is running")
+        elif self.api == "ollama" and method == "GET" and path == "/api/tags":
+            handler.send_json(200, {"models": [{"name": name, "model": name, "size": 1} for name in self.models]})
+        elif self.api == "openai" and method == "GET" and path == "/v1/models":
+            data = [{"id": name, "object": "model", "created": 0, "owned_by": "stand-in"} for name in self.models]
+            handler.send_json(200, {"object": "list", "data": data})
+        elif method == "POST" and path in ("/api/chat", "/v1/chat/completions"):
+            self._chat(handler, path)
+        else:
+            handler.send_text(404, "404 page not found")
+
+    def _chat(self, handler: _Handler, path: str) -> None:
+        length = int(handler.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(handler.rfile.read(length)) if length else {}
+        except json.JSONDecodeError:
+            handler.send_json(400, {"error": "invalid JSON body"})
+            return
+        with self._lock:
+            self._bodies.append(body)
+            self._headers.append({name.lower(): value for name, value in handler.headers.items()})
+            self._in_flight += 1
+            self._max_in_flight = max(self._max_in_flight, self._in_flight)
+        try:
+            if self.delay:
+                self._closing.wait(self.delay)
+            if path == "/api/chat":
+                self._ollama_chat(handler, body)
+            else:
+                self._openai_chat(handler, body)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _ollama_chat(self, handler: _Handler, body: dict[str, Any]) -> None:
+        if body.get("model") not in self.models:
+            handler.send_json(404, {"error": f"model \"{body.get('model', '')}\" not found, try pulling it first"})
+            return
+        text = self.responder(body)
+        handler.send_json(200, {
+            "model": body["model"],
+            "created_at": "2025-01-01T00:00:00Z",
+            "message": {"role": "assistant", "content": text},
+            "done": True,
+            "prompt_eval_count": _words(body),
+            "eval_count": len(text.split()),
+        })
+
+    def _openai_chat(self, handler: _Handler, body: dict[str, Any]) -> None:
+        fault = self.fault(body) if self.fault is not None else None
+        if fault == "stall":
+            self._closing.wait(self.stall_seconds)
+            handler.drop()
+        elif fault == "drop":
+            handler.drop()
+        elif fault in ("http_500", "http_429", "http_400"):
+            status = int(fault.removeprefix("http_"))
+            handler.send_json(status, {"error": {"message": f"test fault {status}", "type": "test_fault", "code": status}})
+        elif fault == "malformed":
+            handler.send_raw(200, "application/json", b'{"id": "x", "choices": [{"message": {"content": "unterm')
+        elif body.get("model") not in self.models:
+            # vLLM's shape for an unknown model: the error's fields at the top level
+            message = f"The model `{body.get('model', '')}` does not exist."
+            handler.send_json(404, {"object": "error", "message": message, "type": "NotFoundError", "code": 404})
+        else:
+            text = self.responder(body)
+            prompt, completion = _words(body), len(text.split())
+            handler.send_json(200, {
+                "id": "chatcmpl-stand-in",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body["model"],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+            })
+
+
+def _words(body: dict[str, Any]) -> int:
+    """A stand-in token count: the words of every message."""
+    return sum(len(str(message.get("content", "")).split()) for message in body.get("messages", []))
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+    owner: StandInServer
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Hands each request to the owning StandInServer; one request per connection (HTTP/1.0)."""
+
+    server: _HTTPServer
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:
+        self.server.owner._handle(self, "GET")
+
+    def do_POST(self) -> None:
+        self.server.owner._handle(self, "POST")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Quiet: tests show failures, not access logs."""
+
+    def send_raw(self, status: int, content_type: str, payload: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def send_json(self, status: int, data: dict[str, Any]) -> None:
+        self.send_raw(status, "application/json", json.dumps(data).encode())
+
+    def send_text(self, status: int, text: str) -> None:
+        self.send_raw(status, "text/plain; charset=utf-8", text.encode())
+
+    def drop(self) -> None:
+        """Close the connection without a word: the client sees the server disconnect."""
+        self.close_connection = True
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, as `ollama serve` or `vllm serve` would."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--api", choices=["ollama", "openai"], default="ollama")
+    parser.add_argument("--model", action="append", help="a model it serves (repeatable; default llama3.2:1b)")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds each chat call takes")
+    args = parser.parse_args(argv)
+    # block the stop signals before any thread starts, so that only sigwait below receives them
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    server = StandInServer(api=args.api, host=args.host, port=args.port, models=args.model or ["llama3.2:1b"], delay=args.delay)
+    server.start()
+    print(f"stand-in {args.api} server on {server.url}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()

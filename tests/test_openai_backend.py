@@ -1,0 +1,129 @@
+"""The `openai` backend through real HTTP, against the OpenAI-compatible stand-in server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Iterator
+
+import pytest
+from tests.ollama_server import DEFAULT_PLAN
+from tests.stand_in_server import StandInServer
+
+from metaagent_ray.errors import ConfigError
+from metaagent_ray.llm import LLMConfig, LLMError, LLMRequest, LLMUnavailable, Message, create_llm
+from metaagent_ray.llm.openai import OpenAILLM
+
+PLAN_SCHEMA = {"type": "object", "properties": {"agents": {"type": "array"}}, "required": ["agents"]}
+
+
+@pytest.fixture
+def server() -> Iterator[StandInServer]:
+    with StandInServer(api="openai", models=["test-model"]) as running:
+        yield running
+
+
+def backend(base_url: str, model: str | None = "test-model", **options: object) -> OpenAILLM:
+    llm = create_llm(LLMConfig(backend="openai", model=model, options={"base_url": base_url, **options}))
+    assert isinstance(llm, OpenAILLM)
+    return llm
+
+
+def request(text: str = "Compare A and B", **fields: object) -> LLMRequest:
+    messages = [Message("system", "You are a RESEARCHER."), Message("user", text)]
+    return LLMRequest(messages=messages, caller="agent", **fields)  # type: ignore[arg-type]
+
+
+def closed_port_url() -> str:
+    """A local address where nothing listens: connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def test_a_schema_becomes_a_json_schema_response_format(server: StandInServer) -> None:
+    llm = backend(server.base_url, temperature=0.2, api_key="secret")
+    plan = llm.complete(request(json_schema=PLAN_SCHEMA, max_tokens=512))
+    answer = llm.complete(request("Research A"))
+
+    assert json.loads(plan.text) == DEFAULT_PLAN
+    assert answer.text == "Answer to: Research A"
+    with_schema, without_schema = server.chat_bodies()
+    assert with_schema["response_format"] == {"type": "json_schema", "json_schema": {"name": "plan", "schema": PLAN_SCHEMA}}
+    assert "response_format" not in without_schema
+    assert with_schema["model"] == "test-model" and with_schema["max_tokens"] == 512 and with_schema["temperature"] == 0.2
+    assert with_schema["messages"] == [
+        {"role": "system", "content": "You are a RESEARCHER."},
+        {"role": "user", "content": "Compare A and B"},
+    ]
+    assert all(headers["authorization"] == "Bearer secret" for headers in server.chat_headers())
+
+
+def test_tokens_come_from_the_usage_block(server: StandInServer) -> None:
+    response = backend(server.base_url).complete(request("one two three"))
+
+    assert response.prompt_tokens == len("You are a RESEARCHER. one two three".split())
+    assert response.completion_tokens == len(response.text.split())
+    assert response.llm_ms is not None and response.llm_ms > 0
+
+
+def test_the_environment_gives_the_server_and_key_and_the_server_the_model(server: StandInServer, monkeypatch) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("OPENAI_API_KEY", "from-env")
+    llm = create_llm(LLMConfig(backend="openai"))
+    llm.check()
+
+    assert llm.complete(request()).text == "Answer to: Compare A and B"
+    assert server.chat_bodies()[0]["model"] == "test-model"  # no model given: the one the server lists
+    assert server.chat_headers()[0]["authorization"] == "Bearer from-env"
+
+
+@pytest.mark.parametrize(
+    ("fault", "transient", "words"),
+    [
+        ("http_500", True, "HTTP 500: test fault 500"),
+        ("http_429", True, "HTTP 429"),
+        ("http_400", False, "HTTP 400: test fault 400"),
+        ("drop", True, "connection to the server"),
+        ("malformed", False, "malformed response"),
+    ],
+)
+def test_failures_are_sorted_into_transient_and_permanent(server: StandInServer, fault: str, transient: bool, words: str) -> None:
+    server.fault = lambda body: fault  # type: ignore[assignment,return-value]
+    with pytest.raises(LLMError, match=words) as caught:
+        backend(server.base_url).complete(request())
+    assert caught.value.transient is transient
+
+
+def test_an_unknown_model_is_permanent_and_quotes_the_server(server: StandInServer) -> None:
+    with pytest.raises(LLMError, match="HTTP 404: The model `other` does not exist") as caught:
+        backend(server.base_url, model="other").complete(request())
+    assert caught.value.transient is False
+
+
+def test_a_stalled_server_times_out_within_the_calls_limit(server: StandInServer) -> None:
+    server.fault = lambda body: "stall"
+    with pytest.raises(LLMError, match="did not answer within 0.3 s") as caught:
+        backend(server.base_url).complete(request(timeout=0.3))
+    assert caught.value.transient is True
+
+
+def test_no_server_is_transient_for_a_call_and_says_how_to_start_one() -> None:
+    llm = backend(closed_port_url())
+    with pytest.raises(LLMError, match="cannot reach") as caught:
+        llm.complete(request())
+    assert caught.value.transient is True
+    with pytest.raises(LLMUnavailable, match="vllm serve MODEL"):
+        llm.check()
+
+
+def test_check_names_the_models_the_server_serves(server: StandInServer) -> None:
+    backend(server.base_url).check()
+    with pytest.raises(LLMUnavailable, match="serves test-model, not other"):
+        backend(server.base_url, model="other").check()
+
+
+def test_unknown_options_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"unknown options \['host'\]"):
+        create_llm(LLMConfig(backend="openai", options={"host": "x"}))
