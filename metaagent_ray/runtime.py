@@ -102,7 +102,13 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> SlotPlan | 
         # Ray keeps only as many idle workers as CPUs and kills the rest within a second; agents
         # are I/O-bound and a worker may hold a loaded model, so keep as many as may run at once.
         warm = max(node_slots or WARM_WORKERS, os.cpu_count() or 1)
-        ray.init(resources=resources, num_gpus=options.num_gpus, _system_config={"num_workers_soft_limit": warm}, **common)
+        ray.init(
+            address="local",  # a new instance of our own, even when another Ray runs on this machine
+            resources=resources,
+            num_gpus=options.num_gpus,
+            _system_config={"num_workers_soft_limit": warm},
+            **common,
+        )
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {options.address}" if options.address else "a local Ray instance"
         raise ConfigError(f"cannot start or reach {where}: {error}") from None
@@ -255,7 +261,8 @@ class _RunHub:
             ray.cancel(work, force=True)
             return _failure(context, f"timed out: no result within {deadline:g} s (--agent-timeout); the task was cancelled")
         except ray.exceptions.RayError as error:
-            return _failure(context, f"the agent's Ray task failed: {type(error).__name__}: {str(error).splitlines()[0]}")
+            detail = next(iter(str(error).splitlines()), "")
+            return _failure(context, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
 
     async def _delegate(
         self,

@@ -153,3 +153,33 @@ def test_every_agent_ends_in_one_final_state_that_agrees_with_the_policy(case: t
         if agent.status != "skipped":
             assert agent.inputs_from == [dep for dep in agent.depends_on if expected[dep] == "ok"]
     assert record.status == ("ok" if not failing else "failed")
+
+
+def test_ctrl_c_cancels_saves_what_finished_and_prints_the_resume_command(ray_cluster, tmp_path: Path, latency_file):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    latency = latency_file({"default": 0.2, "1": 30.0, "2": 30.0, "3": 30.0})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "metaagent_ray", "exec", str(PLAN), "--llm", "fake", "--fake-latency", latency,
+         "--address", ray_cluster.address, "--run-dir", str(run_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert process.stdout is not None
+    while "✅ [PARALLEL] Agent 0 completed" not in process.stdout.readline():
+        pass
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert errors.strip().splitlines() == [
+        f"error: interrupted; the agents that finished are saved in {run_dir}; resume with: metaagent resume {run_dir}"
+    ]
+    record = RunRecord.model_validate_json((run_dir / "record.json").read_text())
+    assert record.status == "interrupted"
+    assert record.agents[0].status == "ok" and {agent.status for agent in record.agents[1:]} == {"pending"}
+
+    resumed = CliRunner().invoke(app, ["resume", str(run_dir), "--llm", "fake", "--fake-latency", "0"])  # replaces the stored 30 s
+    assert resumed.exit_code == 0, resumed.output
+    after = RunRecord.model_validate_json((run_dir / "record.json").read_text())
+    assert after.status == "ok" and [agent.reused for agent in after.agents] == [True] + [False] * 8
