@@ -16,7 +16,8 @@ from .llm import LLM, LLMConfig, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, save_record
-from .runtime import RayOptions, RunInterrupted, RunLimits, execute_plan
+from .pool import PoolHandle, PoolSpec, start_pool
+from .runtime import RayOptions, RunInterrupted, RunLimits, ensure_ray, execute_plan
 from .viz import write_pictures
 
 DEFAULT_MAX_AGENTS = 64
@@ -40,6 +41,7 @@ class RunSettings(BaseModel):
     max_agents: int = Field(default=DEFAULT_MAX_AGENTS, ge=1)
     max_total_agents: int = Field(default=200, ge=1)
     max_tokens: int | None = Field(default=None, ge=1)
+    pool: PoolSpec | None = None  # serve the model from this pool of server instances (GPU serving)
 
     def stored(self) -> dict[str, Any]:
         """What a resume may reuse: everything but injected faults."""
@@ -100,18 +102,49 @@ class MetaAgent:
         self.on_event = on_event
         self.verbose = verbose
         self._llm_config: LLMConfig | None = None
+        self._pool: PoolHandle | None = None
+
+    def __enter__(self) -> MetaAgent:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the LLM server pool, if this object started one (it serves all runs until then)."""
+        if self._pool is not None:
+            self._pool.stop()
+            self._pool = None
 
     def _driver_llm(self) -> LLM:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
         if self._llm_config is None:
-            config = LLMConfig(backend=self.settings.llm, model=self.settings.model, options=self.settings.llm_options)
-            if config.backend == "auto":
-                config, why = resolve_auto(config)
-                self.on_event(Notice(f"🤖 LLM backend: {config.backend}, because {why}"))
-            self._llm_config = config
+            self._llm_config = self._start_pool() if self.settings.pool else self._chosen_backend()
         llm = create_llm(self._llm_config)
         llm.check()
         return llm
+
+    def _chosen_backend(self) -> LLMConfig:
+        config = LLMConfig(backend=self.settings.llm, model=self.settings.model, options=self.settings.llm_options)
+        if config.backend == "auto":
+            config, why = resolve_auto(config)
+            self.on_event(Notice(f"🤖 LLM backend: {config.backend}, because {why}"))
+        return config
+
+    def _start_pool(self) -> LLMConfig:
+        """Start the model servers as Ray actors, each pinned to its GPU share; agents go to a free one."""
+        spec = self.settings.pool
+        assert spec is not None
+        ensure_ray(self._ray_options())
+        self._pool = start_pool(spec.model_copy(update={"model": spec.model or self.settings.model}))
+        self.on_event(Notice(f"🖥️ LLM pool: {self._pool.describe()}"))
+        return self._pool.llm_config()
+
+    def _ray_options(self) -> RayOptions:
+        slots = self.settings.slots
+        if slots is None and self.settings.pool is not None:
+            slots = self.settings.pool.instances * self.settings.pool.requests_per_instance
+        return RayOptions(address=self.settings.address, slots=slots, verbose=self.verbose)
 
     def plan(self, query: str) -> ExecutionPlan:
         """Ask the coordinator for a plan; nothing is executed. `plan.warnings` says if it fell back."""
@@ -160,15 +193,14 @@ class MetaAgent:
         settings = {**previous.settings, **overrides}
         if "llm" in overrides and overrides["llm"] != previous.settings.get("llm"):
             settings["llm_options"] = overrides.get("llm_options", {})
-        meta = cls(on_event=on_event, verbose=verbose, **settings)
         rerun = previous.plan.descendants(set(previous.failed_agents()))
         reused = {agent.id: agent for agent in previous.agents if agent.id not in rerun}
-        meta.on_event(Notice(f"♻️ Resuming {run_dir}: re-running agents {sorted(rerun)}, reusing {sorted(reused)}"))
-        meta._driver_llm()
-        directory = RunDirectory(Path(run_dir))
-        return meta._execute(
-            previous.plan, previous.query, directory, record_path, coordinator=previous.coordinator, reused=reused
-        )
+        with cls(on_event=on_event, verbose=verbose, **settings) as meta:
+            meta.on_event(Notice(f"♻️ Resuming {run_dir}: re-running agents {sorted(rerun)}, reusing {sorted(reused)}"))
+            meta._driver_llm()
+            return meta._execute(
+                previous.plan, previous.query, RunDirectory(Path(run_dir)), record_path, coordinator=previous.coordinator, reused=reused
+            )
 
     def _plan(self, query: str) -> tuple[ExecutionPlan, CoordinatorRecord]:
         if not query.strip():
@@ -207,13 +239,12 @@ class MetaAgent:
         reused: dict[int, AgentRecord] | None = None,
     ) -> RunRecord:
         assert self._llm_config is not None, "the backend is checked before a run"
-        ray_options = RayOptions(address=self.settings.address, slots=self.settings.slots, verbose=self.verbose)
         try:
             record = execute_plan(
                 plan,
                 query,
                 self._llm_config,
-                ray_options=ray_options,
+                ray_options=self._ray_options(),
                 limits=self._limits(),
                 on_event=self.on_event,
                 run_dir=directory,

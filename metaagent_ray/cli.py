@@ -37,7 +37,7 @@ class RunOptions:
     """
 
     llm: Annotated[
-        Optional[str], typer.Option("--llm", help="LLM backend: auto (Ollama if it serves the model, else local), ollama, local or fake.")
+        Optional[str], typer.Option("--llm", help="LLM backend: auto (Ollama if it serves the model, else local), ollama, local, openai or fake.")
     ] = None
     model: Annotated[Optional[str], typer.Option("--model", help="Model name (Ollama) or GGUF file (local).")] = None
     ollama_host: Annotated[Optional[str], typer.Option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST).")] = None
@@ -60,6 +60,19 @@ class RunOptions:
         Optional[int], typer.Option("--max-total-agents", min=1, help="Bound on all agents of a run, sub-plans included [default: 200].")
     ] = None
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Most tokens one agent's answer may have.")] = None
+    openai_base_url: Annotated[
+        Optional[str], typer.Option("--openai-base-url", help="--llm openai: the server's /v1 URL (vLLM, llama-server).")
+    ] = None
+    gpu_instances: Annotated[
+        Optional[int], typer.Option("--gpu-instances", min=1, help="Serve the model from N server instances, each on its GPU share.")
+    ] = None
+    gpus_per_instance: Annotated[
+        Optional[float], typer.Option("--gpus-per-instance", help="GPUs per server instance (0.5 packs two per GPU) [default: 1].")
+    ] = None
+    llm_api: Annotated[Optional[str], typer.Option("--llm-api", help="The pool's servers: ollama or openai [default: ollama].")] = None
+    server_command: Annotated[
+        Optional[str], typer.Option("--server-command", help="The pool's server command, with {host} {port} {model}.")
+    ] = None
     fake_latency: Annotated[
         Optional[str], typer.Option("--fake-latency", help="Fake backend: seconds per call, or a JSON file of seconds by agent index.")
     ] = None
@@ -76,7 +89,20 @@ class RunOptions:
             raise ConfigError("--fake-latency and --fake-fail apply to --llm fake only")
         if self.ollama_host is not None and self.llm not in (None, "ollama", "auto"):
             raise ConfigError("--ollama-host applies to --llm ollama or auto only")
-        options = {**fake, **({"host": self.ollama_host} if self.ollama_host is not None else {})}
+        if self.openai_base_url is not None and self.llm != "openai":
+            raise ConfigError("--openai-base-url applies to --llm openai only")
+        options = {
+            **fake,
+            **({"host": self.ollama_host} if self.ollama_host is not None else {}),
+            **({"base_url": self.openai_base_url} if self.openai_base_url is not None else {}),
+        }
+        pool = {
+            key: value
+            for key, value in (("gpus_per_instance", self.gpus_per_instance), ("api", self.llm_api), ("command", self.server_command))
+            if value is not None
+        }
+        if pool and self.gpu_instances is None:
+            raise ConfigError("--gpus-per-instance, --llm-api and --server-command apply with --gpu-instances only")
         given = {
             "llm": self.llm,
             "model": self.model,
@@ -90,6 +116,7 @@ class RunOptions:
             "max_agents": self.max_agents,
             "max_total_agents": self.max_total_agents,
             "max_tokens": self.max_tokens,
+            "pool": {"instances": self.gpu_instances, "model": self.model, **pool} if self.gpu_instances is not None else None,
         }
         return {key: value for key, value in given.items() if value is not None}
 
@@ -172,14 +199,16 @@ def exec_command(
 ) -> None:
     """Run a plan file."""
     plan = load_plan(plan_file, max_agents=options.max_agents or DEFAULT_MAX_AGENTS)
-    _finish(options.meta_agent().execute(plan, query, run_dir=options.run_dir, record_path=options.record))
+    with options.meta_agent() as agent:
+        _finish(agent.execute(plan, query, run_dir=options.run_dir, record_path=options.record))
 
 
 @app.command("run")
 @with_run_options
 def run_command(query: QueryArgument, *, options: RunOptions) -> None:
     """Plan QUERY with the coordinator, show the plan's layers, execute it, print the final answer."""
-    _finish(options.meta_agent().run(query, run_dir=options.run_dir, record_path=options.record))
+    with options.meta_agent() as agent:
+        _finish(agent.run(query, run_dir=options.run_dir, record_path=options.record))
 
 
 @app.command("plan")
@@ -191,7 +220,8 @@ def plan_command(
     options: RunOptions,
 ) -> None:
     """Print the coordinator's plan for QUERY as JSON and its layers; execute nothing."""
-    plan = options.meta_agent(stream=sys.stderr).plan(query)
+    with options.meta_agent(stream=sys.stderr) as agent:
+        plan = agent.plan(query)
     text = plan.model_dump_json(indent=2, exclude={"depth"})
     for warning in plan.warnings:
         print(warning, file=sys.stderr)

@@ -186,3 +186,23 @@ def test_the_default_commands_are_ollama_and_vllm() -> None:
     assert ollama.command_line(11500) == ["ollama", "serve"]
     assert ollama.server_env(11500) == {"OLLAMA_HOST": "127.0.0.1:11500"}
     assert vllm.command_line(8001) == ["vllm", "serve", "Qwen/Qwen2.5-0.5B-Instruct", "--host", "127.0.0.1", "--port", "8001"]
+
+
+def test_the_cli_serves_a_run_from_a_gpu_pool(tmp_path: Path) -> None:
+    """--gpu-instances: the servers start as Ray actors, every agent goes to one of them, the pool stops."""
+    from typer.testing import CliRunner
+
+    from metaagent_ray.cli import app
+    from metaagent_ray.record import RunRecord
+
+    command = f"{sys.executable} -m tests.stand_in_server --host {{host}} --port {{port}} --api ollama --model {{model}}"
+    result = CliRunner().invoke(
+        app,
+        ["exec", str(ROOT / "examples" / "business_plan.json"), "--gpu-instances", "2", "--server-command", command, "--model", "llama3.2:1b",
+         "--run-dir", str(tmp_path / "run")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "🖥️ LLM pool: " in result.output
+    record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    assert record.llm["backend"] == "pooled" and record.slots == 2
+    assert all(agent.status == "ok" and agent.output.startswith("Answer to:") for agent in record.agents)
