@@ -80,8 +80,9 @@ class RunLimits:
 def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> SlotPlan | None:
     """Connect to the cluster at `address`, or start Ray embedded with LLM slots for this machine.
 
-    Embedded Ray gets `slots` LLM slots, or as many as the machine's RAM, cores and the model allow
-    (the plan is returned so the caller can show its reasoning).
+    Embedded Ray gets as many LLM slots as the machine's RAM, cores and the model allow, and at
+    least `slots` (the plan is returned so the caller can show its reasoning). A run's own cap is
+    `slots`, reserved per run, so later runs in this process may ask for more.
     """
     if ray.is_initialized():
         return None
@@ -95,9 +96,9 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> SlotPlan | 
         if options.address:
             ray.init(address=options.address, **common)
             return None
-        if options.slots is None and llm is not None:
+        if llm is not None:
             plan = default_slots(llm)
-        node_slots = options.slots or (plan.slots if plan else None)
+        node_slots = max(options.slots or 0, plan.slots if plan else 0) or None
         resources = {SLOT_RESOURCE: float(node_slots)} if node_slots else {}
         # Ray keeps only as many idle workers as CPUs and kills the rest within a second; agents
         # are I/O-bound and a worker may hold a loaded model, so keep as many as may run at once.
@@ -382,7 +383,7 @@ def execute_plan(
     Agents in `reused` (from the run being resumed) keep their records and are not run again.
     """
     slot_plan = ensure_ray(ray_options, llm)
-    if slot_plan is not None:
+    if slot_plan is not None and ray_options.slots is None:
         on_event(Notice(f"🧮 {slot_plan.slots} LLM slots on this machine ({slot_plan.reasons[-1]}; see `metaagent resources`)"))
     record = RunRecord.start(
         plan,
