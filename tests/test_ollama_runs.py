@@ -97,3 +97,33 @@ def test_run_with_the_fake_backend_prints_three_parallel_researchers(tmp_path):
     assert "  Layer 0: 3 agents in parallel - ['RESEARCHER', 'RESEARCHER', 'RESEARCHER']" in result.output
     assert "📝 Final output:" in result.output
     assert result.stdout.rstrip().endswith("Inputs from agents: 3")
+
+
+def test_server_faults_in_a_run_end_in_the_right_states(ollama_server):
+    """500 and a dropped connection are retried; malformed JSON fails for good; a stall times out."""
+    from tests.ollama_server import last_user_message
+
+    seen: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def fault(body: dict[str, Any]):
+        topic = next((name for name in ("error", "drop", "malformed", "stall") if f"topic {name}" in last_user_message(body)), None)
+        with lock:
+            seen[topic or ""] = seen.get(topic or "", 0) + 1
+            first = seen[topic or ""] == 1
+        if topic in ("error", "drop"):
+            return {"error": "http_500", "drop": "drop"}[topic] if first else None
+        return topic
+
+    ollama_server.fault = fault
+    ollama_server.stall_seconds = 5
+    plan = {
+        "description": "faults",
+        "agents": [{"role": "RESEARCHER", "task": f"Research topic {name}"} for name in ("error", "drop", "malformed", "stall", "fine")],
+    }
+    agent = MetaAgent(llm="ollama", llm_options={"host": ollama_server.url}, agent_timeout=1, retries=1)
+    record = agent.execute(plan, QUERY, save=False)
+    states = {agent.task.removeprefix("Research topic "): (agent.status, agent.attempts) for agent in record.agents}
+    assert states == {"error": ("ok", 2), "drop": ("ok", 2), "malformed": ("failed", 1), "stall": ("failed", 2), "fine": ("ok", 1)}
+    assert "malformed response" in record.agents[2].error
+    assert "did not answer within 1 s" in record.agents[3].error

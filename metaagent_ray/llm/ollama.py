@@ -100,7 +100,7 @@ class OllamaLLM:
         self.model = model
         self.options = options
         self.host = resolve_host(options.host)
-        self._client = ollama.Client(host=self.host, timeout=options.timeout)
+        self._clients: dict[float, ollama.Client] = {}
 
     def describe(self) -> str:
         return f"ollama {self.model} at {self.host}"
@@ -120,9 +120,10 @@ class OllamaLLM:
             for key, value in {"num_predict": num_predict, "temperature": self.options.temperature}.items()
             if value is not None
         }
+        timeout = min(self.options.timeout, request.timeout or self.options.timeout)
         started = time.perf_counter()
         try:
-            response = self._client.chat(
+            response = self._client(timeout).chat(
                 model=self.model,
                 messages=[{"role": message.role, "content": message.content} for message in request.messages],
                 format=request.json_schema,
@@ -130,7 +131,7 @@ class OllamaLLM:
                 stream=False,
             )
         except (ConnectionError, httpx.TransportError, ollama.ResponseError, ValueError) as error:
-            raise self._call_error(error) from error
+            raise self._call_error(error, timeout) from error
         llm_ms = (
             response.total_duration / 1e6
             if response.total_duration is not None
@@ -143,13 +144,19 @@ class OllamaLLM:
             llm_ms=llm_ms,
         )
 
-    def _call_error(self, error: Exception) -> LLMError:
+    def _client(self, timeout: float) -> ollama.Client:
+        """One client per timeout: a call waits no longer than its request allows."""
+        if timeout not in self._clients:
+            self._clients[timeout] = ollama.Client(host=self.host, timeout=timeout)
+        return self._clients[timeout]
+
+    def _call_error(self, error: Exception, timeout: float) -> LLMError:
         """Sort a failed call: transient when retrying may help, permanent when it cannot."""
         where = f"Ollama at {self.host}"
         if isinstance(error, ConnectionError):
             return LLMError(f"cannot reach {where}: is `ollama serve` running?", transient=True)
         if isinstance(error, httpx.TimeoutException):
-            return LLMError(f"{where} did not answer within {self.options.timeout:g} s", transient=True)
+            return LLMError(f"{where} did not answer within {timeout:g} s", transient=True)
         if isinstance(error, httpx.TransportError):
             return LLMError(f"connection to {where} failed: {error or type(error).__name__}", transient=True)
         if isinstance(error, ollama.ResponseError):
