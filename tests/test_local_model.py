@@ -108,3 +108,22 @@ def test_schema_constrained_completion_is_a_valid_plan(gemma: LLM, schema: dict[
     )
     plan = ExecutionPlan.model_validate_json(gemma.complete(request).text)
     assert plan.agents
+
+
+@pytest.mark.model
+@pytest.mark.usefixtures("ray_session")
+def test_the_readme_query_runs_end_to_end_on_the_embedded_model(tmp_path) -> None:
+    """The README's main command: `metaagent run "Compare Python and Rust for web development"`, no server."""
+    pytest.importorskip("llama_cpp")
+    from typer.testing import CliRunner
+
+    from metaagent_ray.cli import app
+    from metaagent_ray.record import RunRecord
+
+    result = CliRunner().invoke(app, ["run", "Compare Python and Rust for web development", "--llm", "local", "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    assert record.coordinator is not None and not record.coordinator.fallback  # a valid plan from the model itself
+    assert record.llm["backend"] == "local"
+    assert all(agent.status == "ok" and agent.output.strip() for agent in record.agents)
+    assert record.final_output.strip() and record.final_output.strip() in result.stdout
