@@ -15,8 +15,8 @@ from .events import EventHandler, Notice, ignore
 from .llm import LLM, LLMConfig, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
-from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, save_record
 from .pool import PoolHandle, PoolSpec, start_pool
+from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, save_record
 from .runtime import RayOptions, RunInterrupted, RunLimits, ensure_ray, execute_plan
 from .viz import write_pictures
 

@@ -18,8 +18,8 @@ from .console import ConsoleView, layer_lines
 from .errors import ConfigError, MetaAgentError
 from .llm import LLMConfig
 from .record import RunRecord
-from .viz import write_pictures
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
+from .viz import write_pictures
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -128,29 +128,36 @@ class RunOptions:
         return MetaAgent(on_event=self.view(stream), verbose=self.verbose, **self.settings())
 
 
-def with_run_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Give `command` every RunOptions flag; it receives them gathered as `options`."""
-    names = [field.name for field in fields(RunOptions)]
-    command_hints = get_type_hints(command, include_extras=True)
-    own = [
-        parameter.replace(annotation=command_hints[parameter.name])
-        for parameter in inspect.signature(command).parameters.values()
-        if parameter.name != "options"
-    ]
-    hints = get_type_hints(RunOptions, include_extras=True)
+def with_options(options_class: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Give a command every flag of `options_class` (a dataclass); it receives them gathered as `options`."""
+    hints = get_type_hints(options_class, include_extras=True)
+    names = [field.name for field in fields(options_class)]
     shared = [
         inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default, annotation=hints[field.name])
-        for field in fields(RunOptions)
+        for field in fields(options_class)
     ]
 
-    @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> Any:
-        options = RunOptions(**{name: kwargs.pop(name) for name in names})
-        logging.basicConfig(level=logging.DEBUG if options.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return _guarded(options.verbose, lambda: command(options=options, **kwargs))
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        command_hints = get_type_hints(command, include_extras=True)
+        own = [
+            parameter.replace(annotation=command_hints[parameter.name])
+            for parameter in inspect.signature(command).parameters.values()
+            if parameter.name != "options"
+        ]
 
-    wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            options = options_class(**{name: kwargs.pop(name) for name in names})
+            logging.basicConfig(level=logging.DEBUG if options.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+            return _guarded(options.verbose, lambda: command(options=options, **kwargs))
+
+        wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+with_run_options = with_options(RunOptions)
 
 
 def _guarded(verbose: bool, action: Callable[[], Any]) -> Any:
@@ -251,54 +258,45 @@ def resume_command(
     _finish(MetaAgent.resume(earlier_run, on_event=options.view(), verbose=options.verbose, record_path=options.record, **options.settings()))
 
 
-SlotLLMOption = Annotated[str, typer.Option("--llm", help="LLM backend: auto, ollama, local or fake.")]
-SlotModelOption = Annotated[Optional[str], typer.Option("--model", help="Model name (Ollama) or GGUF file (local).")]
-SlotHostOption = Annotated[Optional[str], typer.Option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST).")]
-SlotFakeSizeOption = Annotated[
-    Optional[float], typer.Option("--fake-model-mb", min=0, help="Fake backend: pretend each instance holds a model of this many MB.")
-]
-SlotVerboseOption = Annotated[bool, typer.Option("-v", "--verbose", help="Tracebacks on errors.")]
+@dataclass(frozen=True)
+class SlotOptions:
+    """The flags of `resources` and `node-resources`: which backend's footprint to count."""
 
+    llm: Annotated[str, typer.Option("--llm", help="LLM backend: auto, ollama, local or fake.")] = "auto"
+    model: Annotated[Optional[str], typer.Option("--model", help="Model name (Ollama) or GGUF file (local).")] = None
+    ollama_host: Annotated[Optional[str], typer.Option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST).")] = None
+    fake_model_mb: Annotated[
+        Optional[float], typer.Option("--fake-model-mb", min=0, help="Fake backend: pretend each instance holds a model of this many MB.")
+    ] = None
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Tracebacks on errors.")] = False
 
-def _slot_plan(llm: str, model: str | None, ollama_host: str | None, fake_model_mb: float | None) -> SlotPlan:
-    """This node's LLM slots for the backend these flags describe."""
-    if ollama_host is not None and llm not in ("ollama", "auto"):
-        raise ConfigError("--ollama-host applies to --llm ollama or auto only")
-    if fake_model_mb is not None and llm != "fake":
-        raise ConfigError("--fake-model-mb applies to --llm fake only")
-    options = {"host": ollama_host} if ollama_host is not None else {"model_mb": fake_model_mb} if fake_model_mb is not None else {}
-    return default_slots(LLMConfig(backend=llm, model=model, options=options))
+    def slot_plan(self) -> SlotPlan:
+        """This node's LLM slots for the backend these flags describe."""
+        if self.ollama_host is not None and self.llm not in ("ollama", "auto"):
+            raise ConfigError("--ollama-host applies to --llm ollama or auto only")
+        if self.fake_model_mb is not None and self.llm != "fake":
+            raise ConfigError("--fake-model-mb applies to --llm fake only")
+        options = {"host": self.ollama_host} if self.ollama_host is not None else {}
+        if self.fake_model_mb is not None:
+            options = {"model_mb": self.fake_model_mb}
+        return default_slots(LLMConfig(backend=self.llm, model=self.model, options=options))
 
 
 @app.command("resources")
-def resources_command(
-    llm: SlotLLMOption = "auto",
-    model: SlotModelOption = None,
-    ollama_host: SlotHostOption = None,
-    fake_model_mb: SlotFakeSizeOption = None,
-    verbose: SlotVerboseOption = False,
-) -> None:
+@with_options(SlotOptions)
+def resources_command(*, options: SlotOptions) -> None:
     """Print this node's LLM slots: RAM, cores, GPUs, the model's footprint, the reasoning and the count."""
-
-    def show() -> None:
-        plan = _slot_plan(llm, model, ollama_host, fake_model_mb)
-        print("\n".join(plan.reasons))
-        print(f"\n{SLOT_RESOURCE} = {plan.slots}: Ray started here gets this many LLM slots (--slots N overrides).")
-        print(f"On a cluster node: ray start --resources '{node_resources_json(plan)}'")
-
-    _guarded(verbose, show)
+    plan = options.slot_plan()
+    print("\n".join(plan.reasons))
+    print(f"\n{SLOT_RESOURCE} = {plan.slots}: Ray started here gets this many LLM slots (--slots N overrides).")
+    print(f"On a cluster node: ray start --resources '{node_resources_json(plan)}'")
 
 
 @app.command("node-resources")
-def node_resources_command(
-    llm: SlotLLMOption = "auto",
-    model: SlotModelOption = None,
-    ollama_host: SlotHostOption = None,
-    fake_model_mb: SlotFakeSizeOption = None,
-    verbose: SlotVerboseOption = False,
-) -> None:
+@with_options(SlotOptions)
+def node_resources_command(*, options: SlotOptions) -> None:
     """Print only the JSON for `ray start --resources '<json>'` on this cluster node."""
-    _guarded(verbose, lambda: print(node_resources_json(_slot_plan(llm, model, ollama_host, fake_model_mb))))
+    print(node_resources_json(options.slot_plan()))
 
 
 @app.command("viz")

@@ -28,11 +28,9 @@ import subprocess
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
-import ray  # noqa: F401 - first: Ray puts its bundled psutil on sys.path
 import psutil
 from pydantic import BaseModel
 
-from .errors import ConfigError
 from .llm import LLMConfig, create_llm, fake, local, ollama
 from .llm.auto import resolve_auto
 

@@ -31,8 +31,8 @@ from .errors import ConfigError, MetaAgentError
 from .events import AgentFinished, AgentStarted, Event, EventHandler, Notice, PlanReady, RunFinished
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
-from .resources import SLOT_RESOURCE, SlotPlan, default_slots
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, SubRunRecord, agent_records, compose_final_output
+from .resources import SLOT_RESOURCE, SlotPlan, default_slots
 
 WARM_WORKERS = 16  # idle Ray workers kept alive when no slot count says how many agents run at once
 PLACEMENT_TIMEOUT_S = 30.0

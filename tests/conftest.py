@@ -8,10 +8,12 @@ tested without a real cluster or GPU.
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import pytest
 
+from metaagent_ray.llm import LLMRequest, Message
 from metaagent_ray.runtime import SLOT_RESOURCE, WARM_WORKERS
 
 HEAD_SLOTS, WORKER_SLOTS = 8, 4  # llm_slot per node; runs with --slots N <= 12 reserve N of them
@@ -67,3 +69,17 @@ def ollama_server():
 
     with OllamaServer() as server:
         yield server
+
+
+def agent_request(text: str = "Compare A and B", **fields: object) -> LLMRequest:
+    """An agent's LLM request, for testing a backend directly."""
+    messages = [Message("system", "You are a RESEARCHER."), Message("user", text)]
+    return LLMRequest(messages=messages, caller="agent", **fields)  # type: ignore[arg-type]
+
+
+def closed_port_url(path: str = "") -> str:
+    """A local address where nothing listens: connecting is refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"

@@ -114,7 +114,7 @@ class OllamaServer:
         self._in_flight = 0
         self._max_in_flight = 0
         self._closing = threading.Event()  # wakes stalled and delayed handlers at shutdown
-        self._httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+        self._httpd = OwnedHTTPServer(("127.0.0.1", 0), OwnedHandler)
         self._httpd.owner = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
@@ -193,7 +193,7 @@ class OllamaServer:
     def _has_model(self, name: str) -> bool:
         return any(_full_name(model) == _full_name(name) for model in self.models)
 
-    def _handle(self, handler: _Handler, method: str) -> None:
+    def _handle(self, handler: OwnedHandler, method: str) -> None:
         path = handler.path.split("?", 1)[0]
         body: dict[str, Any] | None = None
         length = int(handler.headers.get("Content-Length") or 0)
@@ -218,7 +218,7 @@ class OllamaServer:
         else:
             handler.send_text(404, "404 page not found")
 
-    def _show(self, handler: _Handler, body: dict[str, Any]) -> None:
+    def _show(self, handler: OwnedHandler, body: dict[str, Any]) -> None:
         name = str(body.get("model", ""))
         if not self._has_model(name):
             handler.send_json(404, {"error": f"model '{name}' not found"})
@@ -233,7 +233,7 @@ class OllamaServer:
             "modified_at": "2025-01-01T00:00:00Z",
         })
 
-    def _chat(self, handler: _Handler, body: dict[str, Any]) -> None:
+    def _chat(self, handler: OwnedHandler, body: dict[str, Any]) -> None:
         started = time.monotonic()
         with self._lock:
             self._in_flight += 1
@@ -246,7 +246,7 @@ class OllamaServer:
                 self._in_flight -= 1
                 self._lock.notify_all()
 
-    def _chat_in_flight(self, handler: _Handler, body: dict[str, Any], started: float) -> None:
+    def _chat_in_flight(self, handler: OwnedHandler, body: dict[str, Any], started: float) -> None:
         fault = self.fault(body) if self.fault is not None else None
         if fault is None and not self._has_model(str(body.get("model", ""))):
             fault = "not_found"
@@ -269,7 +269,7 @@ class OllamaServer:
         else:
             self._answer(handler, body, started)
 
-    def _answer(self, handler: _Handler, body: dict[str, Any], started: float) -> None:
+    def _answer(self, handler: OwnedHandler, body: dict[str, Any], started: float) -> None:
         try:
             text = self.responder(body)
         except Exception as error:  # a test's responder failed: say so over HTTP rather than hang
@@ -311,18 +311,18 @@ def _tag(name: str, size: int) -> dict[str, Any]:
     }
 
 
-class _HTTPServer(ThreadingHTTPServer):
+class OwnedHTTPServer(ThreadingHTTPServer):
     """One thread per request, a deep accept queue for bursts of concurrent calls."""
 
     daemon_threads = True
     request_queue_size = 128
-    owner: OllamaServer
+    owner: Any  # an object with _handle(handler, method): OllamaServer, or the stand-in server
 
 
-class _Handler(BaseHTTPRequestHandler):
-    """Hands each request to the owning OllamaServer; one request per connection (HTTP/1.0)."""
+class OwnedHandler(BaseHTTPRequestHandler):
+    """Hands each request to its server's `owner._handle(handler, method)`; one request per connection (HTTP/1.0)."""
 
-    server: _HTTPServer
+    server: OwnedHTTPServer
     protocol_version = "HTTP/1.0"
 
     def do_GET(self) -> None:

@@ -19,10 +19,9 @@ import os
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Literal, Sequence
 
-from tests.ollama_server import DEFAULT_PLAN, default_responder
+from tests.ollama_server import DEFAULT_PLAN, OwnedHandler, OwnedHTTPServer, default_responder
 
 Api = Literal["ollama", "openai"]
 Fault = Literal["http_500", "http_429", "http_400", "drop", "stall", "malformed"]
@@ -68,7 +67,7 @@ class StandInServer:
         self._in_flight = 0
         self._max_in_flight = 0
         self._closing = threading.Event()  # wakes delayed and stalled handlers at shutdown
-        self._httpd = _HTTPServer((host, port), _Handler)
+        self._httpd = OwnedHTTPServer((host, port), OwnedHandler)
         self._httpd.owner = self
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
@@ -115,7 +114,7 @@ class StandInServer:
 
     # --- request handling (on the server's handler threads) ---
 
-    def _handle(self, handler: _Handler, method: str) -> None:
+    def _handle(self, handler: OwnedHandler, method: str) -> None:
         path = handler.path.split("?", 1)[0]
         if method == "GET" and path == "/gpu":
             handler.send_json(200, {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()})
@@ -133,7 +132,7 @@ class StandInServer:
         else:
             handler.send_text(404, "404 page not found")
 
-    def _chat(self, handler: _Handler, path: str) -> None:
+    def _chat(self, handler: OwnedHandler, path: str) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
         try:
             body = json.loads(handler.rfile.read(length)) if length else {}
@@ -156,7 +155,7 @@ class StandInServer:
             with self._lock:
                 self._in_flight -= 1
 
-    def _ollama_chat(self, handler: _Handler, body: dict[str, Any]) -> None:
+    def _ollama_chat(self, handler: OwnedHandler, body: dict[str, Any]) -> None:
         if body.get("model") not in self.models:
             handler.send_json(404, {"error": f"model \"{body.get('model', '')}\" not found, try pulling it first"})
             return
@@ -170,7 +169,7 @@ class StandInServer:
             "eval_count": len(text.split()),
         })
 
-    def _openai_chat(self, handler: _Handler, body: dict[str, Any]) -> None:
+    def _openai_chat(self, handler: OwnedHandler, body: dict[str, Any]) -> None:
         fault = self.fault(body) if self.fault is not None else None
         if fault == "stall":
             self._closing.wait(self.stall_seconds)
@@ -202,45 +201,6 @@ class StandInServer:
 def _words(body: dict[str, Any]) -> int:
     """A stand-in token count: the words of every message."""
     return sum(len(str(message.get("content", "")).split()) for message in body.get("messages", []))
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
-    owner: StandInServer
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Hands each request to the owning StandInServer; one request per connection (HTTP/1.0)."""
-
-    server: _HTTPServer
-    protocol_version = "HTTP/1.0"
-
-    def do_GET(self) -> None:
-        self.server.owner._handle(self, "GET")
-
-    def do_POST(self) -> None:
-        self.server.owner._handle(self, "POST")
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: tests show failures, not access logs."""
-
-    def send_raw(self, status: int, content_type: str, payload: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def send_json(self, status: int, data: dict[str, Any]) -> None:
-        self.send_raw(status, "application/json", json.dumps(data).encode())
-
-    def send_text(self, status: int, text: str) -> None:
-        self.send_raw(status, "text/plain; charset=utf-8", text.encode())
-
-    def drop(self) -> None:
-        """Close the connection without a word: the client sees the server disconnect."""
-        self.close_connection = True
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -11,7 +11,6 @@ import pytest
 from typer.testing import CliRunner
 
 from metaagent_ray.cli import app
-
 from tests.conftest import EXAMPLES
 
 

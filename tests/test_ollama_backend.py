@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import pytest
-from tests.ollama_server import DEFAULT_PLAN, OllamaServer, first_calls
 
 from metaagent_ray.errors import ConfigError
-from metaagent_ray.llm import LLMConfig, LLMError, LLMRequest, LLMUnavailable, Message, create_llm
+from metaagent_ray.llm import LLMConfig, LLMError, LLMUnavailable, create_llm
 from metaagent_ray.llm.ollama import DEFAULT_MODEL, OllamaLLM, server_has_model
+from tests.conftest import agent_request, closed_port_url
+from tests.ollama_server import DEFAULT_PLAN, OllamaServer, first_calls
 
 PLAN_SCHEMA = {
     "type": "object",
@@ -33,23 +33,10 @@ def backend(host: str, model: str | None = None, **options: object) -> OllamaLLM
     return llm
 
 
-def request(text: str = "Compare A and B", **fields: object) -> LLMRequest:
-    messages = [Message("system", "You are a RESEARCHER."), Message("user", text)]
-    return LLMRequest(messages=messages, caller="agent", **fields)  # type: ignore[arg-type]
-
-
-def closed_port_url() -> str:
-    """A local address where nothing listens: connecting is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
 def test_schema_goes_as_format_and_every_call_names_the_model(server: OllamaServer) -> None:
     llm = backend(server.url, temperature=0.2)
-    plan = llm.complete(request(json_schema=PLAN_SCHEMA, max_tokens=512))
-    answer = llm.complete(request("Research A"))
+    plan = llm.complete(agent_request(json_schema=PLAN_SCHEMA, max_tokens=512))
+    answer = llm.complete(agent_request("Research A"))
 
     assert json.loads(plan.text) == DEFAULT_PLAN
     assert answer.text == "Answer to: Research A"
@@ -66,7 +53,7 @@ def test_schema_goes_as_format_and_every_call_names_the_model(server: OllamaServ
 
 def test_tokens_and_time_come_from_the_server(server: OllamaServer) -> None:
     server.delay = 0.05
-    response = backend(server.url).complete(request("one two three"))
+    response = backend(server.url).complete(agent_request("one two three"))
 
     assert response.prompt_tokens == len("You are a RESEARCHER. one two three".split())
     assert response.completion_tokens == len(response.text.split())
@@ -77,7 +64,7 @@ def test_calls_from_many_threads_overlap(server: OllamaServer) -> None:
     server.hold = 3  # each call waits until three are in flight
     llm = backend(server.url)
     with ThreadPoolExecutor(max_workers=3) as pool:
-        texts = list(pool.map(lambda topic: llm.complete(request(topic)).text, ["A", "B", "C"]))
+        texts = list(pool.map(lambda topic: llm.complete(agent_request(topic)).text, ["A", "B", "C"]))
 
     assert texts == ["Answer to: A", "Answer to: B", "Answer to: C"]
     assert server.max_in_flight == 3
@@ -87,7 +74,7 @@ def test_calls_from_many_threads_overlap(server: OllamaServer) -> None:
 def test_server_error_is_transient(server: OllamaServer) -> None:
     server.fault = lambda body: "http_500"
     with pytest.raises(LLMError) as caught:
-        backend(server.url).complete(request())
+        backend(server.url).complete(agent_request())
     assert caught.value.transient
     assert "HTTP 500" in str(caught.value)
 
@@ -96,13 +83,13 @@ def test_a_fault_for_the_first_calls_only(server: OllamaServer) -> None:
     server.fault = first_calls(1, "http_500")
     llm = backend(server.url)
     with pytest.raises(LLMError):
-        llm.complete(request())
-    assert llm.complete(request("again")).text == "Answer to: again"
+        llm.complete(agent_request())
+    assert llm.complete(agent_request("again")).text == "Answer to: again"
 
 
 def test_missing_model_is_permanent_and_says_pull(server: OllamaServer) -> None:
     with pytest.raises(LLMError) as caught:
-        backend(server.url, model="qwen2.5:7b").complete(request())
+        backend(server.url, model="qwen2.5:7b").complete(agent_request())
     assert not caught.value.transient
     assert "ollama pull qwen2.5:7b" in str(caught.value)
 
@@ -110,7 +97,7 @@ def test_missing_model_is_permanent_and_says_pull(server: OllamaServer) -> None:
 def test_stalled_server_times_out_as_transient(server: OllamaServer) -> None:
     server.fault = lambda body: "stall"
     with pytest.raises(LLMError) as caught:
-        backend(server.url, timeout=0.2).complete(request())
+        backend(server.url, timeout=0.2).complete(agent_request())
     assert caught.value.transient
     assert "did not answer within 0.2 s" in str(caught.value)
 
@@ -118,21 +105,21 @@ def test_stalled_server_times_out_as_transient(server: OllamaServer) -> None:
 def test_dropped_connection_is_transient(server: OllamaServer) -> None:
     server.fault = lambda body: "drop"
     with pytest.raises(LLMError) as caught:
-        backend(server.url).complete(request())
+        backend(server.url).complete(agent_request())
     assert caught.value.transient
 
 
 def test_malformed_body_is_an_llm_error(server: OllamaServer) -> None:
     server.fault = lambda body: "malformed"
     with pytest.raises(LLMError) as caught:
-        backend(server.url).complete(request())
+        backend(server.url).complete(agent_request())
     assert "malformed response" in str(caught.value)
     assert not caught.value.transient
 
 
 def test_refused_connection_on_a_call_is_transient() -> None:
     with pytest.raises(LLMError) as caught:
-        backend(closed_port_url()).complete(request())
+        backend(closed_port_url()).complete(agent_request())
     assert caught.value.transient
     assert "ollama serve" in str(caught.value)
 
@@ -194,6 +181,6 @@ def test_bad_options_are_config_errors(options: dict[str, object], message: str)
 def test_reset_forgets_requests_and_restores_behaviour(server: OllamaServer) -> None:
     server.fault = lambda body: "http_500"
     with pytest.raises(LLMError):
-        backend(server.url).complete(request())
+        backend(server.url).complete(agent_request())
     server.reset()
     assert server.requests == [] and server.max_in_flight == 0 and server.fault is None

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import json
-import socket
 from typing import Iterator
 
 import pytest
-from tests.ollama_server import DEFAULT_PLAN
-from tests.stand_in_server import StandInServer
 
 from metaagent_ray.errors import ConfigError
-from metaagent_ray.llm import LLMConfig, LLMError, LLMRequest, LLMUnavailable, Message, create_llm
+from metaagent_ray.llm import LLMConfig, LLMError, LLMUnavailable, create_llm
 from metaagent_ray.llm.openai import OpenAILLM
+from tests.conftest import agent_request, closed_port_url
+from tests.ollama_server import DEFAULT_PLAN
+from tests.stand_in_server import StandInServer
 
 PLAN_SCHEMA = {"type": "object", "properties": {"agents": {"type": "array"}}, "required": ["agents"]}
 
@@ -29,23 +29,10 @@ def backend(base_url: str, model: str | None = "test-model", **options: object) 
     return llm
 
 
-def request(text: str = "Compare A and B", **fields: object) -> LLMRequest:
-    messages = [Message("system", "You are a RESEARCHER."), Message("user", text)]
-    return LLMRequest(messages=messages, caller="agent", **fields)  # type: ignore[arg-type]
-
-
-def closed_port_url() -> str:
-    """A local address where nothing listens: connecting is refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/v1"
-
-
 def test_a_schema_becomes_a_json_schema_response_format(server: StandInServer) -> None:
     llm = backend(server.base_url, temperature=0.2, api_key="secret")
-    plan = llm.complete(request(json_schema=PLAN_SCHEMA, max_tokens=512))
-    answer = llm.complete(request("Research A"))
+    plan = llm.complete(agent_request(json_schema=PLAN_SCHEMA, max_tokens=512))
+    answer = llm.complete(agent_request("Research A"))
 
     assert json.loads(plan.text) == DEFAULT_PLAN
     assert answer.text == "Answer to: Research A"
@@ -61,7 +48,7 @@ def test_a_schema_becomes_a_json_schema_response_format(server: StandInServer) -
 
 
 def test_tokens_come_from_the_usage_block(server: StandInServer) -> None:
-    response = backend(server.base_url).complete(request("one two three"))
+    response = backend(server.base_url).complete(agent_request("one two three"))
 
     assert response.prompt_tokens == len("You are a RESEARCHER. one two three".split())
     assert response.completion_tokens == len(response.text.split())
@@ -74,7 +61,7 @@ def test_the_environment_gives_the_server_and_key_and_the_server_the_model(serve
     llm = create_llm(LLMConfig(backend="openai"))
     llm.check()
 
-    assert llm.complete(request()).text == "Answer to: Compare A and B"
+    assert llm.complete(agent_request()).text == "Answer to: Compare A and B"
     assert server.chat_bodies()[0]["model"] == "test-model"  # no model given: the one the server lists
     assert server.chat_headers()[0]["authorization"] == "Bearer from-env"
 
@@ -92,27 +79,27 @@ def test_the_environment_gives_the_server_and_key_and_the_server_the_model(serve
 def test_failures_are_sorted_into_transient_and_permanent(server: StandInServer, fault: str, transient: bool, words: str) -> None:
     server.fault = lambda body: fault  # type: ignore[assignment,return-value]
     with pytest.raises(LLMError, match=words) as caught:
-        backend(server.base_url).complete(request())
+        backend(server.base_url).complete(agent_request())
     assert caught.value.transient is transient
 
 
 def test_an_unknown_model_is_permanent_and_quotes_the_server(server: StandInServer) -> None:
     with pytest.raises(LLMError, match="HTTP 404: The model `other` does not exist") as caught:
-        backend(server.base_url, model="other").complete(request())
+        backend(server.base_url, model="other").complete(agent_request())
     assert caught.value.transient is False
 
 
 def test_a_stalled_server_times_out_within_the_calls_limit(server: StandInServer) -> None:
     server.fault = lambda body: "stall"
     with pytest.raises(LLMError, match="did not answer within 0.3 s") as caught:
-        backend(server.base_url).complete(request(timeout=0.3))
+        backend(server.base_url).complete(agent_request(timeout=0.3))
     assert caught.value.transient is True
 
 
 def test_no_server_is_transient_for_a_call_and_says_how_to_start_one() -> None:
-    llm = backend(closed_port_url())
+    llm = backend(closed_port_url("/v1"))
     with pytest.raises(LLMError, match="cannot reach") as caught:
-        llm.complete(request())
+        llm.complete(agent_request())
     assert caught.value.transient is True
     with pytest.raises(LLMUnavailable, match="vllm serve MODEL"):
         llm.check()

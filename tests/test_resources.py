@@ -33,7 +33,6 @@ from metaagent_ray.resources import (
     parse_nvidia_smi,
     plan_slots,
 )
-
 from tests.ollama_server import DEFAULT_MODELS, OllamaServer
 
 H200 = GPU(index=0, name="NVIDIA H200", total_bytes=140 * GiB, free_bytes=139 * GiB)

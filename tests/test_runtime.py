@@ -9,7 +9,6 @@ import pytest
 
 from metaagent_ray import AgentFinished, AgentStarted, MetaAgent, PlanReady, RunFinished, load_plan, parse_plan
 from metaagent_ray.record import RunRecord
-
 from tests.conftest import EXAMPLES
 
 pytestmark = pytest.mark.usefixtures("ray_session")

@@ -20,7 +20,6 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 from ..errors import ConfigError
 from .base import LLMConfig, LLMError, LLMRequest, LLMResponse
 
-
 DELEGATE_MARKER = "[delegate]"  # an agent whose task holds this delegates whenever it may
 
 
