@@ -46,7 +46,9 @@ class LocalOptions(BaseModel):
     n_threads: int = Field(default=1, ge=1, description="threads per instance")
     n_ctx: int = Field(default=4096, ge=256, description="context window in tokens (prompt + answer)")
     max_tokens: int = Field(default=384, ge=1, description="answer length when the request sets none")
-    repeat_penalty: float = Field(default=1.15, ge=1.0, description="above 1 stops the loops tiny models fall into")
+    repeat_penalty: float = Field(
+        default=1.15, ge=1.0, description="above 1 stops the loops tiny models fall into (JSON uses it only to redo an answer that looped)"
+    )
     temperature: float = Field(default=0.2, ge=0.0)
     seed: int = Field(default=0, description="sampling seed")
 
@@ -128,28 +130,39 @@ class LocalLLM:
             sampling: dict[str, Any] = {
                 "max_tokens": request.max_tokens or self.options.max_tokens,
                 "temperature": self.options.temperature,
-                "repeat_penalty": self.options.repeat_penalty,
+                # JSON repeats its keys, roles and subjects by design: a repeat penalty pushes a small model
+                # off the pattern (e.g. away from a second RESEARCHER), so JSON decodes without one first.
+                "repeat_penalty": 1.0 if grammar is not None else self.options.repeat_penalty,
                 "seed": self.options.seed,
                 "grammar": grammar,
             }
             start = time.perf_counter()
             try:
-                if llama.metadata.get("tokenizer.chat_template"):
-                    result = llama.create_chat_completion(messages=chat_messages(request.messages), **sampling)
-                    text = result["choices"][0]["message"]["content"] or ""
-                else:
-                    result = llama.create_completion(plain_prompt(request.messages), stop=_PLAIN_STOP, **sampling)
-                    text = result["choices"][0]["text"]
+                text, finish, prompt_tokens, completion_tokens = self._generate(llama, request.messages, sampling)
+                if grammar is not None and finish == "length" and self.options.repeat_penalty > 1.0:
+                    # JSON that runs to the token limit is a loop (a string or a list that never ends):
+                    # decode once more with the repeat penalty, which breaks it.
+                    sampling["repeat_penalty"] = self.options.repeat_penalty
+                    text, _, more_prompt, more_completion = self._generate(llama, request.messages, sampling)
+                    prompt_tokens, completion_tokens = prompt_tokens + more_prompt, completion_tokens + more_completion
             except Exception as error:  # llama-cpp-python raises ValueError, RuntimeError, template errors
                 raise LLMError(f"local backend: {error}") from error
             elapsed_ms = (time.perf_counter() - start) * 1000
+        return LLMResponse(text=text.strip(), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, llm_ms=elapsed_ms)
+
+    @staticmethod
+    def _generate(llama: Llama, messages: list[Message], sampling: dict[str, Any]) -> tuple[str, str | None, int, int]:
+        """One decode: the text, why it stopped ("stop" or "length"), and the prompt and answer token counts."""
+        if llama.metadata.get("tokenizer.chat_template"):
+            result = llama.create_chat_completion(messages=chat_messages(messages), **sampling)
+            choice = result["choices"][0]
+            text = choice["message"]["content"] or ""
+        else:
+            result = llama.create_completion(plain_prompt(messages), stop=_PLAIN_STOP, **sampling)
+            choice = result["choices"][0]
+            text = choice["text"]
         usage = result["usage"]
-        return LLMResponse(
-            text=text.strip(),
-            prompt_tokens=usage["prompt_tokens"],
-            completion_tokens=usage["completion_tokens"],
-            llm_ms=elapsed_ms,
-        )
+        return text, choice.get("finish_reason"), usage["prompt_tokens"], usage["completion_tokens"]
 
     def _load(self) -> Llama:
         if self._llama is None:
