@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 CYCLE_WARNING = "⚠️ Cycle detected in dependencies, falling back to sequential execution"
+MAX_TEXT_IN_PLAN = 300  # characters of a description or task a coordinator LLM may write
 
 
 class Role(str, Enum):
@@ -220,4 +221,5 @@ def plan_json_schema(max_agents: int) -> dict[str, Any]:
     agent = flat["properties"]["agents"]["items"]
     agent["required"] = ["role", "task", "depends_on"]
     agent["properties"]["depends_on"]["maxItems"] = max_agents - 1  # stops a small model counting on forever
+    agent["properties"]["task"]["maxLength"] = flat["properties"]["description"]["maxLength"] = MAX_TEXT_IN_PLAN
     return flat

@@ -187,11 +187,17 @@ class LocalLLM:
 
 @lru_cache(maxsize=16)
 def _grammar(schema_json: str) -> LlamaGrammar:
-    """The GBNF grammar for a JSON schema; cached because the coordinator reuses one schema."""
+    """The GBNF grammar for a JSON schema; cached because the coordinator reuses one schema.
+
+    llama-cpp-python's converter lets raw control characters (a newline) into strings, which JSON
+    forbids; its string character rule is narrowed the way upstream llama.cpp writes it.
+    """
     from llama_cpp import LlamaGrammar
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     try:
-        return LlamaGrammar.from_json_schema(schema_json, verbose=False)
+        gbnf = json_schema_to_gbnf(schema_json).replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
+        return LlamaGrammar.from_string(gbnf, verbose=False)
     except Exception as error:  # the converter raises bare Exceptions for unsupported schema parts
         raise LLMError(f"local backend: cannot turn the JSON schema into a grammar: {error}") from error
 
