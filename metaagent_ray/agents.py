@@ -71,7 +71,6 @@ class AgentResult:
     started_at: float | None = None
     finished_at: float | None = None
     inputs_from: list[int] = field(default_factory=list)
-    missing_inputs: list[int] = field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     llm_ms: float | None = None
@@ -141,7 +140,7 @@ def run_agent(context: AgentContext, inputs: Sequence[AgentResult], specs: dict[
     received = [result.agent_id for result in inputs if result.status == "ok"]
     missing = [result.agent_id for result in inputs if result.status != "ok"]
     result = AgentResult(
-        agent_id=context.agent_id, role=context.spec.role.value, status="ok", inputs_from=received, missing_inputs=missing
+        agent_id=context.agent_id, role=context.spec.role.value, status="ok", inputs_from=received
     )
     if missing and context.limits.on_failure == "stop":
         result.status, result.error = "skipped", f"skipped: input from agent(s) {missing} is missing (--on-failure stop)"

@@ -14,7 +14,7 @@ from .plan import ExecutionPlan
 from .record import AgentRecord, RunRecord, write_atomic
 
 LAYER_COLOURS = ["#8ecae6", "#ffb703", "#90be6d", "#f28482", "#cdb4db", "#f9c74f", "#84a59d", "#a3c4f3"]
-STATUS_MARK = {"ok": "✓", "failed": "✗", "skipped": "–", "pending": "…", "delegated": "→"}
+STATUS_MARK = {"ok": "✓", "failed": "✗", "skipped": "–", "pending": "…"}
 NODE_W, NODE_H, GAP_X, GAP_Y, MARGIN = 190, 58, 30, 70, 20
 
 
