@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Literal, Mapping
 
+from typing_extensions import Self
+
 Fault = Literal["http_500", "drop", "stall", "malformed", "not_found"]
 Responder = Callable[[dict[str, Any]], str]  # a chat request body -> the answer's text
 DelayFn = Callable[[dict[str, Any]], float]  # a chat request body -> seconds to wait before answering
@@ -82,7 +84,38 @@ def _full_name(model: str) -> str:
     return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
 
 
-class OllamaServer:
+class BackgroundServer:
+    """An HTTP server on its own thread; each request goes to the subclass's `_handle(handler, method)`."""
+
+    def _listen(self, host: str, port: int) -> None:
+        self._closing = threading.Event()  # wakes stalled and delayed handlers at shutdown
+        self._httpd = OwnedHTTPServer((host, port), OwnedHandler)
+        self._httpd.owner = self
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> Self:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._closing.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class OllamaServer(BackgroundServer):
     """The server: start with `with OllamaServer(...) as server` (or start()/stop()); it listens at `url`.
 
     `responder`, `delay`, `fault` and `hold` may be changed between calls; `reset()` restores them and
@@ -113,34 +146,14 @@ class OllamaServer:
         self._requests: list[RecordedRequest] = []
         self._in_flight = 0
         self._max_in_flight = 0
-        self._closing = threading.Event()  # wakes stalled and delayed handlers at shutdown
-        self._httpd = OwnedHTTPServer(("127.0.0.1", 0), OwnedHandler)
-        self._httpd.owner = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> OllamaServer:
-        self._thread.start()
-        return self
+        self._listen("127.0.0.1", 0)
 
     def stop(self) -> None:
         """Stop serving; stalled, delayed or held handlers are woken so that none outlives the server."""
         self._closing.set()
         with self._lock:
             self._lock.notify_all()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
-
-    def __enter__(self) -> OllamaServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        super().stop()
 
     @property
     def requests(self) -> list[RecordedRequest]:

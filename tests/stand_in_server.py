@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Literal, Sequence
 
-from tests.ollama_server import DEFAULT_PLAN, OwnedHandler, OwnedHTTPServer, default_responder
+from tests.ollama_server import DEFAULT_PLAN, BackgroundServer, OwnedHandler, default_responder
 
 Api = Literal["ollama", "openai"]
 Fault = Literal["http_500", "http_429", "http_400", "drop", "stall", "malformed"]
@@ -36,7 +36,7 @@ def answer(body: dict[str, Any]) -> str:
     return default_responder(body)
 
 
-class StandInServer:
+class StandInServer(BackgroundServer):
     """Start with `with StandInServer(api=...) as server` (or start()/stop()); it listens at `url`.
 
     `delay`, `responder` and `fault` may be changed between calls. Chat calls to a model not in
@@ -66,37 +66,12 @@ class StandInServer:
         self._headers: list[dict[str, str]] = []
         self._in_flight = 0
         self._max_in_flight = 0
-        self._closing = threading.Event()  # wakes delayed and stalled handlers at shutdown
-        self._httpd = OwnedHTTPServer((host, port), OwnedHandler)
-        self._httpd.owner = self
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """The server's root; the OpenAI API lives under `base_url`."""
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        self._listen(host, port)
 
     @property
     def base_url(self) -> str:
         """What an OpenAI client takes as its base URL."""
         return f"{self.url}/v1"
-
-    def start(self) -> StandInServer:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._closing.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join()
-
-    def __enter__(self) -> StandInServer:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def chat_bodies(self) -> list[dict[str, Any]]:
         """The JSON bodies of the chat calls so far, in arrival order."""
