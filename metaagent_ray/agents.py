@@ -80,6 +80,7 @@ class AgentResult:
     sub_plan: ExecutionPlan | None = None  # set when the agent delegated: what the runtime runs for it
     sub_query: str = ""  # the request the sub-plan's agents work on
     sub_results: list[AgentResult] = field(default_factory=list)  # the sub-plan's agents, once run
+    sub_resume: dict[int, AgentResult] = field(default_factory=dict)  # resume: sub-plan agents kept from the earlier run
     warnings: list[str] = field(default_factory=list)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, Literal
@@ -16,8 +17,8 @@ from .llm import LLM, LLMConfig, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .pool import PoolHandle, PoolSpec, start_pool
-from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, save_record
-from .runtime import RayOptions, RunInterrupted, RunLimits, ensure_ray, execute_plan
+from .record import CoordinatorRecord, RunDirectory, RunRecord, resume_choice, save_record
+from .runtime import RayOptions, RunLimits, RunStopped, ensure_ray, execute_plan, shutdown_ray
 from .viz import write_pictures
 
 DEFAULT_MAX_AGENTS = 64
@@ -76,6 +77,14 @@ def load_plan(path: Path | str, *, max_agents: int = DEFAULT_MAX_AGENTS) -> Exec
     return parse_plan(data, source=str(path), max_agents=max_agents)
 
 
+def check_output_file(path: Path, option: str) -> None:
+    """A file a run will write at its end can be written: checked before anything runs."""
+    if path.is_dir():
+        raise ConfigError(f"{option} {path}: is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"{option} {path}: the directory {path.parent} does not exist")
+
+
 def load_record(run_dir: Path | str) -> RunRecord:
     """The record a run left in its directory."""
     path = Path(run_dir) / "record.json"
@@ -83,8 +92,32 @@ def load_record(run_dir: Path | str) -> RunRecord:
         return RunRecord.model_validate_json(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"{run_dir}: not a run directory ({path}: {error.strerror or error})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a valid run record (not UTF-8 text)") from None
     except ValidationError as error:
         raise ConfigError(f"{path}: not a valid run record ({explain(error)})") from None
+
+
+def resume_summary(previous: RunRecord) -> str:
+    """Which agents a resume runs again, which sub-plans it continues, and what it reuses."""
+    reuse, resume = resume_choice(previous.plan, previous.agents)
+    fresh = sorted(set(range(len(previous.agents))) - reuse - resume)
+    parts = [f"re-running agents {fresh}"]
+    if resume:
+        parts.append(f"continuing the sub-plans of agents {sorted(resume)}")
+    return ", ".join([*parts, f"reusing {sorted(reuse)}"])
+
+
+def _check_outputs(run_dir: Path | str | None, record_path: Path | str | None) -> None:
+    """Paths a run writes are usable, checked before the coordinator or any agent runs."""
+    if run_dir is not None:
+        RunDirectory.check_new(Path(run_dir))
+    if record_path is not None:
+        check_output_file(Path(record_path), "--record")
+
+
+def _locked(directory: RunDirectory | None) -> contextlib.AbstractContextManager[None]:
+    return directory.locked() if directory is not None else contextlib.nullcontext()
 
 
 class MetaAgent:
@@ -111,10 +144,12 @@ class MetaAgent:
         self.close()
 
     def close(self) -> None:
-        """Stop the LLM server pool, if this object started one (it serves all runs until then)."""
+        """Stop the LLM server pool, if this object started one (it serves all runs until then), and the
+        Ray instance this process started, so none of its processes outlive the caller."""
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
+        shutdown_ray()
 
     def _driver_llm(self) -> LLM:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
@@ -152,9 +187,11 @@ class MetaAgent:
 
     def run(self, query: str, *, run_dir: Path | str | None = None, save: bool = True, record_path: Path | str | None = None) -> RunRecord:
         """Plan the query with the coordinator, then execute the plan; returns the run record."""
+        _check_outputs(run_dir, record_path)
         plan, coordinator = self._plan(query)
         directory = self._directory(run_dir, query, save)
-        return self._execute(plan, query, directory, record_path, coordinator=coordinator)
+        with _locked(directory):
+            return self._execute(plan, query, directory, record_path, coordinator=coordinator)
 
     def execute(
         self,
@@ -170,9 +207,12 @@ class MetaAgent:
             plan = parse_plan(plan, max_agents=self.settings.max_agents)
         elif len(plan.agents) > self.settings.max_agents:
             raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.settings.max_agents}")
+        _check_outputs(run_dir, record_path)
         self._driver_llm()
         query = query or plan.description
-        return self._execute(plan, query, self._directory(run_dir, query, save), record_path)
+        directory = self._directory(run_dir, query, save)
+        with _locked(directory):
+            return self._execute(plan, query, directory, record_path)
 
     @classmethod
     def resume(
@@ -189,18 +229,18 @@ class MetaAgent:
         The other agents' outputs are reused without calling the LLM. `overrides` replace the stored
         settings (backend, model, slots, ...); injected faults are never carried over.
         """
-        previous = load_record(run_dir)
-        settings = {**previous.settings, **overrides}
-        if "llm" in overrides and overrides["llm"] != previous.settings.get("llm"):
-            settings["llm_options"] = overrides.get("llm_options", {})
-        rerun = previous.plan.descendants(set(previous.failed_agents()))
-        reused = {agent.id: agent for agent in previous.agents if agent.id not in rerun}
-        with cls(on_event=on_event, verbose=verbose, **settings) as meta:
-            meta.on_event(Notice(f"♻️ Resuming {run_dir}: re-running agents {sorted(rerun)}, reusing {sorted(reused)}"))
-            meta._driver_llm()
-            return meta._execute(
-                previous.plan, previous.query, RunDirectory(Path(run_dir)), record_path, coordinator=previous.coordinator, reused=reused
-            )
+        _check_outputs(None, record_path)
+        load_record(run_dir)  # a run directory, before its lock is taken
+        directory = RunDirectory(Path(run_dir))
+        with directory.locked():
+            previous = load_record(run_dir)  # as it is now that no one else writes it
+            settings = {**previous.settings, **overrides}
+            if "llm" in overrides and overrides["llm"] != previous.settings.get("llm"):
+                settings["llm_options"] = overrides.get("llm_options", {})
+            with cls(on_event=on_event, verbose=verbose, **settings) as meta:
+                meta.on_event(Notice(f"♻️ Resuming {run_dir}: {resume_summary(previous)}"))
+                meta._driver_llm()
+                return meta._execute(previous.plan, previous.query, directory, record_path, coordinator=previous.coordinator, earlier=previous)
 
     def _plan(self, query: str) -> tuple[ExecutionPlan, CoordinatorRecord]:
         if not query.strip():
@@ -236,7 +276,7 @@ class MetaAgent:
         record_path: Path | str | None,
         *,
         coordinator: CoordinatorRecord | None = None,
-        reused: dict[int, AgentRecord] | None = None,
+        earlier: RunRecord | None = None,
     ) -> RunRecord:
         assert self._llm_config is not None, "the backend is checked before a run"
         try:
@@ -250,14 +290,18 @@ class MetaAgent:
                 run_dir=directory,
                 coordinator=coordinator,
                 settings=self.settings.stored(),
-                reused=reused,
+                earlier=earlier,
             )
-        except RunInterrupted as stop:
-            if record_path is not None:
-                save_record(Path(record_path), stop.record)
+        except RunStopped as stop:
+            _keep(stop.record, directory, record_path)
             raise
-        if record_path is not None:
-            save_record(Path(record_path), record)
-        if directory is not None:
-            write_pictures(record, directory.path)
+        _keep(record, directory, record_path)
         return record
+
+
+def _keep(record: RunRecord, directory: RunDirectory | None, record_path: Path | str | None) -> None:
+    """The record's extra copy and the run's pictures, however the run ended."""
+    if record_path is not None:
+        save_record(Path(record_path), record)
+    if directory is not None:
+        write_pictures(record, directory.path)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Callable, Optional, TextIO, get_type_hints
 
 import typer
 
-from .api import DEFAULT_MAX_AGENTS, MetaAgent, load_plan, load_record
+from .api import DEFAULT_MAX_AGENTS, MetaAgent, check_output_file, load_plan, load_record
 from .console import ConsoleView, layer_lines
 from .errors import ConfigError, MetaAgentError
 from .llm import LLMConfig
@@ -227,6 +227,8 @@ def plan_command(
     options: RunOptions,
 ) -> None:
     """Print the coordinator's plan for QUERY as JSON and its layers; execute nothing."""
+    if output is not None:
+        check_output_file(output, "-o")
     with options.meta_agent(stream=sys.stderr) as agent:
         plan = agent.plan(query)
     text = plan.model_dump_json(indent=2, exclude={"depth"})

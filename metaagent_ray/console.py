@@ -70,11 +70,16 @@ class ConsoleView:
         if not self.quiet:
             failed = record.failed_agents()
             span = record.makespan()
+            reused = sum(agent.reused for agent in record.agents)
             summary = f"{len(record.agents) - len(failed)}/{len(record.agents)} agents ok"
             if span is not None:
                 summary += f" in {span:.1f} s"
+            if failed:
+                summary += f"; not ok: {failed}"
+            if reused:
+                summary += f" ({reused} reused from the earlier run)"
             self._print()
-            self._print(f"🏁 {summary}" + (f"; not ok: {failed}" if failed else ""))
+            self._print(f"🏁 {summary}")
             self._print()
             self._print("📝 Final output:")
         self._print(record.final_output)

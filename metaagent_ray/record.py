@@ -1,21 +1,26 @@
 """The run record, a public JSON contract, and the run directory that keeps it on disk.
 
-`record.json` is rewritten atomically whenever an agent finishes, so a run that stops for any
-reason leaves behind everything that had finished.
+`record.json` is rewritten atomically whenever an agent finishes, sub-plan agents included, so a
+run that stops for any reason leaves behind everything that had finished. A run directory belongs
+to one run: a new run refuses a directory that holds files, and an OS file lock keeps a second
+run or resume from writing it at the same time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Iterator, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
+from .errors import ConfigError
 from .plan import ExecutionPlan
 
 RECORD_VERSION = 1
@@ -56,6 +61,20 @@ class SubRunRecord(BaseModel):
     warnings: list[str] = Field(default_factory=list)
     agents: list[AgentRecord]
 
+    @model_validator(mode="after")
+    def _agents_match_plan(self) -> SubRunRecord:
+        _check_agents_match(self.plan, self.agents)
+        return self
+
+
+def _check_agents_match(plan: ExecutionPlan, agents: list[AgentRecord]) -> None:
+    """A record's agents are the plan's, in order: resume and the pictures index them by id."""
+    if len(agents) != len(plan.agents):
+        raise ValueError(f"the record has {len(agents)} agents but its plan has {len(plan.agents)}")
+    for position, agent in enumerate(agents):
+        if agent.id != position:
+            raise ValueError(f"agents[{position}] has id {agent.id}, which does not match its position")
+
 
 class CoordinatorRecord(BaseModel):
     """How the plan was made, when a coordinator LLM made it."""
@@ -86,6 +105,11 @@ class RunRecord(BaseModel):
     coordinator: CoordinatorRecord | None = None
     agents: list[AgentRecord]
 
+    @model_validator(mode="after")
+    def _agents_match_plan(self) -> RunRecord:
+        _check_agents_match(self.plan, self.agents)
+        return self
+
     @classmethod
     def start(cls, plan: ExecutionPlan, query: str, **fields: Any) -> RunRecord:
         return cls(query=query, plan=plan, layers=plan.get_execution_layers(), warnings=plan.warnings, agents=agent_records(plan), **fields)
@@ -97,10 +121,21 @@ class RunRecord(BaseModel):
         return [agent.id for agent in self.agents if agent.status != "ok"]
 
     def makespan(self) -> float | None:
-        """Seconds from the first agent's start to the last agent's finish."""
-        starts = [agent.started_at for agent in self.agents if agent.started_at is not None]
-        ends = [agent.finished_at for agent in self.agents if agent.finished_at is not None]
+        """Seconds from the first start to the last finish among the agents this run ran (not reused)."""
+        ran = [agent for agent in self.agents if not agent.reused]
+        starts = [agent.started_at for agent in ran if agent.started_at is not None]
+        ends = [agent.finished_at for agent in ran if agent.finished_at is not None]
         return max(ends) - min(starts) if starts and ends else None
+
+    def find(self, path: str) -> tuple[list[AgentRecord], int]:
+        """The list holding the agent at `path` ("2.1" is agent 1 of agent 2's sub-run) and its index there."""
+        agents, steps = self.agents, [int(step) for step in path.split(".")]
+        for step in steps[:-1]:
+            sub_run = agents[step].sub_run
+            if sub_run is None:
+                raise KeyError(path)
+            agents = sub_run.agents
+        return agents, steps[-1]
 
 
 def compose_final_output(plan: ExecutionPlan, agents: list[AgentRecord]) -> str:
@@ -122,6 +157,16 @@ def agent_records(plan: ExecutionPlan, prefix: str = "") -> list[AgentRecord]:
     ]
 
 
+def resume_choice(plan: ExecutionPlan, agents: list[AgentRecord]) -> tuple[set[int], set[int]]:
+    """What a resume keeps of a plan's agents: those it reuses as they are, and the delegated agents
+    whose unfinished sub-plan it continues (they did not finish, but none of their inputs changes).
+    Every other agent runs again: it did not finish, or something upstream of it runs again."""
+    rerun = plan.descendants({agent.id for agent in agents if agent.status != "ok"})
+    reuse = {agent.id for agent in agents if agent.id not in rerun}
+    resume = {agent.id for agent in agents if agent.id in rerun and agent.sub_run is not None and not set(agent.depends_on) & rerun}
+    return reuse, resume
+
+
 def _output_or_reason(agent: AgentRecord) -> str:
     if agent.status == "ok":
         return agent.output
@@ -140,10 +185,20 @@ class RunDirectory:
     def __init__(self, path: Path) -> None:
         self.path = path
 
+    @staticmethod
+    def check_new(base: Path) -> None:
+        """`base` can hold a new run: missing or an empty directory (checked before anything runs)."""
+        if base.exists() and not base.is_dir():
+            raise ConfigError(f"--run-dir {base}: a file is in the way, not a directory")
+        if base.is_dir() and any(base.iterdir()):
+            earlier = f"; to continue that run: metaagent resume {base}" if (base / "record.json").is_file() else ""
+            raise ConfigError(f"--run-dir {base}: the directory is not empty (a run directory belongs to one run){earlier}")
+
     @classmethod
     def create(cls, base: Path | None, slug_source: str) -> RunDirectory:
-        """A new directory: `base` itself when given, else a fresh one under ./runs."""
+        """A new directory: `base` itself when given (it must be new or empty), else a fresh one under ./runs."""
         if base is not None:
+            cls.check_new(base)
             base.mkdir(parents=True, exist_ok=True)
             return cls(base)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -155,6 +210,16 @@ class RunDirectory:
             path = root / f"{name}-{suffix}"
         path.mkdir(parents=True)
         return cls(path)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the directory's lock while a run writes it; the OS releases it however the process ends."""
+        with open(self.path / ".lock", "a", encoding="utf-8") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ConfigError(f"{self.path}: another run or resume is writing this directory now; wait until it ends") from None
+            yield
 
     def write_plan(self, plan: ExecutionPlan) -> None:
         write_atomic(self.path / "plan.json", plan.model_dump_json(indent=2))

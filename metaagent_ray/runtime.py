@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
+import ray._private.ray_constants as ray_constants
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -31,25 +32,36 @@ from .errors import ConfigError, MetaAgentError
 from .events import AgentFinished, AgentStarted, Event, EventHandler, Notice, PlanReady, RunFinished
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
-from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, SubRunRecord, agent_records, compose_final_output
+from .interrupts import exit_code, stop_signals_ignored, stop_signals_interrupt
+from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, SubRunRecord, agent_records, compose_final_output, resume_choice
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots
 
 WARM_WORKERS = 16  # idle Ray workers kept alive when no slot count says how many agents run at once
 PLACEMENT_TIMEOUT_S = 30.0
 RAY_TASK_RETRIES = 3  # re-executions when a worker process dies mid-agent
 DEADLINE_GRACE_S = 5.0
+LOOPBACK = "127.0.0.1"
+
+_embedded = False  # whether ensure_ray started Ray in this process, which then stops it (shutdown_ray)
 
 log = logging.getLogger(__name__)
 
 
-class RunInterrupted(MetaAgentError):
-    """The user stopped the run; what finished is saved in `record`."""
+class RunStopped(MetaAgentError):
+    """The run ended before its agents did; what finished is saved in `record` (and its run directory)."""
 
-    exit_code = 130
-
-    def __init__(self, message: str, record: RunRecord) -> None:
+    def __init__(self, message: str, record: RunRecord, exit_code: int) -> None:
         super().__init__(message)
         self.record = record
+        self.exit_code = exit_code
+
+
+class RunInterrupted(RunStopped):
+    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) ended the run: status `interrupted`, exit 128 + the signal."""
+
+
+class RunBroken(RunStopped):
+    """A Ray process the run needs (its hub actor, a raylet) died: status `failed`, exit 1."""
 
 
 @dataclass(frozen=True)
@@ -103,8 +115,10 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> SlotPlan | 
         # Ray keeps only as many idle workers as CPUs and kills the rest within a second; agents
         # are I/O-bound and a worker may hold a loaded model, so keep as many as may run at once.
         warm = max(node_slots or WARM_WORKERS, os.cpu_count() or 1)
+        _loopback_only()
         ray.init(
             address="local",  # a new instance of our own, even when another Ray runs on this machine
+            _node_ip_address=LOOPBACK,
             resources=resources,
             num_gpus=options.num_gpus,
             _system_config={"num_workers_soft_limit": warm},
@@ -113,7 +127,33 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> SlotPlan | 
     except (ConnectionError, RuntimeError, ValueError) as error:
         where = f"the Ray cluster at {options.address}" if options.address else "a local Ray instance"
         raise ConfigError(f"cannot start or reach {where}: {error}") from None
+    global _embedded
+    _embedded = True
     return plan
+
+
+def _loopback_only() -> None:
+    """Make the Ray about to start listen on loopback only, unreachable from the network.
+
+    On Linux Ray treats every machine as a would-be cluster node: it advertises the machine's network
+    address and its servers listen on every interface. What Ray does on laptops (macOS, Windows) is
+    what an embedded run wants, and Ray reads that switch from its constants in this process and from
+    the environment in the processes it starts (GCS, raylet, dashboard agent, workers).
+    """
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray this process started (its GCS, raylet and workers); a cluster it joined keeps running.
+
+    Stop signals are ignored meanwhile, so a second Ctrl-C cannot leave Ray's processes behind.
+    """
+    global _embedded
+    if _embedded:
+        with stop_signals_ignored():
+            ray.shutdown()
+        _embedded = False
 
 
 @dataclass(frozen=True)
@@ -133,18 +173,20 @@ def submit_plan(
     hub: Any,
     *,
     prefix: str = "",
-    reused: dict[int, AgentResult] | None = None,
+    kept: dict[int, AgentResult] | None = None,
 ) -> dict[int, ray.ObjectRef]:
     """Submit every agent of `plan` (no waiting); returns each agent's supervised result.
 
-    Agents in `reused` are not run: their earlier results go straight to their dependents.
+    `kept` holds what a resume keeps: an `ok` result goes straight to the agent's dependents
+    without running it; a `delegated` one continues its sub-plan without a new LLM call.
     """
-    reused = reused or {}
+    kept = kept or {}
     layer_of = plan.layer_of()
     refs: dict[int, ray.ObjectRef] = {}
     for agent_id in plan.topological_order():
-        if agent_id in reused:
-            refs[agent_id] = ray.put(reused[agent_id])
+        earlier = kept.get(agent_id)
+        if earlier is not None and earlier.status == "ok":
+            refs[agent_id] = ray.put(earlier)
             continue
         spec = plan.agents[agent_id]
         context = AgentContext(
@@ -159,10 +201,50 @@ def submit_plan(
         )
         dependency_specs = {dep: plan.agents[dep] for dep in spec.depends_on}
         dependency_refs = [refs[dep] for dep in spec.depends_on]
-        work = _agent_task.options(**submission.task_options).remote(context, dependency_specs, hub, submission.run_id, *dependency_refs)
+        if earlier is not None:
+            work = ray.put(earlier)
+        else:
+            work = _agent_task.options(**submission.task_options).remote(context, dependency_specs, hub, submission.run_id, *dependency_refs)
         # Refs inside a list are passed as refs, not awaited: the hub supervises the work as it runs.
         refs[agent_id] = hub.supervise.remote(submission, context, dependency_specs, [work, *dependency_refs])
     return refs
+
+
+def kept_results(plan: ExecutionPlan, agents: list[AgentRecord]) -> dict[int, AgentResult]:
+    """What a resume keeps of these agents (see `resume_choice`), as results the runtime submits."""
+    reuse, resume = resume_choice(plan, agents)
+    kept = {index: AgentResult(agent_id=index, role=agents[index].role, status="ok", output=agents[index].output, reused=True) for index in reuse}
+    for index in resume:
+        agent, sub_run = agents[index], agents[index].sub_run
+        assert sub_run is not None
+        kept[index] = AgentResult(
+            agent_id=index,
+            role=agent.role,
+            status="delegated",
+            started_at=agent.started_at,
+            attempts=agent.attempts,
+            sub_plan=sub_run.plan,
+            sub_query=sub_run.query,
+            sub_resume=kept_results(sub_run.plan, sub_run.agents),
+        )
+    return kept
+
+
+@dataclass(frozen=True)
+class _SubPlanStarted:
+    """Hub to driver: the agent at `path` delegated; its sub-plan's agents are about to run."""
+
+    path: str
+    query: str
+    plan: ExecutionPlan
+
+
+@dataclass(frozen=True)
+class _SubAgentDone:
+    """Hub to driver: an agent of a sub-plan has its final result (the driver records it)."""
+
+    path: str
+    result: AgentResult
 
 
 @ray.remote(num_cpus=0)
@@ -185,16 +267,17 @@ class _RunHub:
     """
 
     def __init__(self) -> None:
-        self._events: dict[str, asyncio.Queue[Event | None]] = {}  # None ends a run's stream
+        self._events: dict[str, asyncio.Queue[Event | _SubPlanStarted | _SubAgentDone | None]] = {}  # None ends a run's stream
         self._executions: dict[tuple[str, str], int] = {}
         self._started: dict[tuple[str, str], asyncio.Event] = {}
+        self._started_at: dict[tuple[str, str], float] = {}
         self._work: dict[str, list[ray.ObjectRef]] = {}
         self._total: dict[str, int] = {}
 
-    def _queue(self, run_id: str) -> asyncio.Queue[Event | None]:
+    def _queue(self, run_id: str) -> asyncio.Queue[Event | _SubPlanStarted | _SubAgentDone | None]:
         return self._events.setdefault(run_id, asyncio.Queue())
 
-    def _publish(self, run_id: str, event: Event) -> None:
+    def _publish(self, run_id: str, event: Event | _SubPlanStarted | _SubAgentDone) -> None:
         self._queue(run_id).put_nowait(event)
 
     def _start_signal(self, run_id: str, path: str) -> asyncio.Event:
@@ -208,11 +291,12 @@ class _RunHub:
         """An agent's work began (again, if Ray retried it); returns which execution this is."""
         execution = self._executions.get((run_id, path), 0) + 1
         self._executions[(run_id, path)] = execution
+        self._started_at.setdefault((run_id, path), time.time())
         self._start_signal(run_id, path).set()
         self._publish(run_id, AgentStarted(path=path, role=role, attempt=execution, pid=pid))
         return execution
 
-    async def next_batch(self, run_id: str) -> list[Event]:
+    async def next_batch(self, run_id: str) -> list[Event | _SubPlanStarted | _SubAgentDone]:
         queue = self._queue(run_id)
         events = [await queue.get()]
         while not queue.empty():
@@ -230,7 +314,7 @@ class _RunHub:
         self._events.pop(run_id)
         self._work.pop(run_id, None)
         self._total.pop(run_id, None)
-        for table in (self._executions, self._started):
+        for table in (self._executions, self._started, self._started_at):
             for key in [key for key in table if key[0] == run_id]:
                 del table[key]
 
@@ -244,7 +328,7 @@ class _RunHub:
         if result.status == "delegated" and result.sub_plan is not None:
             result = await self._delegate(submission, context, dependency_specs, dependency_refs, result)
         if "." in context.label:  # the driver sees top-level results itself
-            self._publish(submission.run_id, AgentFinished(agent=to_record(result, context)))
+            self._publish(submission.run_id, _SubAgentDone(context.label, result))
         return result
 
     async def _await_work(self, submission: _Submission, context: AgentContext, work: ray.ObjectRef) -> AgentResult:
@@ -260,10 +344,23 @@ class _RunHub:
             return await done
         except asyncio.TimeoutError:
             ray.cancel(work, force=True)
-            return _failure(context, f"timed out: no result within {deadline:g} s (--agent-timeout); the task was cancelled")
+            return self._failure(submission.run_id, context, f"timed out: no result within {deadline:g} s (--agent-timeout); the task was cancelled")
         except ray.exceptions.RayError as error:
             detail = next(iter(str(error).splitlines()), "")
-            return _failure(context, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
+            return self._failure(submission.run_id, context, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
+
+    def _failure(self, run_id: str, context: AgentContext, error: str) -> AgentResult:
+        """A work task that never returned: each execution Ray made counts as a try."""
+        key = (run_id, context.label)
+        return AgentResult(
+            agent_id=context.agent_id,
+            role=context.spec.role.value,
+            status="failed",
+            error=error,
+            attempts=max(1, self._executions.get(key, 0)),
+            started_at=self._started_at.get(key),
+            finished_at=time.time(),
+        )
 
     async def _delegate(
         self,
@@ -290,7 +387,8 @@ class _RunHub:
         self._total[run_id] = self._total.get(run_id, 0) + len(plan.agents)
         layers = plan.get_execution_layers()
         self._publish(run_id, Notice(f"🔀 Agent {context.label} delegated its task to {len(plan.agents)} agents in {len(layers)} layers"))
-        sub_refs = submit_plan(plan, parent.sub_query, submission, me, prefix=f"{context.label}.")
+        self._publish(run_id, _SubPlanStarted(context.label, parent.sub_query, plan))
+        sub_refs = submit_plan(plan, parent.sub_query, submission, me, prefix=f"{context.label}.", kept=parent.sub_resume)
         sub_results = list(await asyncio.gather(*(asyncio.wrap_future(sub_refs[index].future()) for index in range(len(plan.agents)))))
         records = agent_records(plan, prefix=f"{context.label}.")
         for record, result in zip(records, sub_results):
@@ -300,13 +398,10 @@ class _RunHub:
         parent.error = None if sinks_ok else "its sub-plan's final agent did not succeed"
         parent.output = compose_final_output(plan, records)
         parent.sub_results = sub_results
+        parent.sub_resume = {}
         parent.warnings = [*parent.warnings, *plan.warnings]
         parent.finished_at = time.time()
         return parent
-
-
-def _failure(context: AgentContext, error: str) -> AgentResult:
-    return AgentResult(agent_id=context.agent_id, role=context.spec.role.value, status="failed", error=error, attempts=1)
 
 
 _hubs: dict[str, Any] = {}  # Ray job id -> its hub; holding the handle keeps the actor alive
@@ -336,18 +431,8 @@ def _slot_group(slots: int) -> PlacementGroup:
     return group
 
 
-def to_record(result: AgentResult, context: AgentContext) -> AgentRecord:
-    """The public record of an agent's result (with its sub-run, recursively)."""
-    spec = context.spec
-    record = AgentRecord(
-        id=context.agent_id, path=context.label, role=spec.role.value, task=spec.task, depends_on=spec.depends_on, layer=context.layer
-    )
-    apply_result(record, result)
-    return record
-
-
 def apply_result(agent: AgentRecord, result: AgentResult) -> None:
-    """Copy what the agent's task measured into its record."""
+    """Copy what the agent's task measured into its record; sub-agents a resume kept stay as they were."""
     agent.status = result.status  # type: ignore[assignment]
     agent.output, agent.error = result.output, result.error
     agent.started_at, agent.finished_at = result.started_at, result.finished_at
@@ -356,13 +441,18 @@ def apply_result(agent: AgentRecord, result: AgentResult) -> None:
     if result.prompt_tokens is not None or result.completion_tokens is not None:
         agent.tokens = {"prompt": result.prompt_tokens or 0, "completion": result.completion_tokens or 0}
     if result.sub_plan is not None and result.sub_results:
-        plan = result.sub_plan
-        agents = agent_records(plan, prefix=f"{agent.path}.")
-        for sub_record, sub_result in zip(agents, result.sub_results):
-            apply_result(sub_record, sub_result)
-        agent.sub_run = SubRunRecord(
-            query=result.sub_query, plan=plan, layers=plan.get_execution_layers(), warnings=plan.warnings, agents=agents
-        )
+        if agent.sub_run is None:
+            agent.sub_run = _sub_run(agent.path, result.sub_query, result.sub_plan)
+        for sub_record, sub_result in zip(agent.sub_run.agents, result.sub_results):
+            if sub_result.reused:
+                sub_record.reused = True
+            else:
+                apply_result(sub_record, sub_result)
+
+
+def _sub_run(path: str, query: str, plan: ExecutionPlan) -> SubRunRecord:
+    """The record of a sub-plan about to run: every agent pending."""
+    return SubRunRecord(query=query, plan=plan, layers=plan.get_execution_layers(), warnings=plan.warnings, agents=agent_records(plan, prefix=f"{path}."))
 
 
 def execute_plan(
@@ -376,11 +466,13 @@ def execute_plan(
     run_dir: RunDirectory | None = None,
     coordinator: CoordinatorRecord | None = None,
     settings: dict[str, Any] | None = None,
-    reused: dict[int, AgentRecord] | None = None,
+    earlier: RunRecord | None = None,
 ) -> RunRecord:
     """Run every agent of `plan` on Ray and return the record; checkpoints `run_dir` as agents finish.
 
-    Agents in `reused` (from the run being resumed) keep their records and are not run again.
+    When resuming, `earlier` is the record being resumed: what `resume_choice` keeps of it is not
+    run again. A stop signal raises RunInterrupted and a dead Ray process RunBroken, both after
+    the record is saved with its final status.
     """
     slot_plan = ensure_ray(ray_options, llm)
     if slot_plan is not None and ray_options.slots is None:
@@ -394,9 +486,11 @@ def execute_plan(
         run_dir=str(run_dir.path) if run_dir else None,
         coordinator=coordinator,
     )
-    reused = reused or {}
-    for agent_id, earlier in reused.items():
-        record.agents[agent_id] = earlier.model_copy(update={"reused": True})
+    kept: dict[int, AgentResult] = {}
+    if earlier is not None:
+        kept = kept_results(plan, earlier.agents)
+        for agent_id, result in kept.items():
+            record.agents[agent_id] = earlier.agents[agent_id].model_copy(update={"reused": result.status == "ok"}, deep=True)
     if run_dir is not None:
         run_dir.write_plan(plan)
         run_dir.write_record(record)
@@ -411,17 +505,20 @@ def execute_plan(
         task_options["resources"] = {SLOT_RESOURCE: 1.0}
     hub = _run_hub()
     submission = _Submission(run_id=uuid.uuid4().hex, llm=llm, limits=limits, task_options=task_options)
-    ray.get(hub.open_run.remote(submission.run_id, len(plan.agents)))
-    refs: dict[int, ray.ObjectRef] = {}
+    saved = f" in {run_dir.path}; resume with: metaagent resume {run_dir.path}" if run_dir else ""
     try:
-        reused_results = {agent_id: _reused_result(earlier) for agent_id, earlier in reused.items()}
-        refs = submit_plan(plan, query, submission, hub, reused=reused_results)
-        _follow(record, refs, hub, submission.run_id, run_dir, on_event)
-    except KeyboardInterrupt:
-        ray.get(hub.cancel.remote(submission.run_id), timeout=10)
-        _finish(record, run_dir, "interrupted")
-        where = f" in {run_dir.path}; resume with: metaagent resume {run_dir.path}" if run_dir else ""
-        raise RunInterrupted(f"interrupted; the agents that finished are saved{where}", record) from None
+        with stop_signals_interrupt():
+            ray.get(hub.open_run.remote(submission.run_id, len(plan.agents)))
+            refs = submit_plan(plan, query, submission, hub, kept=kept)
+            _follow(record, refs, hub, submission.run_id, run_dir, on_event)
+    except KeyboardInterrupt as interrupt:
+        with stop_signals_ignored():
+            _cancel(hub, submission.run_id)
+            _finish(record, run_dir, "interrupted")
+        raise RunInterrupted(f"interrupted; the agents that finished are saved{saved}", record, exit_code(interrupt)) from None
+    except ray.exceptions.RayError as error:
+        _finish(record, run_dir, "failed")
+        raise RunBroken(f"{_what_died(error)}; the agents that finished are saved{saved}", record, 1) from None
     finally:
         hub.forget.remote(submission.run_id)
         if group is not None:
@@ -429,6 +526,23 @@ def execute_plan(
     _finish(record, run_dir, "ok" if not record.failed_agents() else "failed")
     on_event(RunFinished(record=record))
     return record
+
+
+def _cancel(hub: Any, run_id: str) -> None:
+    """Stop the run's agent tasks; a hub that is gone or slow cannot keep the stop from finishing."""
+    try:
+        ray.get(hub.cancel.remote(run_id), timeout=10)
+    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+        log.debug("cancelling the run's agents failed", exc_info=True)
+
+
+def _what_died(error: ray.exceptions.RayError) -> str:
+    """One line naming the Ray part whose loss ended the run (details with -v)."""
+    log.debug("the run lost a Ray process", exc_info=error)
+    if isinstance(error, ray.exceptions.ActorDiedError):
+        return "the run's hub actor died (it supervises the agents and reports their progress)"
+    first = next(iter(str(error).splitlines()), "")
+    return f"a Ray process of this run died ({type(error).__name__}: {first})"
 
 
 def _follow(
@@ -442,6 +556,17 @@ def _follow(
         ready, _ = ray.wait([next_events, *pending], num_returns=1)
         if ready[0] == next_events:
             for event in ray.get(next_events):
+                if isinstance(event, _SubPlanStarted):
+                    parent = _agent_at(record, event.path)
+                    if parent.sub_run is None:  # a resumed sub-plan keeps what it had
+                        parent.sub_run = _sub_run(event.path, event.query, event.plan)
+                    _checkpoint(record, run_dir)
+                    continue
+                if isinstance(event, _SubAgentDone):
+                    agent = _agent_at(record, event.path)
+                    apply_result(agent, event.result)
+                    _agent_finished(record, agent, run_dir, on_event)
+                    continue
                 if isinstance(event, AgentStarted):
                     if event.attempt <= announced.get(event.path, 0):
                         continue
@@ -454,23 +579,33 @@ def _follow(
         agent = record.agents[pending.pop(ready[0])]
         try:
             result: AgentResult = ray.get(ready[0])
-        except ray.exceptions.RayError as error:
-            agent.status, agent.error = "failed", f"the agent's supervision failed: {type(error).__name__}"
+        except ray.exceptions.RayTaskError as error:  # a fault in one supervision fails its agent, not the run
+            agent.status, agent.error = "failed", f"the agent's supervision failed: {type(error.cause).__name__}"
         else:
             if agent.path not in announced and result.started_at is not None:
                 announced[agent.path] = 1
                 on_event(AgentStarted(path=agent.path, role=agent.role, attempt=1, pid=0))
             apply_result(agent, result)
             record.warnings.extend(warning for warning in result.warnings if warning not in record.warnings)
-        if run_dir is not None:
-            _write_outputs(run_dir, agent)
-            run_dir.write_record(record)
-        on_event(AgentFinished(agent=agent))
+        _agent_finished(record, agent, run_dir, on_event)
 
 
-def _reused_result(earlier: AgentRecord) -> AgentResult:
-    """What a reused agent passes to its dependents: its earlier output, with no LLM call."""
-    return AgentResult(agent_id=earlier.id, role=earlier.role, status="ok", output=earlier.output, reused=True)
+def _agent_at(record: RunRecord, path: str) -> AgentRecord:
+    agents, index = record.find(path)
+    return agents[index]
+
+
+def _agent_finished(record: RunRecord, agent: AgentRecord, run_dir: RunDirectory | None, on_event: EventHandler) -> None:
+    """Keep a finished agent on disk at once (its output file and the record), then report it."""
+    if run_dir is not None:
+        _write_outputs(run_dir, agent)
+    _checkpoint(record, run_dir)
+    on_event(AgentFinished(agent=agent))
+
+
+def _checkpoint(record: RunRecord, run_dir: RunDirectory | None) -> None:
+    if run_dir is not None:
+        run_dir.write_record(record)
 
 
 def _write_outputs(run_dir: RunDirectory, agent: AgentRecord) -> None:

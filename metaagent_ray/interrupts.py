@@ -1,0 +1,59 @@
+"""Stop signals end a run the way Ctrl-C does, and a run that is stopping is not stopped again.
+
+SIGTERM (systemd, `timeout`, Kubernetes, job schedulers) and SIGHUP (a closed terminal) raise the
+same KeyboardInterrupt as SIGINT while a run executes, so every stop takes one path: cancel the
+agents, save the record, print the resume command, exit 128 + the signal's number. While that
+path runs, further stop signals are ignored, so pressing Ctrl-C again cannot cut it short.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from typing import Any, Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class StopSignal(KeyboardInterrupt):
+    """A stop signal arrived while a run executed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def exit_code(interrupt: KeyboardInterrupt) -> int:
+    """The shell's code for a process ended by this signal: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP."""
+    return 128 + (interrupt.signum if isinstance(interrupt, StopSignal) else signal.SIGINT)
+
+
+def _raise_stop(signum: int, frame: Any) -> None:
+    raise StopSignal(signum)
+
+
+@contextlib.contextmanager
+def _handlers(handler: Any) -> Iterator[None]:
+    """Install `handler` for every stop signal, then restore what was there (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
+
+
+def stop_signals_interrupt() -> contextlib.AbstractContextManager[None]:
+    """While a run executes: SIGINT, SIGTERM and SIGHUP raise StopSignal in the main thread."""
+    return _handlers(_raise_stop)
+
+
+def stop_signals_ignored() -> contextlib.AbstractContextManager[None]:
+    """While a stopped run saves what finished and releases Ray: no further signal cuts it short."""
+    return _handlers(signal.SIG_IGN)
