@@ -11,13 +11,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .agents import AgentLimits
 from .coordinator import make_plan
 from .errors import ConfigError, PlanError
-from .events import EventHandler, Notice, ignore
+from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, TokenCounter, ignore
 from .llm import LLM, LLMConfig, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .pool import PoolHandle, PoolSpec, start_pool
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, save_record
-from .runtime import RayOptions, RunInterrupted, RunLimits, ensure_ray, execute_plan
+from .report import write_report
+from .runtime import RayOptions, RunInterrupted, RunLimits, ensure_ray, execute_plan, write_ray_timeline
 from .viz import write_pictures
 
 DEFAULT_MAX_AGENTS = 64
@@ -94,13 +95,17 @@ class MetaAgent:
     >>> record = agent.run("Compare Python, Rust, and Go for web development")
     """
 
-    def __init__(self, llm: str = "auto", *, on_event: EventHandler = ignore, verbose: bool = False, **settings: Any) -> None:
+    def __init__(
+        self, llm: str = "auto", *, on_event: EventHandler = ignore, verbose: bool = False, stream: bool = False, **settings: Any
+    ) -> None:
+        """`stream`: answers stream to `on_event` as `TokensArrived` while agents and the coordinator write them."""
         try:
             self.settings = RunSettings(llm=llm, **settings)
         except ValidationError as error:
             raise ConfigError(explain(error)) from None
         self.on_event = on_event
         self.verbose = verbose
+        self.stream = stream
         self._llm_config: LLMConfig | None = None
         self._pool: PoolHandle | None = None
 
@@ -150,11 +155,22 @@ class MetaAgent:
         """Ask the coordinator for a plan; nothing is executed. `plan.warnings` says if it fell back."""
         return self._plan(query)[0]
 
-    def run(self, query: str, *, run_dir: Path | str | None = None, save: bool = True, record_path: Path | str | None = None) -> RunRecord:
-        """Plan the query with the coordinator, then execute the plan; returns the run record."""
+    def run(
+        self,
+        query: str,
+        *,
+        run_dir: Path | str | None = None,
+        save: bool = True,
+        record_path: Path | str | None = None,
+        ray_timeline: Path | str | None = None,
+    ) -> RunRecord:
+        """Plan the query with the coordinator, then execute the plan; returns the run record.
+
+        `ray_timeline` receives Ray's own chrome trace of the run (`ray.timeline`).
+        """
         plan, coordinator = self._plan(query)
         directory = self._directory(run_dir, query, save)
-        return self._execute(plan, query, directory, record_path, coordinator=coordinator)
+        return self._execute(plan, query, directory, record_path, coordinator=coordinator, ray_timeline=ray_timeline)
 
     def execute(
         self,
@@ -164,6 +180,7 @@ class MetaAgent:
         run_dir: Path | str | None = None,
         save: bool = True,
         record_path: Path | str | None = None,
+        ray_timeline: Path | str | None = None,
     ) -> RunRecord:
         """Run a plan and return its record, kept in a run directory (unless `save` is False)."""
         if not isinstance(plan, ExecutionPlan):
@@ -172,7 +189,7 @@ class MetaAgent:
             raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.settings.max_agents}")
         self._driver_llm()
         query = query or plan.description
-        return self._execute(plan, query, self._directory(run_dir, query, save), record_path)
+        return self._execute(plan, query, self._directory(run_dir, query, save), record_path, ray_timeline=ray_timeline)
 
     @classmethod
     def resume(
@@ -181,7 +198,9 @@ class MetaAgent:
         *,
         on_event: EventHandler = ignore,
         verbose: bool = False,
+        stream: bool = False,
         record_path: Path | str | None = None,
+        ray_timeline: Path | str | None = None,
         **overrides: Any,
     ) -> RunRecord:
         """Re-run what failed, was skipped or never finished in `run_dir`, and everything downstream of it.
@@ -195,19 +214,26 @@ class MetaAgent:
             settings["llm_options"] = overrides.get("llm_options", {})
         rerun = previous.plan.descendants(set(previous.failed_agents()))
         reused = {agent.id: agent for agent in previous.agents if agent.id not in rerun}
-        with cls(on_event=on_event, verbose=verbose, **settings) as meta:
+        with cls(on_event=on_event, verbose=verbose, stream=stream, **settings) as meta:
             meta.on_event(Notice(f"♻️ Resuming {run_dir}: re-running agents {sorted(rerun)}, reusing {sorted(reused)}"))
             meta._driver_llm()
             return meta._execute(
-                previous.plan, previous.query, RunDirectory(Path(run_dir)), record_path, coordinator=previous.coordinator, reused=reused
+                previous.plan,
+                previous.query,
+                RunDirectory(Path(run_dir)),
+                record_path,
+                coordinator=previous.coordinator,
+                reused=reused,
+                ray_timeline=ray_timeline,
             )
 
     def _plan(self, query: str) -> tuple[ExecutionPlan, CoordinatorRecord]:
         if not query.strip():
             raise ConfigError("the query is empty")
         llm = self._driver_llm()
-        self.on_event(Notice(f"🧭 Coordinator planning with {llm.describe()}..."))
-        plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents)
+        self.on_event(PlanningStarted(llm=llm.describe()))
+        on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
+        plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text)
         tries = "" if coordinator.attempts == 1 else f" after {coordinator.attempts} tries"
         self.on_event(Notice(f"🧭 Coordinator planned {len(plan.agents)} agents{tries}"))
         return plan, coordinator
@@ -237,6 +263,7 @@ class MetaAgent:
         *,
         coordinator: CoordinatorRecord | None = None,
         reused: dict[int, AgentRecord] | None = None,
+        ray_timeline: Path | str | None = None,
     ) -> RunRecord:
         assert self._llm_config is not None, "the backend is checked before a run"
         try:
@@ -251,13 +278,21 @@ class MetaAgent:
                 coordinator=coordinator,
                 settings=self.settings.stored(),
                 reused=reused,
+                stream=self.stream,
             )
         except RunInterrupted as stop:
-            if record_path is not None:
-                save_record(Path(record_path), stop.record)
+            _keep(stop.record, directory, record_path)
             raise
-        if record_path is not None:
-            save_record(Path(record_path), record)
-        if directory is not None:
-            write_pictures(record, directory.path)
+        _keep(record, directory, record_path)
+        if ray_timeline is not None:
+            write_ray_timeline(Path(ray_timeline))
         return record
+
+
+def _keep(record: RunRecord, directory: RunDirectory | None, record_path: Path | str | None) -> None:
+    """The record's extra copy (`--record`), and the run directory's pictures and report."""
+    if record_path is not None:
+        save_record(Path(record_path), record)
+    if directory is not None:
+        write_pictures(record, directory.path)
+        write_report(record, directory.path)

@@ -20,6 +20,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -28,7 +29,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, AgentResult, run_agent
 from .errors import ConfigError, MetaAgentError
-from .events import AgentFinished, AgentStarted, Event, EventHandler, Notice, PlanReady, RunFinished
+from .events import AgentFinished, AgentStarted, Event, EventHandler, Notice, PlanReady, RunFinished, SubPlanReady, TokenCounter, TokensArrived
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, SubRunRecord, agent_records, compose_final_output
@@ -124,6 +125,7 @@ class _Submission:
     llm: LLMConfig
     limits: RunLimits
     task_options: dict[str, Any]
+    stream: bool = False  # agents stream their answers to the driver as `TokensArrived` events
 
 
 def submit_plan(
@@ -156,10 +158,13 @@ def submit_plan(
             depth=plan.depth,
             path=f"{prefix}{agent_id}",
             layer=layer_of[agent_id],
+            submitted_at=time.time(),
         )
         dependency_specs = {dep: plan.agents[dep] for dep in spec.depends_on}
         dependency_refs = [refs[dep] for dep in spec.depends_on]
-        work = _agent_task.options(**submission.task_options).remote(context, dependency_specs, hub, submission.run_id, *dependency_refs)
+        work = _agent_task.options(**submission.task_options).remote(
+            context, dependency_specs, hub, submission.run_id, submission.stream, *dependency_refs
+        )
         # Refs inside a list are passed as refs, not awaited: the hub supervises the work as it runs.
         refs[agent_id] = hub.supervise.remote(submission, context, dependency_specs, [work, *dependency_refs])
     return refs
@@ -167,12 +172,17 @@ def submit_plan(
 
 @ray.remote(num_cpus=0)
 def _agent_task(
-    context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, *inputs: AgentResult
+    context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, stream: bool, *inputs: AgentResult
 ) -> AgentResult:
-    """One agent's work on a Ray worker. Ray passes the dependencies' results in place of their ObjectRefs."""
-    execution = hub.started.remote(run_id, context.label, context.spec.role.value, os.getpid())  # not awaited
-    result = run_agent(context, inputs, dependency_specs)
-    result.node = ray.get_runtime_context().get_node_id()
+    """One agent's work on a Ray worker. Ray passes the dependencies' results in place of their ObjectRefs.
+
+    With `stream`, the answer's tokens go to the hub as they arrive (a few events a second, not awaited).
+    """
+    node = ray.get_runtime_context().get_node_id()
+    execution = hub.started.remote(run_id, context.label, context.spec.role.value, os.getpid(), node)  # not awaited
+    on_text = TokenCounter(context.label, lambda event: hub.progress.remote(run_id, event)) if stream else None
+    result = run_agent(context, inputs, dependency_specs, on_text)
+    result.node = node
     result.attempts += ray.get(execution) - 1  # each earlier execution died mid-agent: one try each
     return result
 
@@ -204,13 +214,18 @@ class _RunHub:
         self._total[run_id] = agents
         self._work[run_id] = []
 
-    async def started(self, run_id: str, path: str, role: str, pid: int) -> int:
+    async def started(self, run_id: str, path: str, role: str, pid: int, node: str) -> int:
         """An agent's work began (again, if Ray retried it); returns which execution this is."""
         execution = self._executions.get((run_id, path), 0) + 1
         self._executions[(run_id, path)] = execution
         self._start_signal(run_id, path).set()
-        self._publish(run_id, AgentStarted(path=path, role=role, attempt=execution, pid=pid))
+        self._publish(run_id, AgentStarted(path=path, role=role, attempt=execution, pid=pid, node=node))
         return execution
+
+    async def progress(self, run_id: str, event: TokensArrived) -> None:
+        """An agent's streamed tokens, for the driver's live view (dropped once the run is over)."""
+        if run_id in self._events:
+            self._publish(run_id, event)
 
     async def next_batch(self, run_id: str) -> list[Event]:
         queue = self._queue(run_id)
@@ -282,14 +297,16 @@ class _RunHub:
             warning = f"⚠️ Agent {context.label}: not delegating to {len(plan.agents)} more agents, the run would exceed --max-total-agents {limit}; it answers itself"
             self._publish(run_id, Notice(warning, warning=True))
             alone = replace(context, delegation_allowed=False)
-            work = _agent_task.options(**submission.task_options).remote(alone, dependency_specs, me, run_id, *dependency_refs)
+            work = _agent_task.options(**submission.task_options).remote(
+                alone, dependency_specs, me, run_id, submission.stream, *dependency_refs
+            )
             self._work[run_id].append(work)
             result = await self._await_work(submission, alone, work)
             result.warnings = [*parent.warnings, warning]
             return result
         self._total[run_id] = self._total.get(run_id, 0) + len(plan.agents)
         layers = plan.get_execution_layers()
-        self._publish(run_id, Notice(f"🔀 Agent {context.label} delegated its task to {len(plan.agents)} agents in {len(layers)} layers"))
+        self._publish(run_id, SubPlanReady(path=context.label, plan=plan, layers=layers))
         sub_refs = submit_plan(plan, parent.sub_query, submission, me, prefix=f"{context.label}.")
         sub_results = list(await asyncio.gather(*(asyncio.wrap_future(sub_refs[index].future()) for index in range(len(plan.agents)))))
         records = agent_records(plan, prefix=f"{context.label}.")
@@ -306,7 +323,9 @@ class _RunHub:
 
 
 def _failure(context: AgentContext, error: str) -> AgentResult:
-    return AgentResult(agent_id=context.agent_id, role=context.spec.role.value, status="failed", error=error, attempts=1)
+    return AgentResult(
+        agent_id=context.agent_id, role=context.spec.role.value, status="failed", error=error, attempts=1, submitted_at=context.submitted_at
+    )
 
 
 _hubs: dict[str, Any] = {}  # Ray job id -> its hub; holding the handle keeps the actor alive
@@ -350,7 +369,7 @@ def apply_result(agent: AgentRecord, result: AgentResult) -> None:
     """Copy what the agent's task measured into its record."""
     agent.status = result.status  # type: ignore[assignment]
     agent.output, agent.error = result.output, result.error
-    agent.started_at, agent.finished_at = result.started_at, result.finished_at
+    agent.submitted_at, agent.started_at, agent.finished_at = result.submitted_at, result.started_at, result.finished_at
     agent.inputs_from = result.inputs_from
     agent.node, agent.attempts, agent.llm_ms, agent.reused = result.node, result.attempts, result.llm_ms, result.reused
     if result.prompt_tokens is not None or result.completion_tokens is not None:
@@ -377,12 +396,16 @@ def execute_plan(
     coordinator: CoordinatorRecord | None = None,
     settings: dict[str, Any] | None = None,
     reused: dict[int, AgentRecord] | None = None,
+    stream: bool = False,
 ) -> RunRecord:
     """Run every agent of `plan` on Ray and return the record; checkpoints `run_dir` as agents finish.
 
     Agents in `reused` (from the run being resumed) keep their records and are not run again.
+    With `stream`, agents' tokens arrive as `TokensArrived` events while they answer.
     """
+    ray_was_up, ray_started_at = ray.is_initialized(), time.time()
     slot_plan = ensure_ray(ray_options, llm)
+    ray_ready_at = time.time()
     if slot_plan is not None and ray_options.slots is None:
         on_event(Notice(f"🧮 {slot_plan.slots} LLM slots on this machine ({slot_plan.reasons[-1]}; see `metaagent resources`)"))
     record = RunRecord.start(
@@ -393,6 +416,8 @@ def execute_plan(
         slots=ray_options.slots or int(ray.cluster_resources().get(SLOT_RESOURCE, 0)) or None,
         run_dir=str(run_dir.path) if run_dir else None,
         coordinator=coordinator,
+        ray_started_at=None if ray_was_up else ray_started_at,
+        ray_ready_at=None if ray_was_up else ray_ready_at,
     )
     reused = reused or {}
     for agent_id, earlier in reused.items():
@@ -400,7 +425,7 @@ def execute_plan(
     if run_dir is not None:
         run_dir.write_plan(plan)
         run_dir.write_record(record)
-    on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir))
+    on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir, slots=record.slots, reused=tuple(sorted(reused))))
 
     task_options: dict[str, Any] = {"num_cpus": 0, "max_retries": RAY_TASK_RETRIES}
     group = _slot_group(ray_options.slots) if ray_options.slots else None
@@ -410,7 +435,7 @@ def execute_plan(
     elif ray.cluster_resources().get(SLOT_RESOURCE, 0) > 0:
         task_options["resources"] = {SLOT_RESOURCE: 1.0}
     hub = _run_hub()
-    submission = _Submission(run_id=uuid.uuid4().hex, llm=llm, limits=limits, task_options=task_options)
+    submission = _Submission(run_id=uuid.uuid4().hex, llm=llm, limits=limits, task_options=task_options, stream=stream)
     ray.get(hub.open_run.remote(submission.run_id, len(plan.agents)))
     refs: dict[int, ray.ObjectRef] = {}
     try:
@@ -466,6 +491,12 @@ def _follow(
             _write_outputs(run_dir, agent)
             run_dir.write_record(record)
         on_event(AgentFinished(agent=agent))
+
+
+def write_ray_timeline(path: Path) -> None:
+    """Ray's own chrome trace (`ray.timeline`) of every task this Ray instance ran: open it in chrome://tracing or Perfetto."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ray.timeline(filename=str(path))
 
 
 def _reused_result(earlier: AgentRecord) -> AgentResult:
