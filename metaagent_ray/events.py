@@ -26,6 +26,13 @@ class PlanningStarted:
 
 
 @dataclass(frozen=True)
+class RayStarting:
+    """The run starts Ray (or connects to a cluster): seconds of start-up before any agent can run."""
+
+    address: str | None  # the cluster's address, None for embedded Ray
+
+
+@dataclass(frozen=True)
 class PlanReady:
     """The plan is clean and about to run: the layers are what users see, not what Ray waits on."""
 
@@ -81,7 +88,7 @@ class RunFinished:
     record: RunRecord
 
 
-Event = Union[Notice, PlanningStarted, PlanReady, SubPlanReady, AgentStarted, TokensArrived, AgentFinished, RunFinished]
+Event = Union[Notice, PlanningStarted, RayStarting, PlanReady, SubPlanReady, AgentStarted, TokensArrived, AgentFinished, RunFinished]
 EventHandler = Callable[[Event], None]
 COORDINATOR = "coordinator"  # the path of the coordinator's tokens
 TOKEN_EVENT_INTERVAL_S = 0.2  # at most one TokensArrived per answer this often

@@ -28,6 +28,7 @@ from .events import (
     Event,
     PlanningStarted,
     PlanReady,
+    RayStarting,
     RunFinished,
     SubPlanReady,
     TokensArrived,
@@ -69,7 +70,8 @@ class _Progress:
     """What the live area shows, updated by events and read by rich's refresh thread under `lock`."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    planning_since: float | None = None
+    waiting_for: str = ""  # what the spinner says before the agents run: the coordinator, Ray's start-up
+    waiting_since: float | None = None
     coordinator_tokens: int = 0
     rows: list[_Row] = field(default_factory=list)
     slots: int | None = None
@@ -105,12 +107,15 @@ class LiveView:
         progress = self.progress
         with progress.lock:
             if isinstance(event, PlanningStarted):
-                progress.planning_since = time.monotonic()
+                progress.waiting_for, progress.waiting_since = "🧭 Coordinator planning", time.monotonic()
+            elif isinstance(event, RayStarting):
+                where = f"Connecting to Ray at {event.address}" if event.address else "Starting Ray"
+                progress.waiting_for, progress.waiting_since, progress.coordinator_tokens = f"⚙️  {where}", time.monotonic(), 0
             elif isinstance(event, TokensArrived):
                 self._tokens(event)
                 return
             elif isinstance(event, PlanReady):
-                progress.planning_since = None
+                progress.waiting_since = None
                 progress.slots = event.slots
                 progress.sinks = {str(sink) for sink in event.plan.sinks()}
                 progress.rows = _rows(event.plan, event.layers)
@@ -167,10 +172,10 @@ class LiveView:
     def _render(self) -> RenderableType:
         with self.progress.lock:
             progress = self.progress
-            if progress.planning_since is not None:
-                elapsed = time.monotonic() - progress.planning_since
+            if progress.waiting_since is not None:
+                elapsed = time.monotonic() - progress.waiting_since
                 tokens = f" · {progress.coordinator_tokens} tokens" if progress.coordinator_tokens else ""
-                return Spinner("dots", Text(f"🧭 Coordinator planning · {elapsed:.1f} s{tokens}"))
+                return Spinner("dots", Text(f"{progress.waiting_for} · {elapsed:.1f} s{tokens}"))
             if not progress.rows:
                 return Text("")
             parts: list[RenderableType] = [self._table(limit=max(self.console.height - STREAM_LINES - 8, 5)), self._bar()]

@@ -29,7 +29,19 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, AgentResult, run_agent
 from .errors import ConfigError, MetaAgentError
-from .events import AgentFinished, AgentStarted, Event, EventHandler, Notice, PlanReady, RunFinished, SubPlanReady, TokenCounter, TokensArrived
+from .events import (
+    AgentFinished,
+    AgentStarted,
+    Event,
+    EventHandler,
+    Notice,
+    PlanReady,
+    RayStarting,
+    RunFinished,
+    SubPlanReady,
+    TokenCounter,
+    TokensArrived,
+)
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, SubRunRecord, agent_records, compose_final_output
@@ -404,6 +416,8 @@ def execute_plan(
     With `stream`, agents' tokens arrive as `TokensArrived` events while they answer.
     """
     ray_was_up, ray_started_at = ray.is_initialized(), time.time()
+    if not ray_was_up:
+        on_event(RayStarting(address=ray_options.address))
     slot_plan = ensure_ray(ray_options, llm)
     ray_ready_at = time.time()
     if slot_plan is not None and ray_options.slots is None:
