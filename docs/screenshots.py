@@ -39,11 +39,15 @@ def terminal_html(ansi: str) -> str:
     console = Console(record=True, width=COLUMNS, force_terminal=True, color_system="truecolor", file=open("/dev/null", "w"))
     console.print(Text.from_ansi(ansi), end="")
     background = MONOKAI.background_color.hex
-    return console.export_html(theme=MONOKAI, inline_styles=True, code_format=(
-        f'<!DOCTYPE html><html><head><meta charset="utf-8"><style>body {{{{ margin: 0; background: {background}; }}}}'
-        f' pre {{{{ margin: 0; padding: 12px; color: #f8f8f2; background: {background}; font: 15px/1.25 "DejaVu Sans Mono", monospace; }}}}</style>'
-        "</head><body><pre>{code}</pre></body></html>"
-    ))
+    return console.export_html(
+        theme=MONOKAI,
+        inline_styles=True,
+        code_format=(
+            f'<!DOCTYPE html><html><head><meta charset="utf-8"><style>body {{{{ margin: 0; background: {background}; }}}}'
+            f' pre {{{{ margin: 0; padding: 12px; color: #f8f8f2; background: {background}; font: 15px/1.25 "DejaVu Sans Mono", monospace; }}}}</style>'
+            "</head><body><pre>{code}</pre></body></html>"
+        ),
+    )
 
 
 def main() -> None:
@@ -51,12 +55,38 @@ def main() -> None:
     latency = work / "latency.json"
     latency.write_text(json.dumps(LATENCY))
     run_dir = work / "run"
-    command = [sys.executable, "-m", "metaagent_ray", "exec", str(ROOT / "examples" / "business_plan.json"), "--llm", "fake",
-               "--fake-latency", str(latency), "--slots", "3", "--run-dir", str(run_dir)]
+    command = [
+        sys.executable,
+        "-m",
+        "metaagent_ray",
+        "exec",
+        str(ROOT / "examples" / "business_plan.json"),
+        "--llm",
+        "fake",
+        "--fake-latency",
+        str(latency),
+        "--slots",
+        "3",
+        "--run-dir",
+        str(run_dir),
+    ]
     socket = f"shots-{uuid.uuid4().hex[:6]}"
     tmux = ["tmux", "-L", socket]
-    subprocess.run([*tmux, "new-session", "-d", "-s", "run", "-x", str(COLUMNS), "-y", str(ROWS),
-                    f"cd {shlex.quote(str(work))}; {shlex.join(command)}; echo EXIT=$?; sleep 600"], check=True)
+    subprocess.run(
+        [
+            *tmux,
+            "new-session",
+            "-d",
+            "-s",
+            "run",
+            "-x",
+            str(COLUMNS),
+            "-y",
+            str(ROWS),
+            f"cd {shlex.quote(str(work))}; {shlex.join(command)}; echo EXIT=$?; sleep 600",
+        ],
+        check=True,
+    )
     best, best_score = "", 0
     try:
         deadline = time.monotonic() + 180

@@ -195,7 +195,15 @@ class LiveView:
         rows = self.progress.rows
         nodes = {row.node for row in rows if row.node}
         table = Table(box=None, pad_edge=False, header_style="bold")
-        for name, justify in (("agent", "left"), ("role", "left"), ("layer", "right"), ("state", "left"), ("time", "right"), ("tokens", "right"), ("tok/s", "right")):
+        for name, justify in (
+            ("agent", "left"),
+            ("role", "left"),
+            ("layer", "right"),
+            ("state", "left"),
+            ("time", "right"),
+            ("tokens", "right"),
+            ("tok/s", "right"),
+        ):
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         if len(nodes) > 1:
             table.add_column("node")
@@ -230,7 +238,10 @@ class LiveView:
         running = sum(row.state == "running" for row in rows)
         slots = f" · slots {running}/{progress.slots} in use" if progress.slots else f" · {running} running"
         line = Table.grid(padding=(0, 1))
-        line.add_row(ProgressBar(total=len(rows), completed=done, width=30), Text(f"{done}/{len(rows)} agents done{slots} · {time.monotonic() - progress.started:.1f} s"))
+        line.add_row(
+            ProgressBar(total=len(rows), completed=done, width=30),
+            Text(f"{done}/{len(rows)} agents done{slots} · {time.monotonic() - progress.started:.1f} s"),
+        )
         return line
 
 

@@ -107,15 +107,21 @@ def _totals(record: RunRecord) -> str:
     span = record.makespan()
     wall = (record.finished_at - _origin(record)) if record.finished_at is not None else None
     rows = [
-        ("agents ok", f"{ok} / {len(agents)}" + (f" ({len(agents) - len(record.agents)} in sub-runs)" if len(agents) > len(record.agents) else "")),
+        (
+            "agents ok",
+            f"{ok} / {len(agents)}" + (f" ({len(agents) - len(record.agents)} in sub-runs)" if len(agents) > len(record.agents) else ""),
+        ),
         ("agents' tokens (prompt + completion)", f"{prompt} + {completion} = {prompt + completion}"),
-        ("coordinator's tokens", f"{coordinator_tokens.get('prompt', 0)} + {coordinator_tokens.get('completion', 0)}" if coordinator_tokens else "–"),
+        (
+            "coordinator's tokens",
+            f"{coordinator_tokens.get('prompt', 0)} + {coordinator_tokens.get('completion', 0)}" if coordinator_tokens else "–",
+        ),
         ("agents' LLM time, summed", f"{llm_time:.2f} s"),
         ("agents' wall time (first start to last finish)", f"{span:.2f} s" if span is not None else "–"),
         ("whole run's wall time (Ray, coordinator, agents)", f"{wall:.2f} s" if wall is not None else "–"),
         ("speed-up over sequential (LLM time / agents' wall time)", f"{llm_time / span:.2f}x" if span else "–"),
     ]
-    body = "".join(f"<tr><th>{name}</th><td class=\"num\">{value}</td></tr>" for name, value in rows)
+    body = "".join(f'<tr><th>{name}</th><td class="num">{value}</td></tr>' for name, value in rows)
     return f"<table>{body}</table>"
 
 
@@ -137,7 +143,11 @@ def _plan_section(record: RunRecord) -> str:
         fallback = ", fell back to the safe plan" if coordinator.fallback else ""
         parts.append(f'<p class="muted">Coordinator: {coordinator.attempts} attempt(s){took}{fallback}.</p>')
         if coordinator.errors:
-            parts.append("<p>Rejected answers:</p><ul>" + "".join(f'<li class="error">{escape(error)}</li>' for error in coordinator.errors) + "</ul>")
+            parts.append(
+                "<p>Rejected answers:</p><ul>"
+                + "".join(f'<li class="error">{escape(error)}</li>' for error in coordinator.errors)
+                + "</ul>"
+            )
     return "\n".join(parts)
 
 
@@ -189,5 +199,9 @@ def _agent(agent: AgentRecord, siblings: list[AgentRecord], origin: float, criti
             _agents(sub.agents, origin, set(), prefix=f"{path}."),
             "</div>",
         ]
-    parts += ['<p><b>Output:</b></p>', f'<pre class="output">{escape(agent.output)}</pre>', "</article>"]
+    if agent.output:
+        parts += ["<p><b>Output:</b></p>", f'<pre class="output">{escape(agent.output)}</pre>']
+    else:
+        parts.append('<p><b>Output:</b> <span class="muted">none</span></p>')
+    parts.append("</article>")
     return "\n".join(parts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import struct
@@ -23,7 +24,7 @@ PLAN = {
     "description": "Research <b>two</b> things, then compare",
     "agents": [
         {"role": "RESEARCHER", "task": f"Research A {ATTACK}", "depends_on": []},
-        {"role": "RESEARCHER", "task": "Research B & <img src=x onerror=\"window.pwned=true\">", "depends_on": []},
+        {"role": "RESEARCHER", "task": 'Research B & <img src=x onerror="window.pwned=true">', "depends_on": []},
         {"role": "ANALYZER", "task": "Compare A and B", "depends_on": [0, 1]},
     ],
 }
@@ -72,7 +73,7 @@ def png_size_and_colours(path: Path) -> tuple[int, int, int]:
 def run_dir(ray_session, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("report") / "run"
     with MetaAgent(llm="fake") as agent:
-        record = agent.execute(PLAN, "Compare <A> & \"B\"", run_dir=directory)
+        record = agent.execute(PLAN, 'Compare <A> & "B"', run_dir=directory)
     assert record.status == "ok"
     return directory
 
@@ -115,3 +116,13 @@ def test_the_report_command_rebuilds_the_page(run_dir: Path):
     assert (run_dir / "report.html").exists() and str(run_dir / "report.html") in result.output
     missing = CliRunner().invoke(app, ["report", str(run_dir / "nope")])
     assert missing.exit_code == 2 and "not a run directory" in missing.output
+
+
+def test_ray_timeline_writes_rays_chrome_trace_of_the_run(ray_session, tmp_path: Path):
+    trace = tmp_path / "trace" / "ray.json"
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(PLAN))
+    result = CliRunner().invoke(app, ["exec", str(plan), "--llm", "fake", "--run-dir", str(tmp_path / "run"), "--ray-timeline", str(trace)])
+    assert result.exit_code == 0, result.output
+    events = json.loads(trace.read_text())
+    assert isinstance(events, list) and any("_agent_task" in str(event.get("name", "")) for event in events)
