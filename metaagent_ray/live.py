@@ -41,6 +41,7 @@ STATE_STYLE = {
     "waiting": "dim",
     "queued": "yellow",
     "running": "bold cyan",
+    "delegated": "magenta",
     "ok": "green",
     "failed": "bold red",
     "skipped": "red",
@@ -158,8 +159,11 @@ class LiveView:
         row.node = agent.node or row.node
 
     def _add_sub_plan(self, event: SubPlanReady) -> None:
-        """The sub-plan's agents go right under their parent (after any earlier sub-rows)."""
+        """The sub-plan's agents go right under their parent (after any earlier sub-rows); the parent holds no slot meanwhile."""
         rows = self.progress.rows
+        parent = self._row(event.path)
+        if parent is not None:
+            parent.state = "delegated"
         prefix = f"{event.path}."
         position = next((index for index, row in enumerate(rows) if row.path == event.path), len(rows) - 1) + 1
         while position < len(rows) and rows[position].path.startswith(prefix):
@@ -185,7 +189,7 @@ class LiveView:
             return Group(*parts)
 
     def _state(self, row: _Row) -> str:
-        """waiting / queued (its inputs are all there, it waits for a slot or a worker) / running / done states."""
+        """waiting / queued (its inputs are all there, it waits for a slot or a worker) / running / delegated / done states."""
         if row.state != "waiting":
             return row.state
         finished = {other.path for other in self.progress.rows if other.state in DONE}
