@@ -86,3 +86,9 @@ def test_a_pipe_gets_the_seed_lines_unchanged(ray_cluster, tmp_path: Path):
     for agent, role in enumerate(["RESEARCHER", "RESEARCHER", "RESEARCHER", "ANALYZER", "SYNTHESIZER"]):
         assert lines.index(f"⚡ [PARALLEL] Agent {agent}: {role}") < lines.index(f"✅ [PARALLEL] Agent {agent} completed: {role}")
     assert not any(line.startswith(("agent ", "⠋")) for line in lines)  # no live table, no spinner
+
+
+def test_an_unknown_progress_mode_is_one_line_and_exit_2():
+    result = subprocess.run(metaagent_command("run", QUERY, "--llm", "fake", "--progress", "fancy"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: --progress fancy: use one of auto, live, plain"
