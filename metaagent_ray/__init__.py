@@ -3,7 +3,18 @@ agent the moment its own dependencies are done."""
 
 from .api import MetaAgent, load_plan, parse_plan
 from .errors import ConfigError, MetaAgentError, PlanError
-from .events import AgentFinished, AgentStarted, Event, Notice, PlanReady, RunFinished
+from .events import (
+    AgentFinished,
+    AgentStarted,
+    Event,
+    Notice,
+    PlanningStarted,
+    PlanReady,
+    RayStarting,
+    RunFinished,
+    SubPlanReady,
+    TokensArrived,
+)
 from .llm import LLMConfig, register_backend
 from .plan import AgentSpec, ExecutionPlan, Role
 from .record import AgentRecord, RunRecord
@@ -23,10 +34,14 @@ __all__ = [
     "Notice",
     "PlanError",
     "PlanReady",
+    "PlanningStarted",
+    "RayStarting",
     "Role",
     "RunFinished",
     "RunInterrupted",
     "RunRecord",
+    "SubPlanReady",
+    "TokensArrived",
     "load_plan",
     "parse_plan",
     "register_backend",

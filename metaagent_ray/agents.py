@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 from .coordinator import make_plan
-from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, get_llm
+from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, TextCallback, get_llm
 from .plan import AgentSpec, ExecutionPlan
 from .prompts import load_prompt
 
@@ -49,6 +49,7 @@ class AgentContext:
     path: str = ""  # "2" for a top-level agent, "2.1" for agent 1 of agent 2's sub-plan
     layer: int = 0
     delegation_allowed: bool = True  # False once the run's total agent budget is spent
+    submitted_at: float | None = None  # when the runtime handed the agent to Ray
 
     @property
     def label(self) -> str:
@@ -68,6 +69,7 @@ class AgentResult:
     status: AgentStatus
     output: str = ""
     error: str | None = None
+    submitted_at: float | None = None
     started_at: float | None = None
     finished_at: float | None = None
     inputs_from: list[int] = field(default_factory=list)
@@ -136,12 +138,17 @@ def call_with_retries(llm: LLM, request: LLMRequest, retries: int) -> tuple[LLMR
         attempt += 1
 
 
-def run_agent(context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) -> AgentResult:
-    """Do this agent's work; a failed call becomes a `failed` result, never an exception."""
+def run_agent(
+    context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec], on_text: TextCallback | None = None
+) -> AgentResult:
+    """Do this agent's work; a failed call becomes a `failed` result, never an exception.
+
+    `on_text` receives the answer as it streams, where the backend streams.
+    """
     received = [result.agent_id for result in inputs if result.status == "ok"]
     missing = [result.agent_id for result in inputs if result.status != "ok"]
     result = AgentResult(
-        agent_id=context.agent_id, role=context.spec.role.value, status="ok", inputs_from=received
+        agent_id=context.agent_id, role=context.spec.role.value, status="ok", inputs_from=received, submitted_at=context.submitted_at
     )
     if missing and context.limits.on_failure == "stop":
         result.status, result.error = "skipped", f"skipped: input from agent(s) {missing} is missing (--on-failure stop)"
@@ -158,6 +165,7 @@ def run_agent(context: AgentContext, inputs: Sequence[AgentResult], specs: dict[
         max_tokens=context.limits.max_tokens,
         timeout=context.limits.call_timeout,
         may_delegate=may_delegate,
+        on_text=on_text,
     )
     llm = get_llm(context.llm)
     result.started_at = time.time()

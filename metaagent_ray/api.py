@@ -12,13 +12,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .agents import AgentLimits
 from .coordinator import make_plan
 from .errors import ConfigError, PlanError
-from .events import EventHandler, Notice, ignore
+from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, TokenCounter, ignore
 from .llm import LLM, LLMConfig, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .pool import PoolHandle, PoolSpec, start_pool
 from .record import CoordinatorRecord, RunDirectory, RunRecord, resume_choice, save_record
-from .runtime import RayOptions, RunLimits, RunStopped, ensure_ray, execute_plan, shutdown_ray
+from .report import write_report
+from .runtime import RayOptions, RunLimits, RunStopped, ensure_ray, execute_plan, shutdown_ray, write_ray_timeline
 from .viz import write_pictures
 
 DEFAULT_MAX_AGENTS = 64
@@ -108,12 +109,13 @@ def resume_summary(previous: RunRecord) -> str:
     return ", ".join([*parts, f"reusing {sorted(reuse)}"])
 
 
-def _check_outputs(run_dir: Path | str | None, record_path: Path | str | None) -> None:
+def _check_outputs(run_dir: Path | str | None, record_path: Path | str | None, ray_timeline: Path | str | None) -> None:
     """Paths a run writes are usable, checked before the coordinator or any agent runs."""
     if run_dir is not None:
         RunDirectory.check_new(Path(run_dir))
-    if record_path is not None:
-        check_output_file(Path(record_path), "--record")
+    for path, option in ((record_path, "--record"), (ray_timeline, "--ray-timeline")):
+        if path is not None:
+            check_output_file(Path(path), option)
 
 
 def _locked(directory: RunDirectory | None) -> contextlib.AbstractContextManager[None]:
@@ -127,13 +129,17 @@ class MetaAgent:
     >>> record = agent.run("Compare Python, Rust, and Go for web development")
     """
 
-    def __init__(self, llm: str = "auto", *, on_event: EventHandler = ignore, verbose: bool = False, **settings: Any) -> None:
+    def __init__(
+        self, llm: str = "auto", *, on_event: EventHandler = ignore, verbose: bool = False, stream: bool = False, **settings: Any
+    ) -> None:
+        """`stream`: answers stream to `on_event` as `TokensArrived` while agents and the coordinator write them."""
         try:
             self.settings = RunSettings(llm=llm, **settings)
         except ValidationError as error:
             raise ConfigError(explain(error)) from None
         self.on_event = on_event
         self.verbose = verbose
+        self.stream = stream
         self._llm_config: LLMConfig | None = None
         self._pool: PoolHandle | None = None
 
@@ -185,13 +191,24 @@ class MetaAgent:
         """Ask the coordinator for a plan; nothing is executed. `plan.warnings` says if it fell back."""
         return self._plan(query)[0]
 
-    def run(self, query: str, *, run_dir: Path | str | None = None, save: bool = True, record_path: Path | str | None = None) -> RunRecord:
-        """Plan the query with the coordinator, then execute the plan; returns the run record."""
-        _check_outputs(run_dir, record_path)
+    def run(
+        self,
+        query: str,
+        *,
+        run_dir: Path | str | None = None,
+        save: bool = True,
+        record_path: Path | str | None = None,
+        ray_timeline: Path | str | None = None,
+    ) -> RunRecord:
+        """Plan the query with the coordinator, then execute the plan; returns the run record.
+
+        `ray_timeline` receives Ray's own chrome trace of the run (`ray.timeline`).
+        """
+        _check_outputs(run_dir, record_path, ray_timeline)
         plan, coordinator = self._plan(query)
         directory = self._directory(run_dir, query, save)
         with _locked(directory):
-            return self._execute(plan, query, directory, record_path, coordinator=coordinator)
+            return self._execute(plan, query, directory, record_path, coordinator=coordinator, ray_timeline=ray_timeline)
 
     def execute(
         self,
@@ -201,18 +218,19 @@ class MetaAgent:
         run_dir: Path | str | None = None,
         save: bool = True,
         record_path: Path | str | None = None,
+        ray_timeline: Path | str | None = None,
     ) -> RunRecord:
         """Run a plan and return its record, kept in a run directory (unless `save` is False)."""
         if not isinstance(plan, ExecutionPlan):
             plan = parse_plan(plan, max_agents=self.settings.max_agents)
         elif len(plan.agents) > self.settings.max_agents:
             raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.settings.max_agents}")
-        _check_outputs(run_dir, record_path)
+        _check_outputs(run_dir, record_path, ray_timeline)
         self._driver_llm()
         query = query or plan.description
         directory = self._directory(run_dir, query, save)
         with _locked(directory):
-            return self._execute(plan, query, directory, record_path)
+            return self._execute(plan, query, directory, record_path, ray_timeline=ray_timeline)
 
     @classmethod
     def resume(
@@ -221,7 +239,9 @@ class MetaAgent:
         *,
         on_event: EventHandler = ignore,
         verbose: bool = False,
+        stream: bool = False,
         record_path: Path | str | None = None,
+        ray_timeline: Path | str | None = None,
         **overrides: Any,
     ) -> RunRecord:
         """Re-run what failed, was skipped or never finished in `run_dir`, and everything downstream of it.
@@ -229,7 +249,7 @@ class MetaAgent:
         The other agents' outputs are reused without calling the LLM. `overrides` replace the stored
         settings (backend, model, slots, ...); injected faults are never carried over.
         """
-        _check_outputs(None, record_path)
+        _check_outputs(None, record_path, ray_timeline)
         load_record(run_dir)  # a run directory, before its lock is taken
         directory = RunDirectory(Path(run_dir))
         with directory.locked():
@@ -237,17 +257,26 @@ class MetaAgent:
             settings = {**previous.settings, **overrides}
             if "llm" in overrides and overrides["llm"] != previous.settings.get("llm"):
                 settings["llm_options"] = overrides.get("llm_options", {})
-            with cls(on_event=on_event, verbose=verbose, **settings) as meta:
+            with cls(on_event=on_event, verbose=verbose, stream=stream, **settings) as meta:
                 meta.on_event(Notice(f"♻️ Resuming {run_dir}: {resume_summary(previous)}"))
                 meta._driver_llm()
-                return meta._execute(previous.plan, previous.query, directory, record_path, coordinator=previous.coordinator, earlier=previous)
+                return meta._execute(
+                    previous.plan,
+                    previous.query,
+                    directory,
+                    record_path,
+                    coordinator=previous.coordinator,
+                    earlier=previous,
+                    ray_timeline=ray_timeline,
+                )
 
     def _plan(self, query: str) -> tuple[ExecutionPlan, CoordinatorRecord]:
         if not query.strip():
             raise ConfigError("the query is empty")
         llm = self._driver_llm()
-        self.on_event(Notice(f"🧭 Coordinator planning with {llm.describe()}..."))
-        plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents)
+        self.on_event(PlanningStarted(llm=llm.describe()))
+        on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
+        plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text)
         tries = "" if coordinator.attempts == 1 else f" after {coordinator.attempts} tries"
         self.on_event(Notice(f"🧭 Coordinator planned {len(plan.agents)} agents{tries}"))
         return plan, coordinator
@@ -277,6 +306,7 @@ class MetaAgent:
         *,
         coordinator: CoordinatorRecord | None = None,
         earlier: RunRecord | None = None,
+        ray_timeline: Path | str | None = None,
     ) -> RunRecord:
         assert self._llm_config is not None, "the backend is checked before a run"
         try:
@@ -291,17 +321,21 @@ class MetaAgent:
                 coordinator=coordinator,
                 settings=self.settings.stored(),
                 earlier=earlier,
+                stream=self.stream,
             )
         except RunStopped as stop:
             _keep(stop.record, directory, record_path)
             raise
         _keep(record, directory, record_path)
+        if ray_timeline is not None:
+            write_ray_timeline(Path(ray_timeline))
         return record
 
 
 def _keep(record: RunRecord, directory: RunDirectory | None, record_path: Path | str | None) -> None:
-    """The record's extra copy and the run's pictures, however the run ended."""
+    """The record's extra copy (`--record`), and the run directory's pictures and report."""
     if record_path is not None:
         save_record(Path(record_path), record)
     if directory is not None:
         write_pictures(record, directory.path)
+        write_report(record, directory.path)

@@ -7,17 +7,22 @@ import inspect
 import logging
 import shlex
 import sys
+import webbrowser
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional, TextIO, get_type_hints
+from typing import Annotated, Any, Callable, Iterator, Optional, TextIO, get_type_hints
 
 import typer
+from rich.console import Console
 
 from .api import DEFAULT_MAX_AGENTS, MetaAgent, check_output_file, load_plan, load_record
 from .console import ConsoleView, layer_lines
 from .errors import ConfigError, MetaAgentError
+from .live import LiveView
 from .llm import LLMConfig
 from .record import RunRecord
+from .report import write_report
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
 from .viz import write_pictures
 
@@ -79,6 +84,12 @@ class RunOptions:
     fake_fail: Annotated[
         Optional[str], typer.Option("--fake-fail", help="Fake backend: inject faults, e.g. 3, 3:1, 3:hang, coordinator:garbage.")
     ] = None
+    ray_timeline: Annotated[
+        Optional[Path], typer.Option("--ray-timeline", help="Write Ray's own chrome trace of the run (ray.timeline) to this file.")
+    ] = None
+    progress: Annotated[
+        str, typer.Option("--progress", help="auto (live view in a terminal, plain lines otherwise), live or plain.")
+    ] = "auto"
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging, and tracebacks on errors.")] = False
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only warnings and the final output.")] = False
 
@@ -120,12 +131,33 @@ class RunOptions:
         }
         return {key: value for key, value in given.items() if value is not None}
 
-    def view(self, stream: TextIO | None = None) -> ConsoleView:
+    def view(self, stream: TextIO | None = None) -> ConsoleView | LiveView:
+        """The live view in a terminal (or with --progress live), else the seed's plain lines on `stream` (default stdout)."""
+        if self.progress not in PROGRESS_MODES:
+            raise ConfigError(f"--progress {self.progress}: use one of {', '.join(PROGRESS_MODES)}")
+        if stream is None and not self.quiet and self.progress != "plain":
+            if self.progress == "live":
+                return LiveView(Console(force_terminal=True))
+            console = Console()
+            if console.is_terminal and not console.is_dumb_terminal:
+                return LiveView(console)
         return ConsoleView(stream, quiet=self.quiet)
 
-    def meta_agent(self, stream: TextIO | None = None) -> MetaAgent:
-        """The API object these options describe, reporting to `stream` (default stdout)."""
-        return MetaAgent(on_event=self.view(stream), verbose=self.verbose, **self.settings())
+    @contextmanager
+    def meta_agent(self, stream: TextIO | None = None) -> Iterator[MetaAgent]:
+        """The API object these options describe, reporting to `stream` (default stdout); the live view ends with it."""
+        settings = self.settings()
+        view = self.view(stream)
+        with watching(view), MetaAgent(on_event=view, verbose=self.verbose, stream=isinstance(view, LiveView), **settings) as agent:
+            yield agent
+
+
+PROGRESS_MODES = ("auto", "live", "plain")
+
+
+def watching(view: ConsoleView | LiveView) -> AbstractContextManager[Any]:
+    """The live view draws until the block ends, however it ends; plain lines need nothing."""
+    return view if isinstance(view, LiveView) else nullcontext()
 
 
 def with_options(options_class: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -207,7 +239,7 @@ def exec_command(
     """Run a plan file."""
     plan = load_plan(plan_file, max_agents=options.max_agents or DEFAULT_MAX_AGENTS)
     with options.meta_agent() as agent:
-        _finish(agent.execute(plan, query, run_dir=options.run_dir, record_path=options.record))
+        _finish(agent.execute(plan, query, run_dir=options.run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
 
 
 @app.command("run")
@@ -215,7 +247,7 @@ def exec_command(
 def run_command(query: QueryArgument, *, options: RunOptions) -> None:
     """Plan QUERY with the coordinator, show the plan's layers, execute it, print the final answer."""
     with options.meta_agent() as agent:
-        _finish(agent.run(query, run_dir=options.run_dir, record_path=options.record))
+        _finish(agent.run(query, run_dir=options.run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
 
 
 @app.command("plan")
@@ -257,7 +289,19 @@ def resume_command(
     """
     if options.run_dir is not None:
         raise ConfigError("resume writes into RUN_DIR itself; --run-dir does not apply")
-    _finish(MetaAgent.resume(earlier_run, on_event=options.view(), verbose=options.verbose, record_path=options.record, **options.settings()))
+    settings = options.settings()
+    view = options.view()
+    with watching(view):
+        record = MetaAgent.resume(
+            earlier_run,
+            on_event=view,
+            verbose=options.verbose,
+            stream=isinstance(view, LiveView),
+            record_path=options.record,
+            ray_timeline=options.ray_timeline,
+            **settings,
+        )
+    _finish(record)
 
 
 @dataclass(frozen=True)
@@ -308,6 +352,18 @@ def viz_command(
     """Draw a run: graph.svg (layers, colours, dependencies), timeline.svg and graph.mmd (Mermaid), in RUN_DIR."""
     for path in _guarded(False, lambda: write_pictures(load_record(earlier_run), earlier_run)):
         print(path)
+
+
+@app.command("report")
+def report_command(
+    earlier_run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The directory of a run.", show_default=False)],
+    open_it: Annotated[bool, typer.Option("--open", help="Open the report in the web browser.")] = False,
+) -> None:
+    """Write RUN_DIR/report.html again: the query, plan, graph, timeline and every agent's output in one page."""
+    path = _guarded(False, lambda: write_report(load_record(earlier_run), earlier_run))
+    print(path)
+    if open_it and not webbrowser.open(path.resolve().as_uri()):
+        _fail(f"no web browser found to open {path}; open it yourself", 1)
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from .events import AgentFinished, AgentStarted, Event, Notice, PlanReady, RunFinished
+from .events import AgentFinished, AgentStarted, Event, Notice, PlanningStarted, PlanReady, RunFinished, SubPlanReady
 from .plan import ExecutionPlan
 
 
@@ -27,11 +27,11 @@ class ConsoleView:
     """Prints a run as it happens. `quiet` shows only warnings and the final output."""
 
     def __init__(self, stream: TextIO | None = None, *, quiet: bool = False) -> None:
-        self.stream = stream or sys.stdout
+        self.stream = stream  # None: whatever sys.stdout is when a line is printed (the live view redirects it)
         self.quiet = quiet
 
     def _print(self, text: str = "") -> None:
-        print(text, file=self.stream, flush=True)
+        print(text, file=self.stream or sys.stdout, flush=True)
 
     def __call__(self, event: Event) -> None:
         if isinstance(event, Notice):
@@ -39,8 +39,12 @@ class ConsoleView:
                 self._print(event.text)
         elif self.quiet and not isinstance(event, RunFinished):
             return
+        elif isinstance(event, PlanningStarted):
+            self._print(f"🧭 Coordinator planning with {event.llm}...")
         elif isinstance(event, PlanReady):
             self._show_plan(event)
+        elif isinstance(event, SubPlanReady):
+            self._print(f"🔀 Agent {event.path} delegated its task to {len(event.plan.agents)} agents in {len(event.layers)} layers")
         elif isinstance(event, AgentStarted):
             retry = f" (attempt {event.attempt})" if event.attempt > 1 else ""
             self._print(f"{_indent(event.path)}⚡ [PARALLEL] Agent {event.path}: {event.role}{retry}")

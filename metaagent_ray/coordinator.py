@@ -8,11 +8,12 @@ validation error fed back; a second failure gets a safe fallback plan and a warn
 from __future__ import annotations
 
 import json
+import time
 
 from pydantic import ValidationError
 
 from .errors import MetaAgentError
-from .llm import LLM, LLMError, LLMRequest, Message
+from .llm import LLM, LLMError, LLMRequest, Message, TextCallback
 from .plan import ExecutionPlan, explain, plan_json_schema
 from .prompts import load_prompt
 from .record import CoordinatorRecord
@@ -57,17 +58,24 @@ def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
     return plan
 
 
-def make_plan(query: str, llm: LLM, *, max_agents: int, depth: int = 0) -> tuple[ExecutionPlan, CoordinatorRecord]:
-    """Ask the coordinator LLM for a plan that maximises parallelism; always returns a usable plan."""
+def make_plan(
+    query: str, llm: LLM, *, max_agents: int, depth: int = 0, on_text: TextCallback | None = None
+) -> tuple[ExecutionPlan, CoordinatorRecord]:
+    """Ask the coordinator LLM for a plan that maximises parallelism; always returns a usable plan.
+
+    `on_text` receives the answer as it streams, where the backend streams.
+    """
     messages = [
         Message("system", load_prompt("coordinator").format(max_agents=max_agents)),
         Message("user", load_prompt("coordinator_user").format(query=query)),
     ]
     schema = plan_json_schema(max_agents)
-    record = CoordinatorRecord(attempts=0)
+    record = CoordinatorRecord(attempts=0, started_at=time.time())
     llm_ms, prompt_tokens, completion_tokens = 0.0, 0, 0
     for attempt in range(1, COORDINATOR_TRIES + 1):
-        request = LLMRequest(messages=list(messages), caller="coordinator", query=query, json_schema=schema, attempt=attempt)
+        request = LLMRequest(
+            messages=list(messages), caller="coordinator", query=query, json_schema=schema, attempt=attempt, on_text=on_text
+        )
         try:
             response = llm.complete(request)
         except LLMError as error:
@@ -77,6 +85,7 @@ def make_plan(query: str, llm: LLM, *, max_agents: int, depth: int = 0) -> tuple
         prompt_tokens += response.prompt_tokens or 0
         completion_tokens += response.completion_tokens or 0
         record.llm_ms, record.tokens = llm_ms, {"prompt": prompt_tokens, "completion": completion_tokens}
+        record.finished_at = time.time()
         try:
             return _parse(response.text, max_agents, depth), record
         except ValueError as error:

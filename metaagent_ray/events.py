@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Union
 
@@ -18,12 +19,38 @@ class Notice:
 
 
 @dataclass(frozen=True)
+class PlanningStarted:
+    """The coordinator LLM was asked for a plan; `PlanReady` follows once the plan runs."""
+
+    llm: str  # the backend, as it describes itself
+
+
+@dataclass(frozen=True)
+class RayStarting:
+    """The run starts Ray (or connects to a cluster): seconds of start-up before any agent can run."""
+
+    address: str | None  # the cluster's address, None for embedded Ray
+
+
+@dataclass(frozen=True)
 class PlanReady:
     """The plan is clean and about to run: the layers are what users see, not what Ray waits on."""
 
     plan: ExecutionPlan
     layers: list[list[int]]
     run_dir: str | None
+    slots: int | None = None  # how many agents may call an LLM at once, when known
+    reused: tuple[int, ...] = ()  # agents whose earlier results a resume reuses: they will not run
+
+
+@dataclass(frozen=True)
+class SubPlanReady:
+    """An agent delegated its task: this sub-plan's agents (paths "2.0", "2.1", ...) run for it."""
+
+    path: str
+    query: str  # the request the sub-plan's agents work on
+    plan: ExecutionPlan
+    layers: list[list[int]]
 
 
 @dataclass(frozen=True)
@@ -34,6 +61,7 @@ class AgentStarted:
     role: str
     attempt: int
     pid: int  # the worker process, 0 when unknown
+    node: str = ""  # the Ray node id, "" when unknown
 
     @property
     def agent_id(self) -> int:
@@ -48,12 +76,47 @@ class AgentFinished:
 
 
 @dataclass(frozen=True)
+class TokensArrived:
+    """Part of an answer arrived from a streaming backend: `tokens` so far, and the `text` since the last event."""
+
+    path: str  # an agent's path, or COORDINATOR
+    tokens: int
+    text: str
+
+
+@dataclass(frozen=True)
 class RunFinished:
     record: RunRecord
 
 
-Event = Union[Notice, PlanReady, AgentStarted, AgentFinished, RunFinished]
+Event = Union[Notice, PlanningStarted, RayStarting, PlanReady, SubPlanReady, AgentStarted, TokensArrived, AgentFinished, RunFinished]
 EventHandler = Callable[[Event], None]
+COORDINATOR = "coordinator"  # the path of the coordinator's tokens
+TOKEN_EVENT_INTERVAL_S = 0.2  # at most one TokensArrived per answer this often
+
+
+class TokenCounter:
+    """Counts a streamed answer's pieces and publishes them as `TokensArrived`, at most every TOKEN_EVENT_INTERVAL_S.
+
+    Pass it as an `LLMRequest.on_text`; each piece a backend streams is one token (Ollama, llama.cpp
+    and OpenAI-compatible servers stream one token per piece; the fake backend one word).
+    """
+
+    def __init__(self, path: str, publish: Callable[[TokensArrived], object]) -> None:
+        self.path = path
+        self.publish = publish
+        self.tokens = 0
+        self._unsent: list[str] = []
+        self._last_sent = time.monotonic()
+
+    def __call__(self, piece: str) -> None:
+        self.tokens += 1
+        self._unsent.append(piece)
+        now = time.monotonic()
+        if now - self._last_sent >= TOKEN_EVENT_INTERVAL_S:
+            self.publish(TokensArrived(path=self.path, tokens=self.tokens, text="".join(self._unsent)))
+            self._unsent.clear()
+            self._last_sent = now
 
 
 def ignore(event: Event) -> None:

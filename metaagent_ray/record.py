@@ -38,6 +38,7 @@ class AgentRecord(BaseModel):
     depends_on: list[int]
     layer: int
     status: AgentState = "pending"
+    submitted_at: float | None = None  # epoch seconds: when the runtime handed the agent to Ray
     started_at: float | None = None  # epoch seconds, taken inside the task around the LLM call
     finished_at: float | None = None
     inputs_from: list[int] = Field(default_factory=list)
@@ -84,6 +85,8 @@ class CoordinatorRecord(BaseModel):
     errors: list[str] = Field(default_factory=list)  # why earlier answers were rejected
     llm_ms: float | None = None
     tokens: dict[str, int] | None = None
+    started_at: float | None = None  # epoch seconds around the coordinator's LLM calls
+    finished_at: float | None = None
 
 
 class RunRecord(BaseModel):
@@ -102,6 +105,8 @@ class RunRecord(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)  # what `resume` reuses: options, limits
     slots: int | None = None
     run_dir: str | None = None
+    ray_started_at: float | None = None  # epoch seconds: the run started or connected to Ray ...
+    ray_ready_at: float | None = None  # ... and Ray was ready (both None when Ray was already up)
     coordinator: CoordinatorRecord | None = None
     agents: list[AgentRecord]
 
@@ -144,6 +149,21 @@ def compose_final_output(plan: ExecutionPlan, agents: list[AgentRecord]) -> str:
     if len(sinks) == 1:
         return _output_or_reason(sinks[0])
     return "\n\n".join(f"## Agent {agent.id} ({agent.role}): {agent.task}\n\n{_output_or_reason(agent)}" for agent in sinks)
+
+
+def walk_agents(agents: list[AgentRecord]) -> Iterator[AgentRecord]:
+    """Every agent, each followed by the agents of its sub-run (recursively)."""
+    for agent in agents:
+        yield agent
+        if agent.sub_run is not None:
+            yield from walk_agents(agent.sub_run.agents)
+
+
+def ready_at(agent: AgentRecord, siblings: list[AgentRecord]) -> float | None:
+    """When the agent could start: submitted to Ray and every dependency finished (None when unknown)."""
+    times = [agent.submitted_at, *(siblings[dep].finished_at for dep in agent.depends_on)]
+    known = [moment for moment in times if moment is not None]
+    return max(known) if agent.submitted_at is not None else None
 
 
 def agent_records(plan: ExecutionPlan, prefix: str = "") -> list[AgentRecord]:

@@ -20,6 +20,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -29,11 +30,32 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, AgentResult, run_agent
 from .errors import ConfigError, MetaAgentError
-from .events import AgentFinished, AgentStarted, Event, EventHandler, Notice, PlanReady, RunFinished
+from .events import (
+    AgentFinished,
+    AgentStarted,
+    Event,
+    EventHandler,
+    Notice,
+    PlanReady,
+    RayStarting,
+    RunFinished,
+    SubPlanReady,
+    TokenCounter,
+    TokensArrived,
+)
+from .interrupts import exit_code, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
-from .interrupts import exit_code, stop_signals_ignored, stop_signals_interrupt
-from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, SubRunRecord, agent_records, compose_final_output, resume_choice
+from .record import (
+    AgentRecord,
+    CoordinatorRecord,
+    RunDirectory,
+    RunRecord,
+    SubRunRecord,
+    agent_records,
+    compose_final_output,
+    resume_choice,
+)
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots
 
 WARM_WORKERS = 16  # idle Ray workers kept alive when no slot count says how many agents run at once
@@ -164,6 +186,7 @@ class _Submission:
     llm: LLMConfig
     limits: RunLimits
     task_options: dict[str, Any]
+    stream: bool = False  # agents stream their answers to the driver as `TokensArrived` events
 
 
 def submit_plan(
@@ -198,13 +221,16 @@ def submit_plan(
             depth=plan.depth,
             path=f"{prefix}{agent_id}",
             layer=layer_of[agent_id],
+            submitted_at=time.time(),
         )
         dependency_specs = {dep: plan.agents[dep] for dep in spec.depends_on}
         dependency_refs = [refs[dep] for dep in spec.depends_on]
         if earlier is not None:
             work = ray.put(earlier)
         else:
-            work = _agent_task.options(**submission.task_options).remote(context, dependency_specs, hub, submission.run_id, *dependency_refs)
+            work = _agent_task.options(**submission.task_options).remote(
+                context, dependency_specs, hub, submission.run_id, submission.stream, *dependency_refs
+            )
         # Refs inside a list are passed as refs, not awaited: the hub supervises the work as it runs.
         refs[agent_id] = hub.supervise.remote(submission, context, dependency_specs, [work, *dependency_refs])
     return refs
@@ -231,15 +257,6 @@ def kept_results(plan: ExecutionPlan, agents: list[AgentRecord]) -> dict[int, Ag
 
 
 @dataclass(frozen=True)
-class _SubPlanStarted:
-    """Hub to driver: the agent at `path` delegated; its sub-plan's agents are about to run."""
-
-    path: str
-    query: str
-    plan: ExecutionPlan
-
-
-@dataclass(frozen=True)
 class _SubAgentDone:
     """Hub to driver: an agent of a sub-plan has its final result (the driver records it)."""
 
@@ -249,12 +266,17 @@ class _SubAgentDone:
 
 @ray.remote(num_cpus=0)
 def _agent_task(
-    context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, *inputs: AgentResult
+    context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, stream: bool, *inputs: AgentResult
 ) -> AgentResult:
-    """One agent's work on a Ray worker. Ray passes the dependencies' results in place of their ObjectRefs."""
-    execution = hub.started.remote(run_id, context.label, context.spec.role.value, os.getpid())  # not awaited
-    result = run_agent(context, inputs, dependency_specs)
-    result.node = ray.get_runtime_context().get_node_id()
+    """One agent's work on a Ray worker. Ray passes the dependencies' results in place of their ObjectRefs.
+
+    With `stream`, the answer's tokens go to the hub as they arrive (a few events a second, not awaited).
+    """
+    node = ray.get_runtime_context().get_node_id()
+    execution = hub.started.remote(run_id, context.label, context.spec.role.value, os.getpid(), node)  # not awaited
+    on_text = TokenCounter(context.label, lambda event: hub.progress.remote(run_id, event)) if stream else None
+    result = run_agent(context, inputs, dependency_specs, on_text)
+    result.node = node
     result.attempts += ray.get(execution) - 1  # each earlier execution died mid-agent: one try each
     return result
 
@@ -267,17 +289,17 @@ class _RunHub:
     """
 
     def __init__(self) -> None:
-        self._events: dict[str, asyncio.Queue[Event | _SubPlanStarted | _SubAgentDone | None]] = {}  # None ends a run's stream
+        self._events: dict[str, asyncio.Queue[Event | _SubAgentDone | None]] = {}  # None ends a run's stream
         self._executions: dict[tuple[str, str], int] = {}
         self._started: dict[tuple[str, str], asyncio.Event] = {}
         self._started_at: dict[tuple[str, str], float] = {}
         self._work: dict[str, list[ray.ObjectRef]] = {}
         self._total: dict[str, int] = {}
 
-    def _queue(self, run_id: str) -> asyncio.Queue[Event | _SubPlanStarted | _SubAgentDone | None]:
+    def _queue(self, run_id: str) -> asyncio.Queue[Event | _SubAgentDone | None]:
         return self._events.setdefault(run_id, asyncio.Queue())
 
-    def _publish(self, run_id: str, event: Event | _SubPlanStarted | _SubAgentDone) -> None:
+    def _publish(self, run_id: str, event: Event | _SubAgentDone) -> None:
         self._queue(run_id).put_nowait(event)
 
     def _start_signal(self, run_id: str, path: str) -> asyncio.Event:
@@ -287,16 +309,21 @@ class _RunHub:
         self._total[run_id] = agents
         self._work[run_id] = []
 
-    async def started(self, run_id: str, path: str, role: str, pid: int) -> int:
+    async def started(self, run_id: str, path: str, role: str, pid: int, node: str) -> int:
         """An agent's work began (again, if Ray retried it); returns which execution this is."""
         execution = self._executions.get((run_id, path), 0) + 1
         self._executions[(run_id, path)] = execution
         self._started_at.setdefault((run_id, path), time.time())
         self._start_signal(run_id, path).set()
-        self._publish(run_id, AgentStarted(path=path, role=role, attempt=execution, pid=pid))
+        self._publish(run_id, AgentStarted(path=path, role=role, attempt=execution, pid=pid, node=node))
         return execution
 
-    async def next_batch(self, run_id: str) -> list[Event | _SubPlanStarted | _SubAgentDone]:
+    async def progress(self, run_id: str, event: TokensArrived) -> None:
+        """An agent's streamed tokens, for the driver's live view (dropped once the run is over)."""
+        if run_id in self._events:
+            self._publish(run_id, event)
+
+    async def next_batch(self, run_id: str) -> list[Event | _SubAgentDone]:
         queue = self._queue(run_id)
         events = [await queue.get()]
         while not queue.empty():
@@ -358,6 +385,7 @@ class _RunHub:
             status="failed",
             error=error,
             attempts=max(1, self._executions.get(key, 0)),
+            submitted_at=context.submitted_at,
             started_at=self._started_at.get(key),
             finished_at=time.time(),
         )
@@ -379,15 +407,16 @@ class _RunHub:
             warning = f"⚠️ Agent {context.label}: not delegating to {len(plan.agents)} more agents, the run would exceed --max-total-agents {limit}; it answers itself"
             self._publish(run_id, Notice(warning, warning=True))
             alone = replace(context, delegation_allowed=False)
-            work = _agent_task.options(**submission.task_options).remote(alone, dependency_specs, me, run_id, *dependency_refs)
+            work = _agent_task.options(**submission.task_options).remote(
+                alone, dependency_specs, me, run_id, submission.stream, *dependency_refs
+            )
             self._work[run_id].append(work)
             result = await self._await_work(submission, alone, work)
             result.warnings = [*parent.warnings, warning]
             return result
         self._total[run_id] = self._total.get(run_id, 0) + len(plan.agents)
         layers = plan.get_execution_layers()
-        self._publish(run_id, Notice(f"🔀 Agent {context.label} delegated its task to {len(plan.agents)} agents in {len(layers)} layers"))
-        self._publish(run_id, _SubPlanStarted(context.label, parent.sub_query, plan))
+        self._publish(run_id, SubPlanReady(path=context.label, query=parent.sub_query, plan=plan, layers=layers))
         sub_refs = submit_plan(plan, parent.sub_query, submission, me, prefix=f"{context.label}.", kept=parent.sub_resume)
         sub_results = list(await asyncio.gather(*(asyncio.wrap_future(sub_refs[index].future()) for index in range(len(plan.agents)))))
         records = agent_records(plan, prefix=f"{context.label}.")
@@ -435,7 +464,7 @@ def apply_result(agent: AgentRecord, result: AgentResult) -> None:
     """Copy what the agent's task measured into its record; sub-agents a resume kept stay as they were."""
     agent.status = result.status  # type: ignore[assignment]
     agent.output, agent.error = result.output, result.error
-    agent.started_at, agent.finished_at = result.started_at, result.finished_at
+    agent.submitted_at, agent.started_at, agent.finished_at = result.submitted_at, result.started_at, result.finished_at
     agent.inputs_from = result.inputs_from
     agent.node, agent.attempts, agent.llm_ms, agent.reused = result.node, result.attempts, result.llm_ms, result.reused
     if result.prompt_tokens is not None or result.completion_tokens is not None:
@@ -467,14 +496,20 @@ def execute_plan(
     coordinator: CoordinatorRecord | None = None,
     settings: dict[str, Any] | None = None,
     earlier: RunRecord | None = None,
+    stream: bool = False,
 ) -> RunRecord:
     """Run every agent of `plan` on Ray and return the record; checkpoints `run_dir` as agents finish.
 
     When resuming, `earlier` is the record being resumed: what `resume_choice` keeps of it is not
-    run again. A stop signal raises RunInterrupted and a dead Ray process RunBroken, both after
-    the record is saved with its final status.
+    run again. With `stream`, agents' tokens arrive as `TokensArrived` events while they answer.
+    A stop signal raises RunInterrupted and a dead Ray process RunBroken, both after the record is
+    saved with its final status.
     """
+    ray_was_up, ray_started_at = ray.is_initialized(), time.time()
+    if not ray_was_up:
+        on_event(RayStarting(address=ray_options.address))
     slot_plan = ensure_ray(ray_options, llm)
+    ray_ready_at = time.time()
     if slot_plan is not None and ray_options.slots is None:
         on_event(Notice(f"🧮 {slot_plan.slots} LLM slots on this machine ({slot_plan.reasons[-1]}; see `metaagent resources`)"))
     record = RunRecord.start(
@@ -485,6 +520,8 @@ def execute_plan(
         slots=ray_options.slots or int(ray.cluster_resources().get(SLOT_RESOURCE, 0)) or None,
         run_dir=str(run_dir.path) if run_dir else None,
         coordinator=coordinator,
+        ray_started_at=None if ray_was_up else ray_started_at,
+        ray_ready_at=None if ray_was_up else ray_ready_at,
     )
     kept: dict[int, AgentResult] = {}
     if earlier is not None:
@@ -494,7 +531,7 @@ def execute_plan(
     if run_dir is not None:
         run_dir.write_plan(plan)
         run_dir.write_record(record)
-    on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir))
+    on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir, slots=record.slots, reused=tuple(sorted(index for index, result in kept.items() if result.status == "ok"))))
 
     task_options: dict[str, Any] = {"num_cpus": 0, "max_retries": RAY_TASK_RETRIES}
     group = _slot_group(ray_options.slots) if ray_options.slots else None
@@ -504,7 +541,7 @@ def execute_plan(
     elif ray.cluster_resources().get(SLOT_RESOURCE, 0) > 0:
         task_options["resources"] = {SLOT_RESOURCE: 1.0}
     hub = _run_hub()
-    submission = _Submission(run_id=uuid.uuid4().hex, llm=llm, limits=limits, task_options=task_options)
+    submission = _Submission(run_id=uuid.uuid4().hex, llm=llm, limits=limits, task_options=task_options, stream=stream)
     saved = f" in {run_dir.path}; resume with: metaagent resume {run_dir.path}" if run_dir else ""
     try:
         with stop_signals_interrupt():
@@ -556,12 +593,11 @@ def _follow(
         ready, _ = ray.wait([next_events, *pending], num_returns=1)
         if ready[0] == next_events:
             for event in ray.get(next_events):
-                if isinstance(event, _SubPlanStarted):
+                if isinstance(event, SubPlanReady):
                     parent = _agent_at(record, event.path)
                     if parent.sub_run is None:  # a resumed sub-plan keeps what it had
                         parent.sub_run = _sub_run(event.path, event.query, event.plan)
                     _checkpoint(record, run_dir)
-                    continue
                 if isinstance(event, _SubAgentDone):
                     agent = _agent_at(record, event.path)
                     apply_result(agent, event.result)
@@ -606,6 +642,12 @@ def _agent_finished(record: RunRecord, agent: AgentRecord, run_dir: RunDirectory
 def _checkpoint(record: RunRecord, run_dir: RunDirectory | None) -> None:
     if run_dir is not None:
         run_dir.write_record(record)
+
+
+def write_ray_timeline(path: Path) -> None:
+    """Ray's own chrome trace (`ray.timeline`) of every task this Ray instance ran: open it in chrome://tracing or Perfetto."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ray.timeline(filename=str(path))
 
 
 def _write_outputs(run_dir: RunDirectory, agent: AgentRecord) -> None:

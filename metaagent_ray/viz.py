@@ -11,7 +11,7 @@ from html import escape
 from pathlib import Path
 
 from .plan import ExecutionPlan
-from .record import AgentRecord, RunRecord, write_atomic
+from .record import AgentRecord, RunRecord, ready_at, write_atomic
 
 LAYER_COLOURS = ["#8ecae6", "#ffb703", "#90be6d", "#f28482", "#cdb4db", "#f9c74f", "#84a59d", "#a3c4f3"]
 STATUS_MARK = {"ok": "✓", "failed": "✗", "skipped": "–", "pending": "…"}
@@ -103,36 +103,106 @@ def graph_svg(plan: ExecutionPlan, agents: list[AgentRecord] | None = None) -> s
     return "\n".join(parts)
 
 
+def _timed_rows(agents: list[AgentRecord]) -> list[tuple[AgentRecord, float | None]]:
+    """Every agent that ran (sub-run agents after their parent), with the moment it could start."""
+    rows = []
+    for agent in agents:
+        if agent.started_at is not None and agent.finished_at is not None:
+            rows.append((agent, ready_at(agent, agents)))
+        if agent.sub_run is not None:
+            rows += _timed_rows(agent.sub_run.agents)
+    return rows
+
+
+def critical_path(record: RunRecord) -> list[int]:
+    """The top-level agents on the longest chain of dependent LLM calls: what bounded the run's length."""
+    if any(agent.started_at is None or agent.finished_at is None for agent in record.agents):
+        return []
+    durations = {agent.id: agent.finished_at - agent.started_at for agent in record.agents}  # type: ignore[operator]
+    return record.plan.critical_path(durations)[1]
+
+
 def timeline_svg(record: RunRecord) -> str:
-    """Each agent's LLM call as a bar on a shared clock, coloured by layer."""
-    timed = [agent for agent in record.agents if agent.started_at is not None and agent.finished_at is not None]
-    if not timed:
+    """The whole run on one clock: Ray's start-up, the coordinator, and per agent its queue wait and LLM call.
+
+    An agent's queue wait runs from the moment it could start (submitted, every dependency done) to
+    the start of its LLM call: waiting for an LLM slot or a Ray worker. The critical path is outlined.
+    """
+    rows = _timed_rows(record.agents)
+    phases = [(name, start, end) for name, start, end in _phases(record) if start is not None and end is not None]
+    if not rows and not phases:
         return '<svg xmlns="http://www.w3.org/2000/svg" width="300" height="40"><text x="10" y="25">no agent ran</text></svg>'
-    start = min(agent.started_at for agent in timed)  # type: ignore[type-var]
-    span = max(agent.finished_at for agent in timed) - start or 1.0  # type: ignore[operator]
+    moments = [moment for _, start, end in phases for moment in (start, end)]
+    moments += [moment for agent, ready in rows for moment in (ready, agent.started_at, agent.finished_at) if moment is not None]
+    start, span = min(moments), (max(moments) - min(moments)) or 1.0
+    critical = set(critical_path(record))
     label_w, plot_w, row_h = 220, 640, 22
-    height = len(timed) * row_h + 2 * MARGIN + 30
+    count = len(phases) + len(rows)
+    height = count * row_h + 2 * MARGIN + 50
     scale = plot_w / span
+
+    def x_of(moment: float) -> float:
+        return MARGIN + label_w + (moment - start) * scale
+
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{label_w + plot_w + 2 * MARGIN}" height="{height}" font-family="sans-serif" font-size="12">',
         f'<rect width="{label_w + plot_w + 2 * MARGIN}" height="{height}" fill="white"/>',
     ]
+    axis = height - 50
     for step in range(6):
         x = MARGIN + label_w + step * plot_w / 5
-        parts.append(f'<line x1="{x:.0f}" y1="{MARGIN}" x2="{x:.0f}" y2="{height - 30}" stroke="#ddd"/>')
-        parts.append(f'<text x="{x:.0f}" y="{height - 12}" text-anchor="middle" fill="#555">{step * span / 5:.1f} s</text>')
-    for row, agent in enumerate(sorted(timed, key=lambda agent: (agent.started_at, agent.id))):
+        parts.append(f'<line x1="{x:.0f}" y1="{MARGIN}" x2="{x:.0f}" y2="{axis}" stroke="#ddd"/>')
+        parts.append(f'<text x="{x:.0f}" y="{axis + 16}" text-anchor="middle" fill="#555">{step * span / 5:.1f} s</text>')
+    row = 0
+    for name, begin, end in phases:
         y = MARGIN + row * row_h
-        x = MARGIN + label_w + (agent.started_at - start) * scale  # type: ignore[operator]
-        bar = max((agent.finished_at - agent.started_at) * scale, 2)  # type: ignore[operator]
-        stroke = "#c00" if agent.status != "ok" else "#333"
-        parts.append(f'<text x="{MARGIN}" y="{y + 15}">Agent {agent.id} · {agent.role} (layer {agent.layer})</text>')
+        parts.append(f'<text x="{MARGIN}" y="{y + 15}" font-style="italic">{name}</text>')
         parts.append(
-            f'<rect x="{x:.1f}" y="{y + 3}" width="{bar:.1f}" height="{row_h - 6}" rx="3" fill="{colour(agent.layer)}" stroke="{stroke}">'
-            f"<title>{escape(agent.task)}: {agent.finished_at - agent.started_at:.2f} s, {agent.status}</title></rect>"  # type: ignore[operator]
+            f'<rect x="{x_of(begin):.1f}" y="{y + 3}" width="{max((end - begin) * scale, 2):.1f}" height="{row_h - 4}" rx="3" fill="#bbb" stroke="#666">'
+            f"<title>{name}: {end - begin:.2f} s</title></rect>"
         )
-    parts.append("</svg>")
+        row += 1
+    for agent, ready in sorted(rows, key=lambda item: (item[0].started_at, item[0].path)):
+        y = MARGIN + row * row_h
+        began, ended = agent.started_at, agent.finished_at
+        assert began is not None and ended is not None
+        label = agent.path or str(agent.id)
+        indent = "    " * label.count(".")
+        parts.append(f'<text x="{MARGIN}" y="{y + 15}" xml:space="preserve">{indent}Agent {escape(label)} · {escape(agent.role)} (layer {agent.layer})</text>')
+        if ready is not None and began > ready:
+            parts.append(
+                f'<rect x="{x_of(ready):.1f}" y="{y + 8}" width="{(began - ready) * scale:.1f}" height="6" fill="#ddd" stroke="#aaa">'
+                f"<title>queued {began - ready:.2f} s: dependencies done, waiting for an LLM slot or a Ray worker</title></rect>"
+            )
+        on_path = "." not in label and agent.id in critical
+        stroke = "#c00" if agent.status != "ok" else ("#000" if on_path else "#333")
+        width = 3 if on_path else 1
+        parts.append(
+            f'<rect x="{x_of(began):.1f}" y="{y + 3}" width="{max((ended - began) * scale, 2):.1f}" height="{row_h - 6}" rx="3" '
+            f'fill="{colour(agent.layer)}" stroke="{stroke}" stroke-width="{width}">'
+            f"<title>{escape(agent.task)}: {ended - began:.2f} s, {escape(agent.status)}{', critical path' if on_path else ''}</title></rect>"
+        )
+        row += 1
+    legend_y = axis + 36
+    parts += [
+        f'<rect x="{MARGIN}" y="{legend_y - 10}" width="24" height="12" rx="3" fill="{colour(0)}" stroke="#333"/>',
+        f'<text x="{MARGIN + 30}" y="{legend_y}">LLM call (colour: layer)</text>',
+        f'<rect x="{MARGIN + 200}" y="{legend_y - 7}" width="24" height="6" fill="#ddd" stroke="#aaa"/>',
+        f'<text x="{MARGIN + 230}" y="{legend_y}">queued: ready, waiting for a slot or worker</text>',
+        f'<rect x="{MARGIN + 520}" y="{legend_y - 10}" width="24" height="12" rx="3" fill="white" stroke="#000" stroke-width="3"/>',
+        f'<text x="{MARGIN + 550}" y="{legend_y}">critical path</text>',
+        "</svg>",
+    ]
     return "\n".join(parts)
+
+
+def _phases(record: RunRecord) -> list[tuple[str, float | None, float | None]]:
+    """The run's own steps before its agents: Ray's start-up and the coordinator's planning."""
+    coordinator = record.coordinator
+    return [
+        ("Ray start-up", record.ray_started_at, record.ray_ready_at),
+        ("Coordinator", coordinator.started_at if coordinator else None, coordinator.finished_at if coordinator else None),
+    ]
 
 
 def mermaid(plan: ExecutionPlan) -> str:

@@ -15,6 +15,7 @@ past the client's timeout, a malformed body, a model that is not pulled.
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -290,10 +291,10 @@ class OllamaServer(BackgroundServer):
             return
         prompt_tokens = sum(len(str(message.get("content", "")).split()) for message in body.get("messages", []))
         total_ns = max(1, int((time.monotonic() - started) * 1e9))
-        handler.send_json(200, {
-            "model": body.get("model", ""),
-            "created_at": "2025-01-01T00:00:00Z",
-            "message": {"role": "assistant", "content": text},
+        base = {"model": body.get("model", ""), "created_at": "2025-01-01T00:00:00Z"}
+        last = {
+            **base,
+            "message": {"role": "assistant", "content": "" if body.get("stream") else text},
             "done": True,
             "done_reason": "stop",
             "total_duration": total_ns,
@@ -302,7 +303,17 @@ class OllamaServer(BackgroundServer):
             "prompt_eval_duration": total_ns // 2,
             "eval_count": len(text.split()),
             "eval_duration": total_ns // 2,
-        })
+        }
+        if body.get("stream"):  # one JSON line per token (a word here), then the line with the counts
+            tokens = [{**base, "message": {"role": "assistant", "content": piece}, "done": False} for piece in words_of(text)]
+            handler.send_stream("application/x-ndjson", [json.dumps(line).encode() + b"\n" for line in [*tokens, last]])
+        else:
+            handler.send_json(200, last)
+
+
+def words_of(text: str) -> list[str]:
+    """A streamed answer's pieces: each word with the space before it."""
+    return re.findall(r"\s*\S+", text)
 
 
 def _tag(name: str, size: int) -> dict[str, Any]:
@@ -357,6 +368,15 @@ class OwnedHandler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(payload)
+
+    def send_stream(self, content_type: str, pieces: list[bytes]) -> None:
+        """A 200 whose body is written and flushed piece by piece; closing the connection ends it (HTTP/1.0)."""
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.end_headers()
+        for piece in pieces:
+            self.wfile.write(piece)
+            self.wfile.flush()
 
     def send_json(self, status: int, data: dict[str, Any]) -> None:
         self.send_raw(status, "application/json; charset=utf-8", json.dumps(data).encode())

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Literal, Sequence
 
-from tests.ollama_server import DEFAULT_PLAN, BackgroundServer, OwnedHandler, default_responder
+from tests.ollama_server import DEFAULT_PLAN, BackgroundServer, OwnedHandler, default_responder, words_of
 
 Api = Literal["ollama", "openai"]
 Fault = Literal["http_500", "http_429", "http_400", "drop", "stall", "malformed"]
@@ -163,13 +163,19 @@ class StandInServer(BackgroundServer):
         else:
             text = self.responder(body)
             prompt, completion = _words(body), len(text.split())
+            usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+            if body.get("stream"):  # server-sent events: one per token (a word here), the usage, then [DONE]
+                events = [{"choices": [{"index": 0, "delta": {"content": piece}}]} for piece in words_of(text)]
+                events.append({"choices": [], "usage": usage})
+                handler.send_stream("text/event-stream", [f"data: {json.dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"])
+                return
             handler.send_json(200, {
                 "id": "chatcmpl-stand-in",
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": body["model"],
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+                "usage": usage,
             })
 
 

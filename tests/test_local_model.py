@@ -98,6 +98,20 @@ def test_plain_completion_returns_text(gemma: LLM) -> None:
 
 
 @pytest.mark.model
+def test_a_streamed_completion_hands_out_every_token(gemma: LLM) -> None:
+    pieces: list[str] = []
+    request = LLMRequest(
+        messages=[Message("system", "You are a RESEARCHER."), Message("user", "Research Rust for web development")],
+        caller="agent",
+        max_tokens=32,
+        on_text=pieces.append,
+    )
+    response = gemma.complete(request)
+    assert response.text and "".join(pieces).strip() == response.text
+    assert response.completion_tokens == len(pieces) <= 32 and response.prompt_tokens
+
+
+@pytest.mark.model
 @pytest.mark.parametrize("schema", [ExecutionPlan.model_json_schema(), plan_json_schema(5)], ids=["model", "coordinator"])
 def test_schema_constrained_completion_is_a_valid_plan(gemma: LLM, schema: dict[str, Any]) -> None:
     request = LLMRequest(

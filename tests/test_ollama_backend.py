@@ -184,3 +184,13 @@ def test_reset_forgets_requests_and_restores_behaviour(server: OllamaServer) -> 
         backend(server.url).complete(agent_request())
     server.reset()
     assert server.requests == [] and server.max_in_flight == 0 and server.fault is None
+
+
+def test_a_streamed_answer_arrives_token_by_token_with_its_counts(server: OllamaServer) -> None:
+    pieces: list[str] = []
+    response = backend(server.url).complete(agent_request("Research A", on_text=pieces.append))
+
+    assert response.text == "Answer to: Research A" and "".join(pieces) == response.text
+    assert len(pieces) == len(response.text.split())  # one JSON line per token
+    assert response.completion_tokens == len(pieces) and response.prompt_tokens == len("You are a RESEARCHER. Research A".split())
+    assert server.chat_bodies()[-1]["stream"] is True

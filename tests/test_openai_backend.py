@@ -114,3 +114,13 @@ def test_check_names_the_models_the_server_serves(server: StandInServer) -> None
 def test_unknown_options_are_refused() -> None:
     with pytest.raises(ConfigError, match=r"unknown options \['host'\]"):
         create_llm(LLMConfig(backend="openai", options={"host": "x"}))
+
+
+def test_a_streamed_answer_arrives_token_by_token_with_its_usage(server: StandInServer) -> None:
+    pieces: list[str] = []
+    response = backend(server.base_url).complete(agent_request("Research A", on_text=pieces.append))
+
+    assert response.text == "Answer to: Research A" and "".join(pieces) == response.text
+    assert len(pieces) == len(response.text.split())  # one server-sent event per token
+    assert response.completion_tokens == len(pieces) and response.prompt_tokens == len("You are a RESEARCHER. Research A".split())
+    assert server.chat_bodies()[-1]["stream"] is True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -16,6 +16,9 @@ class Message:
 
     role: str  # "system", "user" or "assistant"
     content: str
+
+
+TextCallback = Callable[[str], None]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class LLMRequest:
     attempt: int = 1  # 1 for the first try of this call, 2 for its first retry, ...
     timeout: float | None = None  # seconds this call may take; backends bound their own waits by it
     may_delegate: bool = False  # the prompt offers the agent to answer DELEGATE
+    on_text: TextCallback | None = None  # when set, the backend streams: each piece of the answer as it arrives
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse
+from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, TextCallback
 
 DELEGATE_MARKER = "[delegate]"  # an agent whose task holds this delegates whenever it may
 
@@ -118,20 +118,23 @@ class FakeLLM:
 
     def complete(self, request: LLMRequest) -> LLMResponse:
         seconds = self.options.latency.seconds(request)
-        if seconds:
+        text = self._answer(request)
+        if request.on_text is not None:
+            _stream(text, seconds, request.on_text)
+        elif seconds:
             time.sleep(seconds)
         self._inject_fault(request)
-        if request.caller == "coordinator" and self.options.faults.coordinator == "garbage":
-            text = "Sure! Here is a plan: agents, roles... {not json"
-        elif request.json_schema is not None:
-            text = json.dumps(plan_for_query((request.query or request.task or "").splitlines()[0]))
-        elif request.may_delegate and DELEGATE_MARKER in (request.task or ""):
-            text = "DELEGATE"
-        else:
-            text = answer_for(request)
         words = sum(len(message.content.split()) for message in request.messages)
         return LLMResponse(text=text, prompt_tokens=words, completion_tokens=len(text.split()), llm_ms=seconds * 1000)
 
+    def _answer(self, request: LLMRequest) -> str:
+        if request.caller == "coordinator" and self.options.faults.coordinator == "garbage":
+            return "Sure! Here is a plan: agents, roles... {not json"
+        if request.json_schema is not None:
+            return json.dumps(plan_for_query((request.query or request.task or "").splitlines()[0]))
+        if request.may_delegate and DELEGATE_MARKER in (request.task or ""):
+            return "DELEGATE"
+        return answer_for(request)
 
     def _inject_fault(self, request: LLMRequest) -> None:
         faults = self.options.faults
@@ -145,6 +148,15 @@ class FakeLLM:
                 raise LLMError(f"agent {request.agent_id}: no answer within {request.timeout:g} s", transient=True)
         if fault == "always" or (isinstance(fault, int) and request.attempt <= fault):
             raise LLMError(f"injected failure of agent {request.agent_id} (attempt {request.attempt})", transient=fault != "always")
+
+
+def _stream(text: str, seconds: float, on_text: TextCallback) -> None:
+    """Hand out the answer word by word, evenly over `seconds`, as a streaming server would."""
+    pieces = re.findall(r"\s*\S+", text) or [text]
+    start = time.monotonic()
+    for index, piece in enumerate(pieces):
+        time.sleep(max(0.0, start + seconds * (index + 1) / len(pieces) - time.monotonic()))
+        on_text(piece)
 
 
 def answer_for(request: LLMRequest) -> str:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, Message
+from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, Message, TextCallback
 
 if TYPE_CHECKING:
     from llama_cpp import Llama, LlamaGrammar
@@ -138,12 +138,12 @@ class LocalLLM:
             }
             start = time.perf_counter()
             try:
-                text, finish, prompt_tokens, completion_tokens = self._generate(llama, request.messages, sampling)
+                text, finish, prompt_tokens, completion_tokens = self._generate(llama, request.messages, sampling, request.on_text)
                 if grammar is not None and finish == "length" and self.options.repeat_penalty > 1.0:
                     # JSON that runs to the token limit is a loop (a string or a list that never ends):
                     # decode once more with the repeat penalty, which breaks it.
                     sampling["repeat_penalty"] = self.options.repeat_penalty
-                    text, _, more_prompt, more_completion = self._generate(llama, request.messages, sampling)
+                    text, _, more_prompt, more_completion = self._generate(llama, request.messages, sampling, request.on_text)
                     prompt_tokens, completion_tokens = prompt_tokens + more_prompt, completion_tokens + more_completion
             except Exception as error:  # llama-cpp-python raises ValueError, RuntimeError, template errors
                 raise LLMError(f"local backend: {error}") from error
@@ -151,8 +151,15 @@ class LocalLLM:
         return LLMResponse(text=text.strip(), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, llm_ms=elapsed_ms)
 
     @staticmethod
-    def _generate(llama: Llama, messages: list[Message], sampling: dict[str, Any]) -> tuple[str, str | None, int, int]:
-        """One decode: the text, why it stopped ("stop" or "length"), and the prompt and answer token counts."""
+    def _generate(
+        llama: Llama, messages: list[Message], sampling: dict[str, Any], on_text: TextCallback | None = None
+    ) -> tuple[str, str | None, int, int]:
+        """One decode: the text, why it stopped ("stop" or "length"), and the prompt and answer token counts.
+
+        With `on_text`, each token goes there as it is decoded.
+        """
+        if on_text is not None:
+            return _generate_streamed(llama, messages, sampling, on_text)
         if llama.metadata.get("tokenizer.chat_template"):
             result = llama.create_chat_completion(messages=chat_messages(messages), **sampling)
             choice = result["choices"][0]
@@ -183,6 +190,27 @@ class LocalLLM:
             except ValueError as error:  # llama-cpp-python's "Failed to load model from file"
                 raise LLMUnavailable(f"local backend: cannot load {self.model_path()}: {error}") from None
         return self._llama
+
+
+def _generate_streamed(
+    llama: Llama, messages: list[Message], sampling: dict[str, Any], on_text: TextCallback
+) -> tuple[str, str | None, int, int]:
+    """`_generate` token by token; a stream has no usage block, so the counts come from the context."""
+    if llama.metadata.get("tokenizer.chat_template"):
+        chunks = llama.create_chat_completion(messages=chat_messages(messages), stream=True, **sampling)
+        pieces = ((chunk["choices"][0]["delta"].get("content") or "", chunk["choices"][0].get("finish_reason")) for chunk in chunks)
+    else:
+        chunks = llama.create_completion(plain_prompt(messages), stop=_PLAIN_STOP, stream=True, **sampling)
+        pieces = ((chunk["choices"][0]["text"], chunk["choices"][0].get("finish_reason")) for chunk in chunks)
+    parts: list[str] = []
+    finish = None
+    for piece, reason in pieces:
+        finish = reason or finish
+        if piece:
+            parts.append(piece)
+            on_text(piece)
+    completion = len(parts)
+    return "".join(parts), finish, max(llama.n_tokens - completion, 0), completion
 
 
 @lru_cache(maxsize=16)

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import httpx
 import ollama
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable
+from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, TextCallback
 
 DEFAULT_MODEL = "llama3.2:1b"
 DEFAULT_HOST = "http://127.0.0.1:11434"  # the official client's default
@@ -121,15 +121,18 @@ class OllamaLLM:
             if value is not None
         }
         timeout = min(self.options.timeout, request.timeout or self.options.timeout)
+        arguments: dict[str, Any] = {
+            "model": self.model,
+            "messages": [{"role": message.role, "content": message.content} for message in request.messages],
+            "format": request.json_schema,
+            "options": model_options or None,
+        }
         started = time.perf_counter()
         try:
-            response = self._client(timeout).chat(
-                model=self.model,
-                messages=[{"role": message.role, "content": message.content} for message in request.messages],
-                format=request.json_schema,
-                options=model_options or None,
-                stream=False,
-            )
+            if request.on_text is None:
+                response = self._client(timeout).chat(**arguments, stream=False)
+            else:
+                response = _streamed(self._client(timeout).chat(**arguments, stream=True), request.on_text)
         except (ConnectionError, httpx.TransportError, ollama.ResponseError, ValueError) as error:
             raise self._call_error(error, timeout) from error
         llm_ms = (
@@ -169,6 +172,20 @@ class OllamaLLM:
         # a ValueError: a body that is not JSON, or JSON that is not a chat response
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         return LLMError(f"{where} sent a malformed response: {first_line}", transient=False)
+
+
+def _streamed(chunks: Iterator[ollama.ChatResponse], on_text: TextCallback) -> ollama.ChatResponse:
+    """Hand each streamed token to `on_text`; returns the last chunk (which holds the counts) with the whole answer."""
+    parts: list[str] = []
+    last: ollama.ChatResponse | None = None
+    for last in chunks:
+        piece = last.message.content or ""
+        if piece:
+            parts.append(piece)
+            on_text(piece)
+    if last is None:
+        raise ValueError("the server closed the stream without an answer")
+    return last.model_copy(update={"message": last.message.model_copy(update={"content": "".join(parts)})})
 
 
 def create(config: LLMConfig) -> OllamaLLM:

@@ -8,6 +8,7 @@ no connection, a timeout, HTTP 429 or 5xx are transient; any other 4xx or a malf
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
@@ -16,7 +17,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable
+from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, TextCallback
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # `vllm serve`'s default port
 DEFAULT_API_KEY = "none"  # local servers accept any key unless started with one
@@ -123,29 +124,49 @@ class OpenAILLM:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "plan", "schema": request.json_schema}}
         timeout = request.timeout if request.timeout is not None else self.options.timeout
         started = time.perf_counter()
+        if request.on_text is not None:
+            body["stream"], body["stream_options"] = True, {"include_usage": True}
         try:
-            response = self._client.post(f"{self.base_url}/chat/completions", json=body, timeout=timeout)
+            with self._client.stream("POST", f"{self.base_url}/chat/completions", json=body, timeout=timeout) as response:
+                if response.status_code != 200:
+                    response.read()
+                    transient = response.status_code >= 500 or response.status_code == 429
+                    message = f"the server at {self.base_url} answered HTTP {response.status_code}: {_error_message(response)}"
+                    raise LLMError(message, transient=transient)
+                text, usage = self._answer(response, request.on_text)
         except httpx.TransportError as error:
             raise self._transport_error(error, timeout) from error
         llm_ms = (time.perf_counter() - started) * 1000
-        if response.status_code != 200:
-            transient = response.status_code >= 500 or response.status_code == 429
-            message = f"the server at {self.base_url} answered HTTP {response.status_code}: {_error_message(response)}"
-            raise LLMError(message, transient=transient)
-        try:
-            data = response.json()
-            text = data["choices"][0]["message"]["content"] or ""
-            usage = data.get("usage") or {}
-        except (ValueError, KeyError, IndexError, TypeError) as error:
-            raise LLMError(
-                f"the server at {self.base_url} sent a malformed response ({type(error).__name__})", transient=False
-            ) from error
         return LLMResponse(
             text=text,
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             llm_ms=llm_ms,
         )
+
+    def _answer(self, response: httpx.Response, on_text: TextCallback | None) -> tuple[str, dict[str, Any]]:
+        """The answer and its usage block: from server-sent events as they arrive, or from one JSON body."""
+        try:
+            if on_text is None or not response.headers.get("content-type", "").startswith("text/event-stream"):
+                data = json.loads(response.read())
+                return data["choices"][0]["message"]["content"] or "", data.get("usage") or {}
+            parts: list[str] = []
+            usage: dict[str, Any] = {}
+            for line in response.iter_lines():
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line.removeprefix("data:"))
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    piece = (choice.get("delta") or {}).get("content") or ""
+                    if piece:
+                        parts.append(piece)
+                        on_text(piece)
+            return "".join(parts), usage
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
+            raise LLMError(
+                f"the server at {self.base_url} sent a malformed response ({type(error).__name__})", transient=False
+            ) from error
 
     def _transport_error(self, error: httpx.TransportError, timeout: float) -> LLMError:
         """No answer at all is always worth a retry: the server may be restarting or busy."""

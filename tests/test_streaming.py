@@ -1,0 +1,61 @@
+"""Streamed answers reach the driver as `TokensArrived` events, and the record holds the whole run's clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from metaagent_ray import MetaAgent, PlanningStarted, SubPlanReady, TokensArrived
+from metaagent_ray.events import COORDINATOR, TOKEN_EVENT_INTERVAL_S, TokenCounter
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+QUERY = "Compare Python, Rust, and Go for web development"
+
+
+def test_tokens_stream_from_the_coordinator_and_every_agent_while_they_answer():
+    events: list = []
+    with MetaAgent(llm="fake", stream=True, llm_options={"latency": 1.0}, on_event=events.append) as agent:
+        record = agent.run(QUERY, save=False)
+    assert record.status == "ok"
+    assert isinstance(events[0], PlanningStarted)
+    tokens = [event for event in events if isinstance(event, TokensArrived)]
+    assert {event.path for event in tokens} == {COORDINATOR, *(str(agent.id) for agent in record.agents)}
+    for agent in record.agents:
+        mine = [event for event in tokens if event.path == str(agent.id)]
+        counts = [event.tokens for event in mine]
+        assert counts == sorted(counts) and counts[-1] <= agent.tokens["completion"]  # type: ignore[index]
+        assert agent.output.startswith("".join(event.text for event in mine))  # in order, nothing lost on the way
+        assert len(mine) <= 1.0 / TOKEN_EVENT_INTERVAL_S + 1  # rate-limited
+
+
+def test_without_stream_no_token_events_are_sent():
+    events: list = []
+    MetaAgent(llm="fake", llm_options={"latency": 0.5}, on_event=events.append).run(QUERY, save=False)
+    assert not any(isinstance(event, TokensArrived) for event in events)
+
+
+def test_the_record_has_the_coordinator_and_submission_times():
+    record = MetaAgent(llm="fake", llm_options={"latency": 0.2}).run(QUERY, save=False)
+    coordinator = record.coordinator
+    assert coordinator is not None and coordinator.started_at is not None and coordinator.finished_at is not None
+    assert coordinator.finished_at - coordinator.started_at >= 0.2
+    for agent in record.agents:
+        assert agent.submitted_at is not None and coordinator.finished_at <= agent.submitted_at <= agent.started_at  # type: ignore[operator]
+    assert record.ray_started_at is None and record.ray_ready_at is None  # the tests' Ray was already up
+
+
+def test_a_delegating_agent_announces_its_sub_plan():
+    events: list = []
+    plan = {"agents": [{"role": "RESEARCHER", "task": "Survey [delegate]", "depends_on": []}]}
+    record = MetaAgent(llm="fake", max_depth=1, on_event=events.append).execute(plan, "q", save=False)
+    sub_plans = [event for event in events if isinstance(event, SubPlanReady)]
+    assert len(sub_plans) == 1 and sub_plans[0].path == "0"
+    assert record.agents[0].sub_run is not None and len(sub_plans[0].plan.agents) == len(record.agents[0].sub_run.agents)
+    assert all(sub.submitted_at is not None for sub in record.agents[0].sub_run.agents)
+
+
+def test_the_token_counter_sends_at_most_one_event_per_interval():
+    sent: list[TokensArrived] = []
+    counter = TokenCounter("3", sent.append)
+    for _ in range(1000):
+        counter("x")
+    assert counter.tokens == 1000 and len(sent) <= 1
