@@ -79,11 +79,15 @@ def load_plan(path: Path | str, *, max_agents: int = DEFAULT_MAX_AGENTS) -> Exec
 
 
 def check_output_file(path: Path, option: str) -> None:
-    """A file a run will write at its end can be written: checked before anything runs."""
+    """A file a run will write at its end can be written (missing directories are made then): checked
+    before anything runs."""
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a directory; give a file name")
-    if not path.parent.is_dir():
-        raise ConfigError(f"{option} {path}: the directory {path.parent} does not exist")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ConfigError(f"{option} {path}: {ancestor} is a file, not a directory")
 
 
 def load_record(run_dir: Path | str) -> RunRecord:

@@ -269,6 +269,7 @@ def plan_command(
     if output is None:
         print(text)
     else:
+        output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(text + "\n", encoding="utf-8")
     for line in layer_lines(plan, plan.get_execution_layers()):
         print(line, file=sys.stderr if output is None else sys.stdout)

@@ -242,8 +242,9 @@ def test_bad_output_paths_are_refused_before_anything_runs(tmp_path: Path):
     cases = [
         (["exec", str(PLAN), "--run-dir", str(a_file)], f"--run-dir {a_file}: a file is in the way"),
         (["exec", str(PLAN), "--record", str(tmp_path)], f"--record {tmp_path}: is a directory"),
-        (["run", "Compare A and B", "--record", str(tmp_path / "missing" / "r.json")], "the directory"),
-        (["plan", "Compare A and B", "-o", str(tmp_path / "missing" / "plan.json")], f"-o {tmp_path / 'missing' / 'plan.json'}: the directory"),
+        (["run", "Compare A and B", "--record", str(a_file / "r.json")], f"--record {a_file / 'r.json'}: {a_file} is a file, not a directory"),
+        (["plan", "Compare A and B", "-o", str(a_file / "sub" / "plan.json")], f"{a_file} is a file, not a directory"),
+        (["run", "Compare A and B", "--ray-timeline", str(tmp_path)], f"--ray-timeline {tmp_path}: is a directory"),
     ]
     for args, expected in cases:
         result = CliRunner().invoke(app, [*args, "--llm", "fake"])
