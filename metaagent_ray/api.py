@@ -17,7 +17,8 @@ from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .pool import PoolHandle, PoolSpec, start_pool
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, save_record
-from .runtime import RayOptions, RunInterrupted, RunLimits, ensure_ray, execute_plan
+from .connect import RayConnection, RayOptions, ensure_ray
+from .runtime import RunInterrupted, RunLimits, execute_plan
 from .viz import write_pictures
 
 DEFAULT_MAX_AGENTS = 64
@@ -102,6 +103,7 @@ class MetaAgent:
         self.on_event = on_event
         self.verbose = verbose
         self._llm_config: LLMConfig | None = None
+        self._connection: RayConnection | None = None
         self._pool: PoolHandle | None = None
 
     def __enter__(self) -> MetaAgent:
@@ -118,11 +120,22 @@ class MetaAgent:
 
     def _driver_llm(self) -> LLM:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
-        if self._llm_config is None:
-            self._llm_config = self._start_pool() if self.settings.pool else self._chosen_backend()
-        llm = create_llm(self._llm_config)
+        llm = create_llm(self._llm())
         llm.check()
         return llm
+
+    def _llm(self) -> LLMConfig:
+        if self._llm_config is None:
+            self._llm_config = self._start_pool() if self.settings.pool else self._chosen_backend()
+        return self._llm_config
+
+    def _connect(self) -> None:
+        """Connect to Ray (bounded), check `slots` fit, and say where the run runs: before anything is written."""
+        if self._connection is None:
+            # Embedded Ray counts this machine's slots from the backend's footprint; a pool's slots are its servers.
+            self._connection = ensure_ray(self._ray_options(), None if self.settings.pool else self._llm())
+            self.on_event(Notice(self._connection.describe()))
+        self._connection.check_slots(self.settings.slots)
 
     def _chosen_backend(self) -> LLMConfig:
         config = LLMConfig(backend=self.settings.llm, model=self.settings.model, options=self.settings.llm_options)
@@ -135,7 +148,7 @@ class MetaAgent:
         """Start the model servers as Ray actors, each pinned to its GPU share; agents go to a free one."""
         spec = self.settings.pool
         assert spec is not None
-        ensure_ray(self._ray_options())
+        self._connect()
         self._pool = start_pool(spec.model_copy(update={"model": spec.model or self.settings.model}))
         self.on_event(Notice(f"🖥️ LLM pool: {self._pool.describe()}"))
         return self._pool.llm_config()
@@ -152,6 +165,7 @@ class MetaAgent:
 
     def run(self, query: str, *, run_dir: Path | str | None = None, save: bool = True, record_path: Path | str | None = None) -> RunRecord:
         """Plan the query with the coordinator, then execute the plan; returns the run record."""
+        self._connect()
         plan, coordinator = self._plan(query)
         directory = self._directory(run_dir, query, save)
         return self._execute(plan, query, directory, record_path, coordinator=coordinator)
@@ -170,6 +184,7 @@ class MetaAgent:
             plan = parse_plan(plan, max_agents=self.settings.max_agents)
         elif len(plan.agents) > self.settings.max_agents:
             raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.settings.max_agents}")
+        self._connect()
         self._driver_llm()
         query = query or plan.description
         return self._execute(plan, query, self._directory(run_dir, query, save), record_path)
@@ -196,6 +211,7 @@ class MetaAgent:
         rerun = previous.plan.descendants(set(previous.failed_agents()))
         reused = {agent.id: agent for agent in previous.agents if agent.id not in rerun}
         with cls(on_event=on_event, verbose=verbose, **settings) as meta:
+            meta._connect()
             meta.on_event(Notice(f"♻️ Resuming {run_dir}: re-running agents {sorted(rerun)}, reusing {sorted(reused)}"))
             meta._driver_llm()
             return meta._execute(

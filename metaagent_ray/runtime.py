@@ -24,17 +24,17 @@ from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, AgentResult, run_agent
+from .connect import RayOptions, ensure_ray
 from .errors import ConfigError, MetaAgentError
 from .events import AgentFinished, AgentStarted, Event, EventHandler, Notice, PlanReady, RunFinished
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, SubRunRecord, agent_records, compose_final_output
-from .resources import SLOT_RESOURCE, SlotPlan, default_slots
+from .resources import SLOT_RESOURCE
 
-WARM_WORKERS = 16  # idle Ray workers kept alive when no slot count says how many agents run at once
 PLACEMENT_TIMEOUT_S = 30.0
 RAY_TASK_RETRIES = 3  # re-executions when a worker process dies mid-agent
 DEADLINE_GRACE_S = 5.0
@@ -53,16 +53,6 @@ class RunInterrupted(MetaAgentError):
 
 
 @dataclass(frozen=True)
-class RayOptions:
-    """Where to run: an existing cluster (`address`) or embedded local Ray, and the LLM slot cap."""
-
-    address: str | None = None
-    slots: int | None = None
-    verbose: bool = False
-    num_gpus: int | None = None  # logical GPUs for embedded Ray (tests); None lets Ray detect them
-
-
-@dataclass(frozen=True)
 class RunLimits:
     """Bounds on one run: per agent (tries, time, tokens, failure policy, depth) and for the whole tree."""
 
@@ -75,45 +65,6 @@ class RunLimits:
         if call is None:
             return None
         return call * (self.agent.retries + 1) + BACKOFF_MAX_S * self.agent.retries + DEADLINE_GRACE_S
-
-
-def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> SlotPlan | None:
-    """Connect to the cluster at `address`, or start Ray embedded with LLM slots for this machine.
-
-    Embedded Ray gets as many LLM slots as the machine's RAM, cores and the model allow, and at
-    least `slots` (the plan is returned so the caller can show its reasoning). A run's own cap is
-    `slots`, reserved per run, so later runs in this process may ask for more.
-    """
-    if ray.is_initialized():
-        return None
-    common: dict[str, Any] = {
-        "include_dashboard": False,
-        "logging_level": logging.INFO if options.verbose else logging.ERROR,
-        "log_to_driver": options.verbose,
-    }
-    plan = None
-    try:
-        if options.address:
-            ray.init(address=options.address, **common)
-            return None
-        if llm is not None:
-            plan = default_slots(llm)
-        node_slots = max(options.slots or 0, plan.slots if plan else 0) or None
-        resources = {SLOT_RESOURCE: float(node_slots)} if node_slots else {}
-        # Ray keeps only as many idle workers as CPUs and kills the rest within a second; agents
-        # are I/O-bound and a worker may hold a loaded model, so keep as many as may run at once.
-        warm = max(node_slots or WARM_WORKERS, os.cpu_count() or 1)
-        ray.init(
-            address="local",  # a new instance of our own, even when another Ray runs on this machine
-            resources=resources,
-            num_gpus=options.num_gpus,
-            _system_config={"num_workers_soft_limit": warm},
-            **common,
-        )
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f"the Ray cluster at {options.address}" if options.address else "a local Ray instance"
-        raise ConfigError(f"cannot start or reach {where}: {error}") from None
-    return plan
 
 
 @dataclass(frozen=True)
@@ -314,20 +265,17 @@ _hubs: dict[str, Any] = {}  # Ray job id -> its hub; holding the handle keeps th
 
 def _run_hub() -> Any:
     """This driver's hub, created on first use."""
-    job = ray.get_runtime_context().get_job_id()
+    context = ray.get_runtime_context()
+    job = context.get_job_id()
     if job not in _hubs:
-        _hubs[job] = _RunHub.remote()
+        # On the driver's node: losing another node must not lose the run's supervision.
+        here = NodeAffinitySchedulingStrategy(node_id=context.get_node_id(), soft=False)
+        _hubs[job] = _RunHub.options(scheduling_strategy=here).remote()
     return _hubs[job]
 
 
 def _slot_group(slots: int) -> PlacementGroup:
-    """Reserve `slots` LLM slots for this run, so at most that many agents call an LLM at once."""
-    available = ray.cluster_resources().get(SLOT_RESOURCE, 0)
-    if available < slots:
-        raise ConfigError(
-            f"--slots {slots}: the Ray cluster has only {int(available)} {SLOT_RESOURCE} resources "
-            f"(start its nodes with --resources '{{\"{SLOT_RESOURCE}\": N}}')"
-        )
+    """Reserve `slots` LLM slots for this run, so at most that many agents call an LLM at once (the API checked the cluster has them)."""
     group = placement_group([{SLOT_RESOURCE: 1.0}] * slots, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
@@ -382,9 +330,7 @@ def execute_plan(
 
     Agents in `reused` (from the run being resumed) keep their records and are not run again.
     """
-    slot_plan = ensure_ray(ray_options, llm)
-    if slot_plan is not None and ray_options.slots is None:
-        on_event(Notice(f"🧮 {slot_plan.slots} LLM slots on this machine ({slot_plan.reasons[-1]}; see `metaagent resources`)"))
+    ensure_ray(ray_options, llm)  # the API connects first, so a run that cannot start leaves nothing on disk
     record = RunRecord.start(
         plan,
         query,
