@@ -137,17 +137,22 @@ def _reachable(address: str, verbose: bool) -> str:
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"Ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 unless `ray start --port` said otherwise)")
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as error:
-        reason = "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error)).lower()
-        raise ConfigError(
-            f"cannot reach the Ray cluster at {address}: {reason}; check that its head runs (`ray start --head --port {port}`) "
-            f"and that this machine can reach {host} on port {port}"
-        ) from None
+    check_port(address, host, int(port), f"`ray start --head --port {port}`")
     if not address.startswith("ray://"):
         _check_gcs(address, verbose)
     return address
+
+
+def check_port(address: str, host: str, port: int, started_by: str) -> None:
+    """One line (ConfigError) within CONNECT_TIMEOUT_S when nothing accepts connections at host:port."""
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        reason = "timed out" if isinstance(error, TimeoutError) else (error.strerror or str(error)).lower()
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address}: {reason}; check that its head runs ({started_by}) "
+            f"and that this machine can reach {host} on port {port}"
+        ) from None
 
 
 def _check_gcs(address: str, verbose: bool) -> None:
@@ -169,13 +174,13 @@ def _check_gcs(address: str, verbose: bool) -> None:
         raise ConfigError(f"the Ray cluster at {address} accepted a connection but its GCS did not answer within {CONNECT_TIMEOUT_S * 1.5:.0f} s")
     error = outcome[0]
     if isinstance(error, ray.exceptions.AuthenticationError):
-        raise ConfigError(_token_advice(address)) from None
+        raise ConfigError(token_advice(address)) from None
     if error is not None:
         detail = next(iter(str(error).splitlines()), type(error).__name__)
         raise ConfigError(f"{address} does not answer as a Ray cluster's GCS ({detail}); is it the head's GCS port?") from None
 
 
-def _token_advice(address: str) -> str:
+def token_advice(address: str) -> str:
     """What to do when the cluster wants a token this driver does not send."""
     mode = os.environ.get("RAY_AUTH_MODE", "")
     have = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or (Path.home() / ".ray" / "auth_token").exists()
