@@ -68,7 +68,8 @@ class RealCluster:
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of a process that talks to this cluster: the token, and no other Ray's address."""
         env = {key: value for key, value in os.environ.items() if not key.startswith("RAY_")}
-        return {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, **extra}
+        path = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `metaagent` and `ray` of this environment
+        return {**env, "PATH": path, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token, **extra}
 
     def _start(self, args: list[str], slots: int, name: str) -> subprocess.Popen:
         worker_ports = _free_range(64)
@@ -118,6 +119,15 @@ class RealCluster:
                 return
             time.sleep(1)
         raise TimeoutError(f"the cluster did not come up with {nodes} nodes and {slots} slots; see {self.temp_dir}")
+
+    def node_slots(self) -> dict[str, int]:
+        """Each live node's id and its llm_slot count."""
+        probe = (
+            "import ray, json; ray.init(address=%r, include_dashboard=False, log_to_driver=False);"
+            "print(json.dumps({n['NodeID']: n['Resources'].get('llm_slot', 0) for n in ray.nodes() if n['Alive']}))"
+        ) % self.address
+        result = subprocess.run([sys.executable, "-c", probe], env=self.env(), capture_output=True, text=True, timeout=60, check=True)
+        return {node: int(slots) for node, slots in json.loads(result.stdout.splitlines()[-1]).items()}
 
     def _jobs_ready(self) -> bool:
         import urllib.request
