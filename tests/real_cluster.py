@@ -153,7 +153,7 @@ class RealCluster:
                 os.killpg(process.pid, signal.SIGTERM)
         for process in self.nodes:
             try:
-                process.wait(timeout=20)
+                process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
             try:

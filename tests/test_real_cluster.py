@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,47 @@ def cluster():
         cluster.stop()
 
 
+@dataclass
+class Run:
+    """A command run against the cluster, in the background; its output goes to a file."""
+
+    process: subprocess.Popen
+    output: Path
+    run_dir: Path
+
+    def finish(self) -> str:
+        self.process.wait(timeout=300)
+        return self.output.read_text()
+
+
+@pytest.fixture(scope="module")
+def runs(cluster: RealCluster, tmp_path_factory) -> dict[str, Run]:
+    """The four ways of running, started at once: together they take about as long as one (CI time)."""
+    base = tmp_path_factory.mktemp("runs")
+    (base / "job").mkdir()
+    shutil.copy(PLAN, base / "job" / "plan.json")
+    fake = ["--llm", "fake", "--fake-latency", "0.3"]
+    commands = {
+        "driver": ([*METAAGENT, "exec", str(PLAN), *fake, "--run-dir", str(base / "driver")], {"RAY_ADDRESS": cluster.address}),
+        "job": ([RAY, "job", "submit", "--address", cluster.dashboard_url, "--", "metaagent", "exec", str(PLAN), *fake,
+                 "--run-dir", str(base / "job-run")], {}),
+        "job-working-dir": ([RAY, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(base / "job"), "--",
+                             "metaagent", "exec", "plan.json", *fake, "--run-dir", str(base / "job-working-dir")], {}),
+        "submit": ([*METAAGENT, "submit", "--plan", str(PLAN), *fake, "--address", cluster.dashboard_url,
+                    "--run-dir", str(base / "submit"), "--env", "METAAGENT_TEST=1"], {}),
+    }  # fmt: skip
+    started = {}
+    for name, (command, env) in commands.items():
+        output = base / f"{name}.log"
+        with output.open("w") as sink:
+            process = subprocess.Popen(command, env=cluster.env(**env), cwd=base, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        started[name] = Run(process, output, base / {"job": "job-run"}.get(name, name))
+    yield started
+    for run in started.values():
+        if run.process.poll() is None:
+            run.process.kill()
+
+
 def _record(run_dir: Path) -> dict:
     return json.loads((run_dir / "record.json").read_text())
 
@@ -46,15 +89,32 @@ def _assert_ran_on_both_nodes(record: dict, cluster: RealCluster) -> None:
     assert {agent["node"] for agent in record["agents"]} == set(cluster.node_slots())
 
 
-def test_a_driver_with_ray_address_runs_on_the_cluster(cluster: RealCluster, tmp_path: Path):
-    run_dir = tmp_path / "run"
-    result = subprocess.run(
-        [*METAAGENT, "exec", str(PLAN), "--llm", "fake", "--fake-latency", "0.5", "--run-dir", str(run_dir)],
-        env=cluster.env(RAY_ADDRESS=cluster.address), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[0].endswith(f"2 nodes, {HEAD_SLOTS + NODE_SLOTS} LLM slots (llm_slot)")
-    _assert_ran_on_both_nodes(_record(run_dir), cluster)
+def test_a_driver_with_ray_address_runs_on_the_cluster(cluster: RealCluster, runs: dict[str, Run]):
+    output = runs["driver"].finish()
+    assert runs["driver"].process.returncode == 0, output
+    assert output.splitlines()[0].endswith(f"2 nodes, {HEAD_SLOTS + NODE_SLOTS} LLM slots (llm_slot)")
+    _assert_ran_on_both_nodes(_record(runs["driver"].run_dir), cluster)
+
+
+@pytest.mark.parametrize("name", ["job", "job-working-dir"])
+def test_ray_job_submit_runs_metaagent_exec_on_the_cluster(cluster: RealCluster, runs: dict[str, Run], name: str):
+    output = runs[name].finish()
+    assert runs[name].process.returncode == 0, output
+    assert f"2 nodes, {HEAD_SLOTS + NODE_SLOTS} LLM slots (llm_slot)" in output
+    _assert_ran_on_both_nodes(_record(runs[name].run_dir), cluster)
+
+
+def test_metaagent_submit_brings_the_run_directory_back(cluster: RealCluster, runs: dict[str, Run]):
+    output, back = runs["submit"].finish(), runs["submit"].run_dir
+    assert runs["submit"].process.returncode == 0, output
+    assert "🚀 Submitted Ray job raysubmit_" in output
+    assert "✅ [PARALLEL] Agent 14 completed: SYNTHESIZER" in output  # the job's log, followed live
+    assert "metaagent run directory" not in output
+    record = _record(back)
+    _assert_ran_on_both_nodes(record, cluster)
+    assert record["run_dir"] == str(back)
+    assert {"plan.json", "final.md", "graph.svg", "timeline.svg"} <= {path.name for path in back.iterdir()}
+    assert len(list((back / "agents").iterdir())) == 15
 
 
 def test_without_the_token_one_line_says_how_to_get_it(cluster: RealCluster, tmp_path: Path):
@@ -67,43 +127,37 @@ def test_without_the_token_one_line_says_how_to_get_it(cluster: RealCluster, tmp
         f"error: the Ray cluster at {cluster.address} requires an authentication token (token authentication is on): "
         "run `ray get-auth-token` on the head, then here export RAY_AUTH_TOKEN=<token> RAY_AUTH_MODE=token"
     ]
-    assert not (tmp_path / "runs").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("with_working_dir", [False, True], ids=["plain", "working-dir"])
-def test_ray_job_submit_runs_metaagent_exec_on_the_cluster(cluster: RealCluster, tmp_path: Path, with_working_dir: bool):
-    run_dir = tmp_path / "run"
-    job = ["metaagent", "exec", str(PLAN), "--llm", "fake", "--fake-latency", "0.5", "--run-dir", str(run_dir)]
-    working_dir: list[str] = []
-    if with_working_dir:
-        (tmp_path / "job").mkdir()
-        shutil.copy(PLAN, tmp_path / "job" / "plan.json")
-        working_dir, job[2] = ["--working-dir", str(tmp_path / "job")], "plan.json"
-    result = subprocess.run(
-        [RAY, "job", "submit", "--address", cluster.dashboard_url, *working_dir, "--", *job],
-        env=cluster.env(), capture_output=True, text=True, timeout=180,
+def test_no_wait_then_ctrl_c_detaches_and_attach_brings_the_run_back(cluster: RealCluster, tmp_path: Path):
+    metaagent = [*METAAGENT, "submit", "--address", cluster.dashboard_url]
+    submitted = subprocess.run(
+        [*metaagent, "--plan", str(PLAN), "--llm", "fake", "--fake-latency", "1", "--no-wait"],
+        env=cluster.env(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert f"2 nodes, {HEAD_SLOTS + NODE_SLOTS} LLM slots (llm_slot)" in result.stdout
-    _assert_ran_on_both_nodes(_record(run_dir), cluster)
-
-
-def test_metaagent_submit_brings_the_run_directory_back(cluster: RealCluster, tmp_path: Path):
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    assert job_id.startswith("raysubmit_")
+    following = subprocess.Popen(
+        [*metaagent, "--attach", job_id], env=cluster.env(), cwd=tmp_path,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert following.stdout is not None
+    for line in following.stdout:
+        if line.startswith("⚡ [PARALLEL] Agent"):
+            break
+    following.send_signal(signal.SIGINT)
+    _, stderr = following.communicate("d\n", timeout=60)
+    assert following.returncode == 0, stderr
+    assert f"Detached; job {job_id} runs on. Follow it again with: metaagent submit --attach {job_id}" in stderr
     back = tmp_path / "back"
-    result = subprocess.run(
-        [*METAAGENT, "submit", "--plan", str(PLAN), "--llm", "fake", "--fake-latency", "0.5",
-         "--address", cluster.dashboard_url, "--run-dir", str(back), "--env", "METAAGENT_TEST=1"],
-        env=cluster.env(), cwd=tmp_path, capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "🚀 Submitted Ray job raysubmit_" in result.stderr
-    assert "✅ [PARALLEL] Agent 14 completed: SYNTHESIZER" in result.stdout  # the job's log, followed live
-    assert "metaagent run directory" not in result.stdout
-    record = _record(back)
-    _assert_ran_on_both_nodes(record, cluster)
-    assert record["run_dir"] == str(back)
-    assert {"plan.json", "final.md", "graph.svg", "timeline.svg"} <= {path.name for path in back.iterdir()}
-    assert len(list((back / "agents").iterdir())) == 15
+    attached = subprocess.run(
+        [*metaagent, "--attach", job_id, "--run-dir", str(back)], env=cluster.env(), cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert attached.returncode == 0, attached.stderr
+    assert attached.stdout.count("✅ [PARALLEL] Agent 14 completed") == 1  # the whole log once, from the start
+    _assert_ran_on_both_nodes(_record(back), cluster)
 
 
 def test_losing_a_node_retries_its_agents_on_the_survivor(cluster: RealCluster, tmp_path: Path, latency_file):
