@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .agents import AgentLimits
+from .connect import RayConnection, RayOptions, ensure_ray
 from .coordinator import make_plan
 from .errors import ConfigError, PlanError
 from .events import EventHandler, Notice, ignore
@@ -17,7 +18,6 @@ from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .pool import PoolHandle, PoolSpec, start_pool
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, save_record
-from .connect import RayConnection, RayOptions, ensure_ray
 from .runtime import RunInterrupted, RunLimits, execute_plan
 from .viz import write_pictures
 

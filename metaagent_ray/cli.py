@@ -9,6 +9,7 @@ import os
 import shlex
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional, TextIO, get_type_hints
@@ -20,7 +21,7 @@ from .console import ConsoleView, layer_lines
 from .errors import ConfigError, MetaAgentError
 from .jobs import JobLog, JobRequest, follow_job, print_run_archive, stop_job, submit_job
 from .llm import LLMConfig
-from .record import RunRecord
+from .record import RunRecord, run_dir_name
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
 from .runtime import RunInterrupted
 from .viz import write_pictures
@@ -217,6 +218,16 @@ def _finish(options: RunOptions, run: Callable[[], RunRecord]) -> None:
         raise typer.Exit(1)
 
 
+def _job_run_dir(options: RunOptions, slug_source: str) -> Path | None:
+    """--run-dir; in a job from `submit`, a directory of its own outside the job's working directory.
+
+    Ray may unpack the working directory again while the job runs: a run kept there lost its runs/.
+    """
+    if options.run_dir is not None or not options.ship_run_dir:
+        return options.run_dir
+    return Path(tempfile.mkdtemp(prefix="metaagent-job-")) / run_dir_name(slug_source)
+
+
 QueryArgument = Annotated[str, typer.Argument(help="What you want the agents to do.", show_default=False)]
 
 
@@ -230,16 +241,18 @@ def exec_command(
 ) -> None:
     """Run a plan file."""
     plan = load_plan(plan_file, max_agents=options.max_agents or DEFAULT_MAX_AGENTS)
+    run_dir = _job_run_dir(options, query or plan.description)
     with options.meta_agent() as agent:
-        _finish(options, lambda: agent.execute(plan, query, run_dir=options.run_dir, record_path=options.record))
+        _finish(options, lambda: agent.execute(plan, query, run_dir=run_dir, record_path=options.record))
 
 
 @app.command("run")
 @with_run_options
 def run_command(query: QueryArgument, *, options: RunOptions) -> None:
     """Plan QUERY with the coordinator, show the plan's layers, execute it, print the final answer."""
+    run_dir = _job_run_dir(options, query)
     with options.meta_agent() as agent:
-        _finish(options, lambda: agent.run(query, run_dir=options.run_dir, record_path=options.record))
+        _finish(options, lambda: agent.run(query, run_dir=run_dir, record_path=options.record))
 
 
 @app.command("plan")

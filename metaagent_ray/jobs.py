@@ -21,6 +21,7 @@ import shutil
 import sys
 import tarfile
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -86,6 +87,9 @@ def submit_job(request: JobRequest, *, plan_file: Path | None = None) -> str:
         working_dir = request.working_dir
         if working_dir is None:
             working_dir = Path(scratch)
+            # Ray names a working_dir package by its contents and shares its unpacked copy among jobs:
+            # two submissions of one plan at once lost their plan.json that way. A package of its own:
+            (working_dir / ".metaagent-submission").write_text(uuid.uuid4().hex)
             if plan_file is not None:
                 shutil.copyfile(plan_file, working_dir / PLAN_IN_JOB)
                 command = [PLAN_IN_JOB if part == str(plan_file) else part for part in command]

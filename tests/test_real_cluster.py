@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,45 +37,25 @@ def cluster():
         cluster.stop()
 
 
-@dataclass
-class Run:
-    """A command run against the cluster, in the background; its output goes to a file."""
-
-    process: subprocess.Popen
-    output: Path
-    run_dir: Path
-
-    def finish(self) -> str:
-        self.process.wait(timeout=300)
-        return self.output.read_text()
-
-
-@pytest.fixture(scope="module")
-def runs(cluster: RealCluster, tmp_path_factory) -> dict[str, Run]:
-    """The four ways of running, started at once: together they take about as long as one (CI time)."""
-    base = tmp_path_factory.mktemp("runs")
-    (base / "job").mkdir()
-    shutil.copy(PLAN, base / "job" / "plan.json")
+def _run(cluster: RealCluster, base: Path, way: str) -> tuple[subprocess.CompletedProcess, Path]:
+    """One way of running the plan on the cluster, alone (runs at once would share the slots, and
+    one of them could land on one node only); returns how it ended and its run directory."""
+    run_dir = base / "run"
     fake = ["--llm", "fake", "--fake-latency", "0.3"]
-    commands = {
-        "driver": ([*METAAGENT, "exec", str(PLAN), *fake, "--run-dir", str(base / "driver")], {"RAY_ADDRESS": cluster.address}),
-        "job": ([RAY, "job", "submit", "--address", cluster.dashboard_url, "--", "metaagent", "exec", str(PLAN), *fake,
-                 "--run-dir", str(base / "job-run")], {}),
-        "job-working-dir": ([RAY, "job", "submit", "--address", cluster.dashboard_url, "--working-dir", str(base / "job"), "--",
-                             "metaagent", "exec", "plan.json", *fake, "--run-dir", str(base / "job-working-dir")], {}),
-        "submit": ([*METAAGENT, "submit", "--plan", str(PLAN), *fake, "--address", cluster.dashboard_url,
-                    "--run-dir", str(base / "submit"), "--env", "METAAGENT_TEST=1"], {}),
-    }  # fmt: skip
-    started = {}
-    for name, (command, env) in commands.items():
-        output = base / f"{name}.log"
-        with output.open("w") as sink:
-            process = subprocess.Popen(command, env=cluster.env(**env), cwd=base, stdout=sink, stderr=subprocess.STDOUT, text=True)
-        started[name] = Run(process, output, base / {"job": "job-run"}.get(name, name))
-    yield started
-    for run in started.values():
-        if run.process.poll() is None:
-            run.process.kill()
+    job = [RAY, "job", "submit", "--address", cluster.dashboard_url]
+    if way == "job-working-dir":
+        (base / "job").mkdir()
+        shutil.copy(PLAN, base / "job" / "plan.json")
+    command, env = {
+        "driver": ([*METAAGENT, "exec", str(PLAN), *fake, "--run-dir", str(run_dir)], {"RAY_ADDRESS": cluster.address}),
+        "job": ([*job, "--", "metaagent", "exec", str(PLAN), *fake, "--run-dir", str(run_dir)], {}),
+        "job-working-dir": ([*job, "--working-dir", str(base / "job"), "--", "metaagent", "exec", "plan.json", *fake, "--run-dir", str(run_dir)], {}),
+        "submit": ([*METAAGENT, "submit", "--plan", str(PLAN), *fake, "--address", cluster.dashboard_url, "--run-dir", str(run_dir),
+                    "--env", "METAAGENT_TEST=1"], {}),
+    }[way]  # fmt: skip
+    result = subprocess.run(command, env=cluster.env(**env), cwd=base, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, run_dir
 
 
 def _record(run_dir: Path) -> dict:
@@ -89,27 +68,24 @@ def _assert_ran_on_both_nodes(record: dict, cluster: RealCluster) -> None:
     assert {agent["node"] for agent in record["agents"]} == set(cluster.node_slots())
 
 
-def test_a_driver_with_ray_address_runs_on_the_cluster(cluster: RealCluster, runs: dict[str, Run]):
-    output = runs["driver"].finish()
-    assert runs["driver"].process.returncode == 0, output
-    assert output.splitlines()[0].endswith(f"2 nodes, {HEAD_SLOTS + NODE_SLOTS} LLM slots (llm_slot)")
-    _assert_ran_on_both_nodes(_record(runs["driver"].run_dir), cluster)
+def test_a_driver_with_ray_address_runs_on_the_cluster(cluster: RealCluster, tmp_path: Path):
+    result, run_dir = _run(cluster, tmp_path, "driver")
+    assert result.stdout.splitlines()[0].endswith(f"2 nodes, {HEAD_SLOTS + NODE_SLOTS} LLM slots (llm_slot)")
+    _assert_ran_on_both_nodes(_record(run_dir), cluster)
 
 
-@pytest.mark.parametrize("name", ["job", "job-working-dir"])
-def test_ray_job_submit_runs_metaagent_exec_on_the_cluster(cluster: RealCluster, runs: dict[str, Run], name: str):
-    output = runs[name].finish()
-    assert runs[name].process.returncode == 0, output
-    assert f"2 nodes, {HEAD_SLOTS + NODE_SLOTS} LLM slots (llm_slot)" in output
-    _assert_ran_on_both_nodes(_record(runs[name].run_dir), cluster)
+@pytest.mark.parametrize("way", ["job", "job-working-dir"])
+def test_ray_job_submit_runs_metaagent_exec_on_the_cluster(cluster: RealCluster, tmp_path: Path, way: str):
+    result, run_dir = _run(cluster, tmp_path, way)
+    assert f"2 nodes, {HEAD_SLOTS + NODE_SLOTS} LLM slots (llm_slot)" in result.stdout
+    _assert_ran_on_both_nodes(_record(run_dir), cluster)
 
 
-def test_metaagent_submit_brings_the_run_directory_back(cluster: RealCluster, runs: dict[str, Run]):
-    output, back = runs["submit"].finish(), runs["submit"].run_dir
-    assert runs["submit"].process.returncode == 0, output
-    assert "🚀 Submitted Ray job raysubmit_" in output
-    assert "✅ [PARALLEL] Agent 14 completed: SYNTHESIZER" in output  # the job's log, followed live
-    assert "metaagent run directory" not in output
+def test_metaagent_submit_brings_the_run_directory_back(cluster: RealCluster, tmp_path: Path):
+    result, back = _run(cluster, tmp_path, "submit")
+    assert "🚀 Submitted Ray job raysubmit_" in result.stderr
+    assert "✅ [PARALLEL] Agent 14 completed: SYNTHESIZER" in result.stdout  # the job's log, followed live
+    assert "metaagent run directory" not in result.stdout
     record = _record(back)
     _assert_ran_on_both_nodes(record, cluster)
     assert record["run_dir"] == str(back)
