@@ -344,7 +344,7 @@ def submit_command(
     Ctrl-C asks whether to stop the job or detach from it.
     """
     if not options.verbose:  # Ray's INFO lines about uploading the working directory and closing the log's socket
-        for name in ("ray", "ray.dashboard.modules.job.sdk"):
+        for name in [name for name in logging.root.manager.loggerDict if name.startswith("ray.dashboard")]:
             logging.getLogger(name).setLevel(logging.WARNING)
     address = options.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:

@@ -39,9 +39,15 @@ def cluster():
 
 def _run(cluster: RealCluster, base: Path, way: str) -> tuple[subprocess.CompletedProcess, Path]:
     """One way of running the plan on the cluster, alone (runs at once would share the slots, and
-    one of them could land on one node only); returns how it ended and its run directory."""
+    one of them could land on one node only); returns how it ended and its run directory.
+
+    The six independent agents take 3 s: longer than a new Ray worker takes to start here, so one
+    node's first worker cannot take them all in turn while the other node's workers start.
+    """
     run_dir = base / "run"
-    fake = ["--llm", "fake", "--fake-latency", "0.3"]
+    latency = base / "latency.json"
+    latency.write_text(json.dumps({"default": 0.2, **{str(root): 3.0 for root in range(6)}}))
+    fake = ["--llm", "fake", "--fake-latency", str(latency)]
     job = [RAY, "job", "submit", "--address", cluster.dashboard_url]
     if way == "job-working-dir":
         (base / "job").mkdir()
