@@ -91,10 +91,15 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> RayConnecti
     address = cluster_address(options)
     if address is not None:
         address = _reachable(address, options.verbose)
+        here = os.getcwd()
         try:
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ConfigError(f"cannot connect to the Ray cluster at {address}: {error}") from None
+        # In a Ray Job with a working_dir, connecting may unpack that directory again under the
+        # same path, leaving this process in a deleted one: relative paths would fail. Stand in the new one.
+        with contextlib.suppress(OSError):
+            os.chdir(here)
         return _current(None)
     plan = default_slots(llm) if llm is not None else None
     node_slots = max(options.slots or 0, plan.slots if plan else 0) or None
