@@ -165,8 +165,7 @@ class MetaAgent:
 
     def run(self, query: str, *, run_dir: Path | str | None = None, save: bool = True, record_path: Path | str | None = None) -> RunRecord:
         """Plan the query with the coordinator, then execute the plan; returns the run record."""
-        self._connect()
-        plan, coordinator = self._plan(query)
+        plan, coordinator = self._plan(query, connect=True)
         directory = self._directory(run_dir, query, save)
         return self._execute(plan, query, directory, record_path, coordinator=coordinator)
 
@@ -184,8 +183,8 @@ class MetaAgent:
             plan = parse_plan(plan, max_agents=self.settings.max_agents)
         elif len(plan.agents) > self.settings.max_agents:
             raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.settings.max_agents}")
-        self._connect()
         self._driver_llm()
+        self._connect()
         query = query or plan.description
         return self._execute(plan, query, self._directory(run_dir, query, save), record_path)
 
@@ -211,17 +210,21 @@ class MetaAgent:
         rerun = previous.plan.descendants(set(previous.failed_agents()))
         reused = {agent.id: agent for agent in previous.agents if agent.id not in rerun}
         with cls(on_event=on_event, verbose=verbose, **settings) as meta:
+            meta._driver_llm()
             meta._connect()
             meta.on_event(Notice(f"♻️ Resuming {run_dir}: re-running agents {sorted(rerun)}, reusing {sorted(reused)}"))
-            meta._driver_llm()
             return meta._execute(
                 previous.plan, previous.query, RunDirectory(Path(run_dir)), record_path, coordinator=previous.coordinator, reused=reused
             )
 
-    def _plan(self, query: str) -> tuple[ExecutionPlan, CoordinatorRecord]:
+    def _plan(self, query: str, *, connect: bool = False) -> tuple[ExecutionPlan, CoordinatorRecord]:
+        """The coordinator's plan; with `connect`, Ray is reached first (after the backend's check), so
+        a run whose cluster is unreachable stops before the LLM plans."""
         if not query.strip():
             raise ConfigError("the query is empty")
         llm = self._driver_llm()
+        if connect:
+            self._connect()
         self.on_event(Notice(f"🧭 Coordinator planning with {llm.describe()}..."))
         plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents)
         tries = "" if coordinator.attempts == 1 else f" after {coordinator.attempts} tries"
