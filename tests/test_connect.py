@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -38,7 +39,13 @@ def silent_port():
     server.bind(("127.0.0.1", 0))
     server.listen(16)
     accepted: list[socket.socket] = []
-    threading.Thread(target=lambda: accepted.extend(iter(lambda: server.accept()[0], None)), daemon=True).start()
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):  # the server closes at the end of the test
+            while True:
+                accepted.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
     yield server.getsockname()[1]
     server.close()
 
