@@ -10,16 +10,17 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .agents import AgentLimits
+from .connect import RayConnection, RayOptions, cluster_address, ensure_ray, ray_started, shutdown_ray
 from .coordinator import make_plan
 from .errors import ConfigError, PlanError
-from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, TokenCounter, ignore
+from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
 from .llm import LLM, LLMConfig, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .pool import PoolHandle, PoolSpec, start_pool
 from .record import CoordinatorRecord, RunDirectory, RunRecord, resume_choice, save_record
 from .report import write_report
-from .runtime import RayOptions, RunLimits, RunStopped, ensure_ray, execute_plan, shutdown_ray, write_ray_timeline
+from .runtime import RunLimits, RunStopped, execute_plan, write_ray_timeline
 from .viz import write_pictures
 
 DEFAULT_MAX_AGENTS = 64
@@ -145,6 +146,7 @@ class MetaAgent:
         self.verbose = verbose
         self.stream = stream
         self._llm_config: LLMConfig | None = None
+        self._connection: RayConnection | None = None
         self._pool: PoolHandle | None = None
 
     def __enter__(self) -> MetaAgent:
@@ -163,11 +165,24 @@ class MetaAgent:
 
     def _driver_llm(self) -> LLM:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
-        if self._llm_config is None:
-            self._llm_config = self._start_pool() if self.settings.pool else self._chosen_backend()
-        llm = create_llm(self._llm_config)
+        llm = create_llm(self._llm())
         llm.check()
         return llm
+
+    def _llm(self) -> LLMConfig:
+        if self._llm_config is None:
+            self._llm_config = self._start_pool() if self.settings.pool else self._chosen_backend()
+        return self._llm_config
+
+    def _connect(self) -> None:
+        """Connect to Ray (bounded), check `slots` fit, and say where the run runs: before anything is written."""
+        if self._connection is None:
+            if not ray_started():
+                self.on_event(RayStarting(address=cluster_address(self._ray_options())))
+            # Embedded Ray counts this machine's slots from the backend's footprint; a pool's slots are its servers.
+            self._connection = ensure_ray(self._ray_options(), None if self.settings.pool else self._llm())
+            self.on_event(Notice(self._connection.describe()))
+        self._connection.check_slots(self.settings.slots)
 
     def _chosen_backend(self) -> LLMConfig:
         config = LLMConfig(backend=self.settings.llm, model=self.settings.model, options=self.settings.llm_options)
@@ -180,7 +195,7 @@ class MetaAgent:
         """Start the model servers as Ray actors, each pinned to its GPU share; agents go to a free one."""
         spec = self.settings.pool
         assert spec is not None
-        ensure_ray(self._ray_options())
+        self._connect()
         self._pool = start_pool(spec.model_copy(update={"model": spec.model or self.settings.model}))
         self.on_event(Notice(f"🖥️ LLM pool: {self._pool.describe()}"))
         return self._pool.llm_config()
@@ -209,7 +224,7 @@ class MetaAgent:
         `ray_timeline` receives Ray's own chrome trace of the run (`ray.timeline`).
         """
         _check_outputs(run_dir, record_path, ray_timeline)
-        plan, coordinator = self._plan(query)
+        plan, coordinator = self._plan(query, connect=True)
         directory = self._directory(run_dir, query, save)
         with _locked(directory):
             return self._execute(plan, query, directory, record_path, coordinator=coordinator, ray_timeline=ray_timeline)
@@ -231,6 +246,7 @@ class MetaAgent:
             raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.settings.max_agents}")
         _check_outputs(run_dir, record_path, ray_timeline)
         self._driver_llm()
+        self._connect()
         query = query or plan.description
         directory = self._directory(run_dir, query, save)
         with _locked(directory):
@@ -262,8 +278,9 @@ class MetaAgent:
             if "llm" in overrides and overrides["llm"] != previous.settings.get("llm"):
                 settings["llm_options"] = overrides.get("llm_options", {})
             with cls(on_event=on_event, verbose=verbose, stream=stream, **settings) as meta:
-                meta.on_event(Notice(f"♻️ Resuming {run_dir}: {resume_summary(previous)}"))
                 meta._driver_llm()
+                meta._connect()
+                meta.on_event(Notice(f"♻️ Resuming {run_dir}: {resume_summary(previous)}"))
                 return meta._execute(
                     previous.plan,
                     previous.query,
@@ -274,10 +291,14 @@ class MetaAgent:
                     ray_timeline=ray_timeline,
                 )
 
-    def _plan(self, query: str) -> tuple[ExecutionPlan, CoordinatorRecord]:
+    def _plan(self, query: str, *, connect: bool = False) -> tuple[ExecutionPlan, CoordinatorRecord]:
+        """The coordinator's plan; with `connect`, Ray is reached first (after the backend's check), so
+        a run whose cluster is unreachable stops before the LLM plans."""
         if not query.strip():
             raise ConfigError("the query is empty")
         llm = self._driver_llm()
+        if connect:
+            self._connect()
         self.on_event(PlanningStarted(llm=llm.describe()))
         on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
         plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text)

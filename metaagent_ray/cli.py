@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import os
 import shlex
+import shutil
 import sys
+import tempfile
 import webbrowser
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
@@ -19,11 +22,13 @@ from rich.console import Console
 from .api import DEFAULT_MAX_AGENTS, MetaAgent, check_output_file, load_plan, load_record
 from .console import ConsoleView, layer_lines
 from .errors import ConfigError, MetaAgentError
+from .jobs import JobLog, JobRequest, follow_job, print_run_archive, stop_job, submit_job
 from .live import LiveView
 from .llm import LLMConfig
-from .record import RunRecord
+from .record import RunRecord, run_dir_name
 from .report import write_report
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
+from .runtime import RunStopped
 from .viz import write_pictures
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -49,7 +54,13 @@ class RunOptions:
     slots: Annotated[
         Optional[int], typer.Option("--slots", min=1, help="At most this many agents call an LLM at once (a Ray custom resource).")
     ] = None
-    address: Annotated[Optional[str], typer.Option("--address", help="Connect to this Ray cluster instead of starting Ray locally.")] = None
+    address: Annotated[
+        Optional[str],
+        typer.Option(
+            "--address",
+            help="The Ray cluster: HEAD:6379 or auto (default $RAY_ADDRESS, else Ray starts embedded); for submit, the dashboard http://HEAD:8265.",
+        ),
+    ] = None
     record: Annotated[Optional[Path], typer.Option("--record", help="Also write the run record (JSON) to this file.")] = None
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Keep the run's files here (default runs/<UTC time>-<slug>/).")] = None
     retries: Annotated[Optional[int], typer.Option("--retries", min=0, help="Retries of a transient LLM error per agent [default: 2].")] = None
@@ -92,6 +103,9 @@ class RunOptions:
     ] = "auto"
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging, and tracebacks on errors.")] = False
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only warnings and the final output.")] = False
+    ship_run_dir: Annotated[
+        bool, typer.Option("--ship-run-dir", hidden=True, help="In a job from `metaagent submit`: print the run directory for it to bring back.")
+    ] = False
 
     def settings(self) -> dict[str, Any]:
         """The API settings these flags give; a flag for another backend is an error."""
@@ -215,14 +229,35 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _finish(record: RunRecord) -> None:
-    """Say where the run is kept and how to resume it; exit 1 if any agent did not succeed."""
+def _finish(options: RunOptions, run: Callable[[], RunRecord]) -> None:
+    """Run; say where the run is kept and how to resume it; exit 1 if any agent did not succeed.
+
+    In a submitted job (--ship-run-dir) the run directory goes to the job's log, also when interrupted.
+    """
+    try:
+        record = run()
+    except RunStopped as stop:
+        if options.ship_run_dir and stop.record.run_dir:
+            print_run_archive(Path(stop.record.run_dir), sys.stdout)
+        raise
+    if options.ship_run_dir and record.run_dir:
+        print_run_archive(Path(record.run_dir), sys.stdout)
     if record.run_dir:
         print(f"\n💾 Run saved in {record.run_dir}", file=sys.stderr)
     if record.status != "ok":
         if record.run_dir:
             print(f"↩️ To re-run what did not finish: metaagent resume {shlex.quote(record.run_dir)}", file=sys.stderr)
         raise typer.Exit(1)
+
+
+def _job_run_dir(options: RunOptions, slug_source: str) -> Path | None:
+    """--run-dir; in a job from `submit`, a directory of its own outside the job's working directory.
+
+    Ray may unpack the working directory again while the job runs: a run kept there lost its runs/.
+    """
+    if options.run_dir is not None or not options.ship_run_dir:
+        return options.run_dir
+    return Path(tempfile.mkdtemp(prefix="metaagent-job-")) / run_dir_name(slug_source)
 
 
 QueryArgument = Annotated[str, typer.Argument(help="What you want the agents to do.", show_default=False)]
@@ -238,16 +273,18 @@ def exec_command(
 ) -> None:
     """Run a plan file."""
     plan = load_plan(plan_file, max_agents=options.max_agents or DEFAULT_MAX_AGENTS)
+    run_dir = _job_run_dir(options, query or plan.description)
     with options.meta_agent() as agent:
-        _finish(agent.execute(plan, query, run_dir=options.run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
+        _finish(options, lambda: agent.execute(plan, query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
 
 
 @app.command("run")
 @with_run_options
 def run_command(query: QueryArgument, *, options: RunOptions) -> None:
     """Plan QUERY with the coordinator, show the plan's layers, execute it, print the final answer."""
+    run_dir = _job_run_dir(options, query)
     with options.meta_agent() as agent:
-        _finish(agent.run(query, run_dir=options.run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
+        _finish(options, lambda: agent.run(query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
 
 
 @app.command("plan")
@@ -293,16 +330,129 @@ def resume_command(
     settings = options.settings()
     view = options.view()
     with watching(view):
-        record = MetaAgent.resume(
-            earlier_run,
-            on_event=view,
-            verbose=options.verbose,
-            stream=isinstance(view, LiveView),
-            record_path=options.record,
-            ray_timeline=options.ray_timeline,
-            **settings,
+        _finish(
+            options,
+            lambda: MetaAgent.resume(
+                earlier_run,
+                on_event=view,
+                verbose=options.verbose,
+                stream=isinstance(view, LiveView),
+                record_path=options.record,
+                ray_timeline=options.ray_timeline,
+                **settings,
+            ),
         )
-    _finish(record)
+
+
+# Options that stay on the submitting machine: where the job goes and where its run comes back.
+SUBMITTER_OPTIONS = {"address", "run_dir", "record", "ship_run_dir"}
+
+
+def _job_arguments(options: RunOptions) -> list[str]:
+    """The run options given to `submit`, as the job's metaagent command takes them."""
+    hints = get_type_hints(RunOptions, include_extras=True)
+    arguments: list[str] = []
+    for option in fields(RunOptions):
+        value = getattr(options, option.name)
+        if option.name in SUBMITTER_OPTIONS or value is None or value is False:
+            continue
+        info = hints[option.name].__metadata__[0]  # typer keeps an Annotated option's first name as its `default`
+        flag = max([info.default, *info.param_decls], key=len)
+        arguments += [flag] if value is True else [flag, str(value)]
+    return arguments
+
+
+def _key_values(pairs: list[str]) -> dict[str, str]:
+    env = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key:
+            raise ConfigError(f"--env {pair!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+@app.command("submit")
+@with_run_options
+def submit_command(
+    query: Annotated[Optional[str], typer.Argument(help="What you want the agents to do (or --plan).", show_default=False)] = None,
+    plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Run this plan file instead of planning QUERY.")] = None,
+    working_dir: Annotated[Optional[Path], typer.Option("--working-dir", help="Send this directory to the job (its working directory).")] = None,
+    pip: Annotated[Optional[list[str]], typer.Option("--pip", help="Install this package in the job's environment (repeatable).")] = None,
+    env: Annotated[Optional[list[str]], typer.Option("--env", help="Set KEY=VALUE in the job's environment (repeatable).")] = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the job id and return; --attach follows it later.")] = False,
+    attach: Annotated[Optional[str], typer.Option("--attach", metavar="JOB_ID", help="Follow a submitted job and bring its run back.")] = None,
+    *,
+    options: RunOptions,
+) -> None:
+    """Run QUERY (or --plan FILE) on a Ray cluster as a Ray Job: follow its log, then bring its run directory back under runs/.
+
+    Ctrl-C asks whether to stop the job or detach from it.
+    """
+    if not options.verbose:  # Ray's INFO lines about uploading the working directory and closing the log's socket
+        for name in [name for name in logging.root.manager.loggerDict if name.startswith("ray.dashboard")]:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    address = options.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("submit needs the head's dashboard: --address http://HEAD:8265 (or RAY_ADDRESS)")
+    if options.run_dir is not None and options.run_dir.exists() and any(options.run_dir.iterdir()):
+        raise ConfigError(f"--run-dir {options.run_dir} exists and is not empty; the job's run directory comes back into a new one")
+    job_id = attach
+    if job_id is None:
+        if (query is None) == (plan_file is None):
+            raise ConfigError("submit takes a QUERY or --plan FILE (one of them)")
+        if plan_file is not None:
+            load_plan(plan_file, max_agents=options.max_agents or DEFAULT_MAX_AGENTS)  # a bad plan fails here, not in the job
+        command = ["exec", str(plan_file)] if plan_file is not None else ["run", query or ""]
+        request = JobRequest(
+            address=address,
+            command=[*command, *_job_arguments(options)],
+            working_dir=working_dir,
+            pip=pip or [],
+            env_vars=_key_values(env or []),
+        )
+        job_id = submit_job(request, plan_file=plan_file)
+        print(f"🚀 Submitted Ray job {job_id} to {address}", file=sys.stderr, flush=True)
+    elif query is not None or plan_file is not None:
+        raise ConfigError("--attach follows a job already submitted; it takes no QUERY or --plan")
+    if no_wait:
+        print(job_id)
+        print(f"Follow it and bring its run back with: metaagent submit --attach {job_id} --address {address}", file=sys.stderr)
+        return
+    _follow(address, job_id, options)
+
+
+def _follow(address: str, job_id: str, options: RunOptions) -> None:
+    """Follow the job to its end (Ctrl-C: stop it or detach), bring its run directory back, exit as the job did."""
+    log = JobLog()
+    while True:
+        try:
+            outcome = follow_job(address, job_id, log, destination=options.run_dir)
+            break
+        except KeyboardInterrupt:
+            if _ask_stop(job_id):
+                stop_job(address, job_id)
+                print(f"🛑 Stopping job {job_id}; its run saves what finished", file=sys.stderr, flush=True)
+                continue
+            print(f"Detached; job {job_id} runs on. Follow it again with: metaagent submit --attach {job_id} --address {address}", file=sys.stderr)
+            return
+    if outcome.run_dir is not None:
+        print(f"💾 Run brought back to {outcome.run_dir}", file=sys.stderr)
+        if options.record is not None:
+            shutil.copyfile(outcome.run_dir / "record.json", options.record)
+    if outcome.status == "SUCCEEDED":
+        return
+    reason = next(iter(outcome.message.splitlines()), "")  # Ray appends the log's tail, which was printed already
+    _fail(f"job {job_id} {outcome.status.lower()}" + (f": {reason}" if reason else ""), 130 if outcome.status == "STOPPED" else 1)
+
+
+def _ask_stop(job_id: str) -> bool:
+    """Ctrl-C while following: True to stop the job; without a terminal, or on a second Ctrl-C, stop."""
+    try:
+        answer = input(f"\nStop job {job_id} (s) or detach and leave it running (d)? [s/d] ")
+    except (EOFError, KeyboardInterrupt):
+        return True
+    return not answer.strip().lower().startswith("d")
 
 
 @dataclass(frozen=True)

@@ -199,6 +199,11 @@ def slugify(text: str, limit: int = 40) -> str:
     return slug[:limit].rstrip("-") or "run"
 
 
+def run_dir_name(slug_source: str) -> str:
+    """A run directory's default name: `<UTC time>-<slug>`."""
+    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{slugify(slug_source)}"
+
+
 class RunDirectory:
     """`runs/<UTC time>-<slug>/` with record.json, plan.json, final.md and agents/NN-role.md."""
 
@@ -221,9 +226,8 @@ class RunDirectory:
             cls.check_new(base)
             base.mkdir(parents=True, exist_ok=True)
             return cls(base)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         root = Path("runs")
-        name = f"{stamp}-{slugify(slug_source)}"
+        name = run_dir_name(slug_source)
         path, suffix = root / name, 1
         while path.exists():
             suffix += 1

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import ray._private.ray_constants as ray_constants
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, AgentResult, run_agent
+from .connect import RayOptions, ensure_ray
 from .errors import ConfigError, MetaAgentError
 from .events import (
     AgentFinished,
@@ -37,7 +37,6 @@ from .events import (
     EventHandler,
     Notice,
     PlanReady,
-    RayStarting,
     RunFinished,
     SubPlanReady,
     TokenCounter,
@@ -56,16 +55,11 @@ from .record import (
     compose_final_output,
     resume_choice,
 )
-from .resources import SLOT_RESOURCE, SlotPlan, default_slots
+from .resources import SLOT_RESOURCE
 
-WARM_WORKERS = 16  # idle Ray workers kept alive when no slot count says how many agents run at once
 PLACEMENT_TIMEOUT_S = 30.0
 RAY_TASK_RETRIES = 3  # re-executions when a worker process dies mid-agent
 DEADLINE_GRACE_S = 5.0
-LOOPBACK = "127.0.0.1"
-
-_embedded = False  # whether ensure_ray started Ray in this process, which then stops it (shutdown_ray)
-
 log = logging.getLogger(__name__)
 
 
@@ -87,16 +81,6 @@ class RunBroken(RunStopped):
 
 
 @dataclass(frozen=True)
-class RayOptions:
-    """Where to run: an existing cluster (`address`) or embedded local Ray, and the LLM slot cap."""
-
-    address: str | None = None
-    slots: int | None = None
-    verbose: bool = False
-    num_gpus: int | None = None  # logical GPUs for embedded Ray (tests); None lets Ray detect them
-
-
-@dataclass(frozen=True)
 class RunLimits:
     """Bounds on one run: per agent (tries, time, tokens, failure policy, depth) and for the whole tree."""
 
@@ -109,73 +93,6 @@ class RunLimits:
         if call is None:
             return None
         return call * (self.agent.retries + 1) + BACKOFF_MAX_S * self.agent.retries + DEADLINE_GRACE_S
-
-
-def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> SlotPlan | None:
-    """Connect to the cluster at `address`, or start Ray embedded with LLM slots for this machine.
-
-    Embedded Ray gets as many LLM slots as the machine's RAM, cores and the model allow, and at
-    least `slots` (the plan is returned so the caller can show its reasoning). A run's own cap is
-    `slots`, reserved per run, so later runs in this process may ask for more.
-    """
-    if ray.is_initialized():
-        return None
-    common: dict[str, Any] = {
-        "include_dashboard": False,
-        "logging_level": logging.INFO if options.verbose else logging.ERROR,
-        "log_to_driver": options.verbose,
-    }
-    plan = None
-    try:
-        if options.address:
-            ray.init(address=options.address, **common)
-            return None
-        if llm is not None:
-            plan = default_slots(llm)
-        node_slots = max(options.slots or 0, plan.slots if plan else 0) or None
-        resources = {SLOT_RESOURCE: float(node_slots)} if node_slots else {}
-        # Ray keeps only as many idle workers as CPUs and kills the rest within a second; agents
-        # are I/O-bound and a worker may hold a loaded model, so keep as many as may run at once.
-        warm = max(node_slots or WARM_WORKERS, os.cpu_count() or 1)
-        _loopback_only()
-        ray.init(
-            address="local",  # a new instance of our own, even when another Ray runs on this machine
-            _node_ip_address=LOOPBACK,
-            resources=resources,
-            num_gpus=options.num_gpus,
-            _system_config={"num_workers_soft_limit": warm},
-            **common,
-        )
-    except (ConnectionError, RuntimeError, ValueError) as error:
-        where = f"the Ray cluster at {options.address}" if options.address else "a local Ray instance"
-        raise ConfigError(f"cannot start or reach {where}: {error}") from None
-    global _embedded
-    _embedded = True
-    return plan
-
-
-def _loopback_only() -> None:
-    """Make the Ray about to start listen on loopback only, unreachable from the network.
-
-    On Linux Ray treats every machine as a would-be cluster node: it advertises the machine's network
-    address and its servers listen on every interface. What Ray does on laptops (macOS, Windows) is
-    what an embedded run wants, and Ray reads that switch from its constants in this process and from
-    the environment in the processes it starts (GCS, raylet, dashboard agent, workers).
-    """
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
-    ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def shutdown_ray() -> None:
-    """Stop the Ray this process started (its GCS, raylet and workers); a cluster it joined keeps running.
-
-    Stop signals are ignored meanwhile, so a second Ctrl-C cannot leave Ray's processes behind.
-    """
-    global _embedded
-    if _embedded:
-        with stop_signals_ignored():
-            ray.shutdown()
-        _embedded = False
 
 
 @dataclass(frozen=True)
@@ -438,20 +355,17 @@ _hubs: dict[str, Any] = {}  # Ray job id -> its hub; holding the handle keeps th
 
 def _run_hub() -> Any:
     """This driver's hub, created on first use."""
-    job = ray.get_runtime_context().get_job_id()
+    context = ray.get_runtime_context()
+    job = context.get_job_id()
     if job not in _hubs:
-        _hubs[job] = _RunHub.remote()
+        # On the driver's node: losing another node must not lose the run's supervision.
+        here = NodeAffinitySchedulingStrategy(node_id=context.get_node_id(), soft=False)
+        _hubs[job] = _RunHub.options(scheduling_strategy=here).remote()
     return _hubs[job]
 
 
 def _slot_group(slots: int) -> PlacementGroup:
-    """Reserve `slots` LLM slots for this run, so at most that many agents call an LLM at once."""
-    available = ray.cluster_resources().get(SLOT_RESOURCE, 0)
-    if available < slots:
-        raise ConfigError(
-            f"--slots {slots}: the Ray cluster has only {int(available)} {SLOT_RESOURCE} resources "
-            f"(start its nodes with --resources '{{\"{SLOT_RESOURCE}\": N}}')"
-        )
+    """Reserve `slots` LLM slots for this run, so at most that many agents call an LLM at once (the API checked the cluster has them)."""
     group = placement_group([{SLOT_RESOURCE: 1.0}] * slots, strategy="PACK")
     ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
     if not ready:
@@ -505,13 +419,7 @@ def execute_plan(
     A stop signal raises RunInterrupted and a dead Ray process RunBroken, both after the record is
     saved with its final status.
     """
-    ray_was_up, ray_started_at = ray.is_initialized(), time.time()
-    if not ray_was_up:
-        on_event(RayStarting(address=ray_options.address))
-    slot_plan = ensure_ray(ray_options, llm)
-    ray_ready_at = time.time()
-    if slot_plan is not None and ray_options.slots is None:
-        on_event(Notice(f"🧮 {slot_plan.slots} LLM slots on this machine ({slot_plan.reasons[-1]}; see `metaagent resources`)"))
+    connection = ensure_ray(ray_options, llm)  # the API connects first, so a run that cannot start leaves nothing on disk
     record = RunRecord.start(
         plan,
         query,
@@ -520,8 +428,8 @@ def execute_plan(
         slots=ray_options.slots or int(ray.cluster_resources().get(SLOT_RESOURCE, 0)) or None,
         run_dir=str(run_dir.path) if run_dir else None,
         coordinator=coordinator,
-        ray_started_at=None if ray_was_up else ray_started_at,
-        ray_ready_at=None if ray_was_up else ray_ready_at,
+        ray_started_at=connection.started_at,
+        ray_ready_at=connection.ready_at,
     )
     kept: dict[int, AgentResult] = {}
     if earlier is not None:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from metaagent_ray.connect import WARM_WORKERS
 from metaagent_ray.llm import LLMRequest, Message
-from metaagent_ray.runtime import SLOT_RESOURCE, WARM_WORKERS
+from metaagent_ray.resources import SLOT_RESOURCE
 
 HEAD_SLOTS, WORKER_SLOTS = 8, 4  # llm_slot per node; runs with --slots N <= 12 reserve N of them
 LOGICAL_GPUS = 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from metaagent_ray import AgentFinished, AgentStarted, MetaAgent, PlanReady, RunFinished, load_plan, parse_plan
+from metaagent_ray import AgentFinished, AgentStarted, MetaAgent, Notice, PlanReady, RunFinished, load_plan, parse_plan
 from metaagent_ray.record import RunRecord
 from tests.conftest import EXAMPLES
 
@@ -44,7 +44,8 @@ def test_each_agent_runs_once_and_receives_exactly_its_dependencies(tmp_path: Pa
     starts = [event.agent_id for event in events if isinstance(event, AgentStarted)]
     finishes = [event.agent.id for event in events if isinstance(event, AgentFinished)]
     assert sorted(starts) == sorted(finishes) == list(range(9))
-    assert isinstance(events[0], PlanReady) and isinstance(events[-1], RunFinished)
+    assert isinstance(events[0], Notice) and events[0].text.startswith("🌐 Ray cluster at ")  # where the run runs, first
+    assert isinstance(events[1], PlanReady) and isinstance(events[-1], RunFinished)
     assert record.final_output == record.agents[8].output
 
 
