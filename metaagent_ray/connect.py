@@ -27,7 +27,6 @@ from .interrupts import stop_signals_ignored
 from .llm import LLMConfig
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots
 
-WARM_WORKERS = 16  # idle Ray workers kept alive when no slot count says how many agents run at once
 CONNECT_TIMEOUT_S = 10.0  # for each of: reaching the head's port, and its GCS answering
 RAY_ADDRESS = "RAY_ADDRESS"  # Ray sets it in a Ray Job's driver, so a job runs on its cluster
 
@@ -119,9 +118,6 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> RayConnecti
     plan = default_slots(llm) if llm is not None else None
     node_slots = max(options.slots or 0, plan.slots if plan else 0) or None
     resources = {SLOT_RESOURCE: float(node_slots)} if node_slots else {}
-    # Ray keeps only as many idle workers as CPUs and kills the rest within a second; agents
-    # are I/O-bound and a worker may hold a loaded model, so keep as many as may run at once.
-    warm = max(node_slots or WARM_WORKERS, os.cpu_count() or 1)
     _loopback_only()
     try:
         ray.init(
@@ -129,7 +125,6 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> RayConnecti
             _node_ip_address=LOOPBACK,
             resources=resources,
             num_gpus=options.num_gpus,
-            _system_config={"num_workers_soft_limit": warm},
             **common,
         )
     except (ConnectionError, RuntimeError, ValueError) as error:

@@ -147,6 +147,15 @@ class ExecutionPlan(BaseModel):
             found |= nx.descendants(graph, agent)
         return found
 
+    def remaining_path(self) -> dict[int, int]:
+        """Agent index -> how many agents lie on the longest chain from it to the end (itself included):
+        under a slot cap, starting the longest first keeps the critical path moving."""
+        graph = self.graph()
+        remaining: dict[int, int] = {}
+        for agent in reversed(self.topological_order()):
+            remaining[agent] = 1 + max((remaining[after] for after in graph.successors(agent)), default=0)
+        return remaining
+
     def critical_path(self, durations: Mapping[int, float]) -> tuple[float, list[int]]:
         """The longest chain of dependent durations: no scheduler can finish sooner."""
         finish: dict[int, float] = {}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 import uuid
 from dataclasses import dataclass, field, replace
@@ -24,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, AgentResult, run_agent
+from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, AgentResult
 from .connect import RayOptions, ensure_ray
-from .errors import ConfigError, MetaAgentError
+from .errors import MetaAgentError
 from .events import (
     AgentFinished,
     AgentStarted,
@@ -39,9 +37,9 @@ from .events import (
     PlanReady,
     RunFinished,
     SubPlanReady,
-    TokenCounter,
     TokensArrived,
 )
+from .executors import Executor, SlotPool, start_executors, stop_executors
 from .interrupts import exit_code, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
@@ -57,7 +55,7 @@ from .record import (
 )
 from .resources import SLOT_RESOURCE
 
-PLACEMENT_TIMEOUT_S = 30.0
+CHECKPOINT_INTERVAL_S = 1.0  # the most a run killed outright can lose of its record
 RAY_TASK_RETRIES = 3  # re-executions when a worker process dies mid-agent
 DEADLINE_GRACE_S = 5.0
 log = logging.getLogger(__name__)
@@ -102,7 +100,6 @@ class _Submission:
     run_id: str
     llm: LLMConfig
     limits: RunLimits
-    task_options: dict[str, Any]
     stream: bool = False  # agents stream their answers to the driver as `TokensArrived` events
 
 
@@ -117,11 +114,13 @@ def submit_plan(
 ) -> dict[int, ray.ObjectRef]:
     """Submit every agent of `plan` (no waiting); returns each agent's supervised result.
 
-    `kept` holds what a resume keeps: an `ok` result goes straight to the agent's dependents
-    without running it; a `delegated` one continues its sub-plan without a new LLM call.
+    Each agent's inputs are the ObjectRefs of its dependencies' results; the hub runs it once they
+    are ready. `kept` holds what a resume keeps: an `ok` result goes straight to the agent's
+    dependents without running it; a `delegated` one continues its sub-plan without a new LLM call.
     """
     kept = kept or {}
     layer_of = plan.layer_of()
+    remaining = plan.remaining_path()
     refs: dict[int, ray.ObjectRef] = {}
     for agent_id in plan.topological_order():
         earlier = kept.get(agent_id)
@@ -141,15 +140,9 @@ def submit_plan(
             submitted_at=time.time(),
         )
         dependency_specs = {dep: plan.agents[dep] for dep in spec.depends_on}
+        # Refs inside a list are passed as refs, not awaited: the hub waits for them itself.
         dependency_refs = [refs[dep] for dep in spec.depends_on]
-        if earlier is not None:
-            work = ray.put(earlier)
-        else:
-            work = _agent_task.options(**submission.task_options).remote(
-                context, dependency_specs, hub, submission.run_id, submission.stream, *dependency_refs
-            )
-        # Refs inside a list are passed as refs, not awaited: the hub supervises the work as it runs.
-        refs[agent_id] = hub.supervise.remote(submission, context, dependency_specs, [work, *dependency_refs])
+        refs[agent_id] = hub.supervise.remote(submission, context, dependency_specs, remaining[agent_id], dependency_refs, earlier)
     return refs
 
 
@@ -174,28 +167,11 @@ def kept_results(plan: ExecutionPlan, agents: list[AgentRecord]) -> dict[int, Ag
 
 
 @dataclass(frozen=True)
-class _SubAgentDone:
-    """Hub to driver: an agent of a sub-plan has its final result (the driver records it)."""
+class _AgentDone:
+    """Hub to driver: an agent (of the plan or of a sub-plan) has its final result; the driver records it."""
 
     path: str
     result: AgentResult
-
-
-@ray.remote(num_cpus=0)
-def _agent_task(
-    context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, stream: bool, *inputs: AgentResult
-) -> AgentResult:
-    """One agent's work on a Ray worker. Ray passes the dependencies' results in place of their ObjectRefs.
-
-    With `stream`, the answer's tokens go to the hub as they arrive (a few events a second, not awaited).
-    """
-    node = ray.get_runtime_context().get_node_id()
-    execution = hub.started.remote(run_id, context.label, context.spec.role.value, os.getpid(), node)  # not awaited
-    on_text = TokenCounter(context.label, lambda event: hub.progress.remote(run_id, event)) if stream else None
-    result = run_agent(context, inputs, dependency_specs, on_text)
-    result.node = node
-    result.attempts += ray.get(execution) - 1  # each earlier execution died mid-agent: one try each
-    return result
 
 
 @ray.remote(num_cpus=0, max_concurrency=100_000)
@@ -206,25 +182,29 @@ class _RunHub:
     """
 
     def __init__(self) -> None:
-        self._events: dict[str, asyncio.Queue[Event | _SubAgentDone | None]] = {}  # None ends a run's stream
+        self._events: dict[str, asyncio.Queue[Event | _AgentDone | None]] = {}  # None ends a run's stream
         self._executions: dict[tuple[str, str], int] = {}
         self._started: dict[tuple[str, str], asyncio.Event] = {}
         self._started_at: dict[tuple[str, str], float] = {}
         self._work: dict[str, list[ray.ObjectRef]] = {}
         self._total: dict[str, int] = {}
+        self._executors: dict[str, list[Executor]] = {}
+        self._slots: dict[str, SlotPool] = {}
 
-    def _queue(self, run_id: str) -> asyncio.Queue[Event | _SubAgentDone | None]:
+    def _queue(self, run_id: str) -> asyncio.Queue[Event | _AgentDone | None]:
         return self._events.setdefault(run_id, asyncio.Queue())
 
-    def _publish(self, run_id: str, event: Event | _SubAgentDone) -> None:
+    def _publish(self, run_id: str, event: Event | _AgentDone) -> None:
         self._queue(run_id).put_nowait(event)
 
     def _start_signal(self, run_id: str, path: str) -> asyncio.Event:
         return self._started.setdefault((run_id, path), asyncio.Event())
 
-    async def open_run(self, run_id: str, agents: int) -> None:
+    async def open_run(self, run_id: str, agents: int, executors: list[Executor]) -> None:
         self._total[run_id] = agents
         self._work[run_id] = []
+        self._executors[run_id] = executors
+        self._slots[run_id] = SlotPool({index: executor.slots for index, executor in enumerate(executors)})
 
     async def started(self, run_id: str, path: str, role: str, pid: int, node: str) -> int:
         """An agent's work began (again, if Ray retried it); returns which execution this is."""
@@ -240,7 +220,7 @@ class _RunHub:
         if run_id in self._events:
             self._publish(run_id, event)
 
-    async def next_batch(self, run_id: str) -> list[Event | _SubAgentDone]:
+    async def next_batch(self, run_id: str) -> list[Event | _AgentDone]:
         queue = self._queue(run_id)
         events = [await queue.get()]
         while not queue.empty():
@@ -248,9 +228,9 @@ class _RunHub:
         return [event for event in events if event is not None]
 
     async def cancel(self, run_id: str) -> None:
-        """Stop every agent task of the run (Ctrl-C)."""
+        """Stop every agent of the run (Ctrl-C); the driver then ends the executors, and any call in them."""
         for work in self._work.get(run_id, []):
-            ray.cancel(work, force=True)
+            ray.cancel(work)
 
     async def forget(self, run_id: str) -> None:
         """The run is over: release its waiting `next_batch` and everything kept for it."""
@@ -258,25 +238,68 @@ class _RunHub:
         self._events.pop(run_id)
         self._work.pop(run_id, None)
         self._total.pop(run_id, None)
+        self._executors.pop(run_id, None)
+        self._slots.pop(run_id, None)
         for table in (self._executions, self._started, self._started_at):
             for key in [key for key in table if key[0] == run_id]:
                 del table[key]
 
     async def supervise(
-        self, submission: _Submission, context: AgentContext, dependency_specs: dict[int, AgentSpec], refs: list[ray.ObjectRef]
+        self,
+        submission: _Submission,
+        context: AgentContext,
+        dependency_specs: dict[int, AgentSpec],
+        priority: int,
+        dependency_refs: list[ray.ObjectRef],
+        kept: AgentResult | None,
     ) -> AgentResult:
-        """The agent's final result: its work's, bounded in time, or its sub-plan's when it delegated."""
-        work, *dependency_refs = refs
-        self._work.setdefault(submission.run_id, []).append(work)
-        result = await self._await_work(submission, context, work)
-        if result.status == "delegated" and result.sub_plan is not None:
-            result = await self._delegate(submission, context, dependency_specs, dependency_refs, result)
-        if "." in context.label:  # the driver sees top-level results itself
-            self._publish(submission.run_id, _SubAgentDone(context.label, result))
+        """The agent's final result: its work's once its inputs are ready, or its sub-plan's when it delegated.
+
+        Whatever happens, the driver hears of it: a fault here fails this agent, never hangs the run.
+        """
+        try:
+            if dependency_refs:
+                await asyncio.wait([asyncio.wrap_future(ref.future()) for ref in dependency_refs])
+            if kept is not None:  # a resumed agent continues its unfinished sub-plan
+                result = kept
+            else:
+                result = await self._execute(submission, context, dependency_specs, priority, dependency_refs)
+            if result.status == "delegated" and result.sub_plan is not None:
+                result = await self._delegate(submission, context, dependency_specs, priority, dependency_refs, result)
+        except Exception as error:  # noqa: BLE001 - reported as the agent's error
+            log.exception("supervising agent %s failed", context.label)
+            result = self._failure(submission.run_id, context, f"the agent's supervision failed: {type(error).__name__}: {error}")
+        self._publish(submission.run_id, _AgentDone(context.label, result))
         return result
 
+    async def _execute(
+        self, submission: _Submission, context: AgentContext, dependency_specs: dict[int, AgentSpec], priority: int, inputs: list[ray.ObjectRef]
+    ) -> AgentResult:
+        """Run the agent on an executor with a free slot; an execution lost with its executor is tried again."""
+        run_id = submission.run_id
+        slots, executors = self._slots[run_id], self._executors[run_id]
+        while True:
+            index = await slots.acquire(priority)
+            work = executors[index].actor.run.remote(context, dependency_specs, ray.get_runtime_context().current_actor, run_id, submission.stream, *inputs)
+            self._work[run_id].append(work)
+            try:
+                result = await self._await_work(submission, context, work)
+            except ray.exceptions.RayActorError as error:
+                slots.release(index)
+                if not _node_alive(executors[index].node):
+                    slots.drop(index)
+                executions = self._executions.get((run_id, context.label), 1)
+                if executions > RAY_TASK_RETRIES or not slots.executors:
+                    return self._failure(run_id, context, f"the agent's executor died {executions} times: {type(error).__name__}")
+                continue
+            if result.status == "failed" and result.error and result.error.startswith("timed out"):
+                asyncio.ensure_future(_release_when_done(work, slots, index))  # the call still holds its thread
+            else:
+                slots.release(index)
+            return result
+
     async def _await_work(self, submission: _Submission, context: AgentContext, work: ray.ObjectRef) -> AgentResult:
-        """Wait for the work; once it has started, give it `deadline` seconds before cancelling it."""
+        """Wait for the work; once it has started, give it `deadline` seconds before giving up on it."""
         done = asyncio.ensure_future(asyncio.wrap_future(work.future()))
         deadline = submission.limits.deadline()
         try:
@@ -287,8 +310,10 @@ class _RunHub:
                 await asyncio.wait_for(asyncio.shield(done), timeout=deadline)
             return await done
         except asyncio.TimeoutError:
-            ray.cancel(work, force=True)
-            return self._failure(submission.run_id, context, f"timed out: no result within {deadline:g} s (--agent-timeout); the task was cancelled")
+            ray.cancel(work)
+            return self._failure(submission.run_id, context, f"timed out: no result within {deadline:g} s (--agent-timeout); the agent was abandoned")
+        except ray.exceptions.RayActorError:
+            raise
         except ray.exceptions.RayError as error:
             detail = next(iter(str(error).splitlines()), "")
             return self._failure(submission.run_id, context, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
@@ -312,6 +337,7 @@ class _RunHub:
         submission: _Submission,
         context: AgentContext,
         dependency_specs: dict[int, AgentSpec],
+        priority: int,
         dependency_refs: list[ray.ObjectRef],
         parent: AgentResult,
     ) -> AgentResult:
@@ -324,11 +350,7 @@ class _RunHub:
             warning = f"⚠️ Agent {context.label}: not delegating to {len(plan.agents)} more agents, the run would exceed --max-total-agents {limit}; it answers itself"
             self._publish(run_id, Notice(warning, warning=True))
             alone = replace(context, delegation_allowed=False)
-            work = _agent_task.options(**submission.task_options).remote(
-                alone, dependency_specs, me, run_id, submission.stream, *dependency_refs
-            )
-            self._work[run_id].append(work)
-            result = await self._await_work(submission, alone, work)
+            result = await self._execute(submission, alone, dependency_specs, priority, dependency_refs)
             result.warnings = [*parent.warnings, warning]
             return result
         self._total[run_id] = self._total.get(run_id, 0) + len(plan.agents)
@@ -364,14 +386,14 @@ def _run_hub() -> Any:
     return _hubs[job]
 
 
-def _slot_group(slots: int) -> PlacementGroup:
-    """Reserve `slots` LLM slots for this run, so at most that many agents call an LLM at once (the API checked the cluster has them)."""
-    group = placement_group([{SLOT_RESOURCE: 1.0}] * slots, strategy="PACK")
-    ready, _ = ray.wait([group.ready()], timeout=PLACEMENT_TIMEOUT_S)
-    if not ready:
-        remove_placement_group(group)
-        raise ConfigError(f"--slots {slots}: the cluster could not reserve {slots} free LLM slots within {PLACEMENT_TIMEOUT_S:.0f} s")
-    return group
+async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -> None:
+    """Give back an abandoned agent's slot once its call really ends, so the cap stays exact."""
+    await asyncio.wait([asyncio.wrap_future(work.future())])
+    slots.release(index)
+
+
+def _node_alive(node: str) -> bool:
+    return any(entry["NodeID"] == node and entry["Alive"] for entry in ray.nodes())
 
 
 def apply_result(agent: AgentRecord, result: AgentResult) -> None:
@@ -420,6 +442,7 @@ def execute_plan(
     saved with its final status.
     """
     connection = ensure_ray(ray_options, llm)  # the API connects first, so a run that cannot start leaves nothing on disk
+    executors = start_executors(ray_options.slots)  # slots are checked before anything is written
     record = RunRecord.start(
         plan,
         query,
@@ -441,21 +464,15 @@ def execute_plan(
         run_dir.write_record(record)
     on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir, slots=record.slots, reused=tuple(sorted(index for index, result in kept.items() if result.status == "ok"))))
 
-    task_options: dict[str, Any] = {"num_cpus": 0, "max_retries": RAY_TASK_RETRIES}
-    group = _slot_group(ray_options.slots) if ray_options.slots else None
-    if group is not None:
-        task_options["resources"] = {SLOT_RESOURCE: 1.0}
-        task_options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(placement_group=group)
-    elif ray.cluster_resources().get(SLOT_RESOURCE, 0) > 0:
-        task_options["resources"] = {SLOT_RESOURCE: 1.0}
     hub = _run_hub()
-    submission = _Submission(run_id=uuid.uuid4().hex, llm=llm, limits=limits, task_options=task_options, stream=stream)
+    submission = _Submission(run_id=uuid.uuid4().hex, llm=llm, limits=limits, stream=stream)
     saved = f" in {run_dir.path}; resume with: metaagent resume {run_dir.path}" if run_dir else ""
     try:
         with stop_signals_interrupt():
-            ray.get(hub.open_run.remote(submission.run_id, len(plan.agents)))
+            ray.get(hub.open_run.remote(submission.run_id, len(plan.agents), executors))
             refs = submit_plan(plan, query, submission, hub, kept=kept)
-            _follow(record, refs, hub, submission.run_id, run_dir, on_event)
+            _follow(record, hub, submission.run_id, run_dir, on_event)
+            del refs  # held until every agent finished: dependents and the hub read them
     except KeyboardInterrupt as interrupt:
         with stop_signals_ignored():
             _cancel(hub, submission.run_id)
@@ -466,8 +483,7 @@ def execute_plan(
         raise RunBroken(f"{_what_died(error)}; the agents that finished are saved{saved}", record, 1) from None
     finally:
         hub.forget.remote(submission.run_id)
-        if group is not None:
-            remove_placement_group(group)
+        stop_executors(executors)
     _finish(record, run_dir, "ok" if not record.failed_agents() else "failed")
     on_event(RunFinished(record=record))
     return record
@@ -490,66 +506,82 @@ def _what_died(error: ray.exceptions.RayError) -> str:
     return f"a Ray process of this run died ({type(error).__name__}: {first})"
 
 
-def _follow(
-    record: RunRecord, refs: dict[int, ray.ObjectRef], hub: Any, run_id: str, run_dir: RunDirectory | None, on_event: EventHandler
-) -> None:
-    """Report events and completions as they happen, checkpointing the record after each completion."""
-    pending = {ref: agent_id for agent_id, ref in refs.items() if not record.agents[agent_id].reused}
+def _follow(record: RunRecord, hub: Any, run_id: str, run_dir: RunDirectory | None, on_event: EventHandler) -> None:
+    """Report the hub's events as they happen until every agent has its result.
+
+    The record is written at most once every CHECKPOINT_INTERVAL_S while agents finish (and by
+    `_finish` at the end), so thousands of agents do not rewrite it thousands of times; a run
+    killed outright loses at most that last interval.
+    """
+    waiting = {agent.path for agent in record.agents if not agent.reused}
     announced: dict[str, int] = {}  # agent path -> the latest execution whose start was reported
+    checkpoints = _Checkpoints(record, run_dir)
     next_events = hub.next_batch.remote(run_id)
-    while pending:
-        ready, _ = ray.wait([next_events, *pending], num_returns=1)
-        if ready[0] == next_events:
-            for event in ray.get(next_events):
-                if isinstance(event, SubPlanReady):
-                    parent = _agent_at(record, event.path)
-                    if parent.sub_run is None:  # a resumed sub-plan keeps what it had
-                        parent.sub_run = _sub_run(event.path, event.query, event.plan)
-                    _checkpoint(record, run_dir)
-                if isinstance(event, _SubAgentDone):
-                    agent = _agent_at(record, event.path)
-                    apply_result(agent, event.result)
-                    _agent_finished(record, agent, run_dir, on_event)
-                    continue
-                if isinstance(event, AgentStarted):
-                    if event.attempt <= announced.get(event.path, 0):
-                        continue
-                    announced[event.path] = event.attempt
-                elif isinstance(event, Notice) and event.warning:
-                    record.warnings.append(event.text)
-                on_event(event)
-            next_events = hub.next_batch.remote(run_id)
+    while waiting:
+        ready, _ = ray.wait([next_events], timeout=checkpoints.due_in())
+        if not ready:
+            checkpoints.write()
             continue
-        agent = record.agents[pending.pop(ready[0])]
-        try:
-            result: AgentResult = ray.get(ready[0])
-        except ray.exceptions.RayTaskError as error:  # a fault in one supervision fails its agent, not the run
-            agent.status, agent.error = "failed", f"the agent's supervision failed: {type(error.cause).__name__}"
-        else:
-            if agent.path not in announced and result.started_at is not None:
-                announced[agent.path] = 1
-                on_event(AgentStarted(path=agent.path, role=agent.role, attempt=1, pid=0))
-            apply_result(agent, result)
-            record.warnings.extend(warning for warning in result.warnings if warning not in record.warnings)
-        _agent_finished(record, agent, run_dir, on_event)
+        for event in ray.get(next_events):
+            if isinstance(event, SubPlanReady):
+                parent = _agent_at(record, event.path)
+                if parent.sub_run is None:  # a resumed sub-plan keeps what it had
+                    parent.sub_run = _sub_run(event.path, event.query, event.plan)
+                checkpoints.changed()
+            if isinstance(event, _AgentDone):
+                agent, result = _agent_at(record, event.path), event.result
+                if agent.path not in announced and result.started_at is not None:
+                    announced[agent.path] = 1
+                    on_event(AgentStarted(path=agent.path, role=agent.role, attempt=1, pid=0))
+                apply_result(agent, result)
+                if event.path in waiting:  # a top-level agent: its sub-plans' warnings come with it
+                    waiting.discard(event.path)
+                    record.warnings.extend(warning for warning in result.warnings if warning not in record.warnings)
+                if run_dir is not None:
+                    _write_outputs(run_dir, agent)
+                checkpoints.changed()
+                on_event(AgentFinished(agent=agent))
+                continue
+            if isinstance(event, AgentStarted):
+                if event.attempt <= announced.get(event.path, 0):
+                    continue
+                announced[event.path] = event.attempt
+            elif isinstance(event, Notice) and event.warning:
+                record.warnings.append(event.text)
+            on_event(event)
+        next_events = hub.next_batch.remote(run_id)
+
+
+class _Checkpoints:
+    """Writes the record when it changed, at most once every CHECKPOINT_INTERVAL_S."""
+
+    def __init__(self, record: RunRecord, run_dir: RunDirectory | None) -> None:
+        self.record, self.run_dir = record, run_dir
+        self.dirty_since: float | None = None
+        self.written_at = 0.0
+
+    def changed(self) -> None:
+        if self.run_dir is None:
+            return
+        self.dirty_since = self.dirty_since or time.monotonic()
+        if time.monotonic() - self.written_at >= CHECKPOINT_INTERVAL_S:
+            self.write()
+
+    def due_in(self) -> float | None:
+        """Seconds until unsaved changes must be written; None when there are none."""
+        if self.dirty_since is None:
+            return None
+        return max(0.0, self.written_at + CHECKPOINT_INTERVAL_S - time.monotonic())
+
+    def write(self) -> None:
+        if self.run_dir is not None and self.dirty_since is not None:
+            self.run_dir.write_record(self.record)
+            self.written_at, self.dirty_since = time.monotonic(), None
 
 
 def _agent_at(record: RunRecord, path: str) -> AgentRecord:
     agents, index = record.find(path)
     return agents[index]
-
-
-def _agent_finished(record: RunRecord, agent: AgentRecord, run_dir: RunDirectory | None, on_event: EventHandler) -> None:
-    """Keep a finished agent on disk at once (its output file and the record), then report it."""
-    if run_dir is not None:
-        _write_outputs(run_dir, agent)
-    _checkpoint(record, run_dir)
-    on_event(AgentFinished(agent=agent))
-
-
-def _checkpoint(record: RunRecord, run_dir: RunDirectory | None) -> None:
-    if run_dir is not None:
-        run_dir.write_record(record)
 
 
 def write_ray_timeline(path: Path) -> None:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from metaagent_ray.connect import WARM_WORKERS
 from metaagent_ray.llm import LLMRequest, Message
 from metaagent_ray.resources import SLOT_RESOURCE
 
@@ -35,7 +34,6 @@ def ray_cluster():
         head_node_args={
             "resources": {SLOT_RESOURCE: HEAD_SLOTS},
             "num_gpus": LOGICAL_GPUS,
-            "_system_config": {"num_workers_soft_limit": WARM_WORKERS},
         },
     )
     cluster.add_node(resources={SLOT_RESOURCE: WORKER_SLOTS}, num_gpus=0)

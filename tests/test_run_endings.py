@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from metaagent_ray import AgentStarted, MetaAgent
 from metaagent_ray.cli import app
 from metaagent_ray.record import RunRecord
+from metaagent_ray.runtime import CHECKPOINT_INTERVAL_S
 from tests.conftest import EXAMPLES
 
 PLAN = EXAMPLES / "business_plan.json"  # 0,1,2,3 -> 4(0,1), 5(0,1) -> 6(2,4), 7(3,4) -> 8(5,6,7)
@@ -95,6 +96,7 @@ def test_finished_sub_agents_survive_a_killed_driver_and_resume_reuses_them(ray_
     process = start("exec", str(plan_file), "--llm", "fake", "--fake-latency", latency, "--max-depth", "1",
                     "--address", ray_cluster.address, "--run-dir", str(run_dir))
     wait_for_line(process, "Agent 0.1 completed")
+    time.sleep(CHECKPOINT_INTERVAL_S + 0.5)  # the record is written at most once a second
     process.kill()
     process.wait(timeout=30)
 

@@ -1,0 +1,172 @@
+"""Where agents execute: one executor actor per node, whose threads make that node's LLM calls.
+
+An agent calling an LLM waits on a socket or a model server: it should cost a thread, not a
+process. A plain Ray task per agent needs a worker process per agent in flight (about 70 MB and a
+second of start-up each), so hundreds of agents in flight do not fit on a laptop. Instead each node
+with LLM slots gets, per run, one threaded actor that reserves the node's share of the run's slots
+(the Ray custom resource `llm_slot`, so Ray's accounting stays exact) and runs that many agents at
+once, each in one of the actor's threads. Agents still receive their dependencies' results as
+ObjectRef arguments that Ray resolves.
+
+The run's `SlotPool` hands the executors' threads out: an agent whose inputs are ready waits for
+a free slot on any node, and when several wait, the one with the longest remaining path goes first
+(a priority queue of futures: no polling).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .agents import AgentContext, AgentResult, run_agent
+from .errors import ConfigError
+from .events import TokenCounter
+from .plan import AgentSpec
+from .resources import SLOT_RESOURCE
+
+EXECUTOR_START_TIMEOUT_S = 30.0
+UNCAPPED_CONCURRENCY = 64  # agents at once on a cluster whose nodes state no LLM slots
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class AgentExecutor:
+    """Runs agents in its threads (`max_concurrency` = its slots); restarted by Ray if its process dies."""
+
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def run(
+        self, context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, stream: bool, *inputs: AgentResult
+    ) -> AgentResult:
+        """One agent's work. Ray passes the dependencies' results in place of their ObjectRefs.
+
+        With `stream`, the answer's tokens go to the hub as they arrive (a few events a second, not awaited).
+        """
+        node = ray.get_runtime_context().get_node_id()
+        execution = hub.started.remote(run_id, context.label, context.spec.role.value, os.getpid(), node)  # not awaited
+        on_text = TokenCounter(context.label, lambda event: hub.progress.remote(run_id, event)) if stream else None
+        result = run_agent(context, inputs, dependency_specs, on_text)
+        result.node = node
+        result.attempts += ray.get(execution) - 1  # each earlier execution died mid-agent: one try each
+        return result
+
+
+@dataclass
+class Executor:
+    """One executor of a run: its actor, its node and how many agents it runs at once."""
+
+    actor: Any
+    node: str
+    slots: int
+
+
+def start_executors(slots: int | None) -> list[Executor]:
+    """One executor per node with LLM slots, together holding `slots` of them (all when None).
+
+    `slots` is split over the nodes in proportion to their `llm_slot`; each executor reserves its
+    share, so concurrent runs on one cluster never exceed the cluster's slots.
+    """
+    nodes = {node["NodeID"]: int(node["Resources"].get(SLOT_RESOURCE, 0)) for node in ray.nodes() if node["Alive"]}
+    nodes = {node: count for node, count in nodes.items() if count > 0}
+    if not nodes:  # a cluster that states no slots: one executor here, capped by --slots
+        here = ray.get_runtime_context().get_node_id()
+        return _started([(here, slots or UNCAPPED_CONCURRENCY, False)], slots or UNCAPPED_CONCURRENCY)
+    total = sum(nodes.values())
+    wanted = slots or total
+    if wanted > total:
+        raise ConfigError(
+            f"--slots {wanted}: the Ray cluster has only {total} {SLOT_RESOURCE} resources "
+            f"(start its nodes with --resources '{{\"{SLOT_RESOURCE}\": N}}')"
+        )
+    shares = split(wanted, nodes)
+    return _started([(node, share, True) for node, share in shares.items() if share > 0], wanted)
+
+
+def split(wanted: int, capacity: dict[str, int]) -> dict[str, int]:
+    """`wanted` slots over nodes in proportion to their capacity (largest remainder), none over capacity."""
+    total = sum(capacity.values())
+    exact = {node: wanted * count / total for node, count in capacity.items()}
+    shares = {node: int(value) for node, value in exact.items()}
+    for node in sorted(exact, key=lambda node: exact[node] - shares[node], reverse=True)[: wanted - sum(shares.values())]:
+        shares[node] += 1
+    return shares
+
+
+def _started(plan: list[tuple[str, int, bool]], wanted: int) -> list[Executor]:
+    """Create the executors and wait until each holds its slots (bounded: another run may hold them)."""
+    actors = [
+        AgentExecutor.options(
+            max_concurrency=count,
+            resources={SLOT_RESOURCE: float(count)} if reserve else {},
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+        ).remote()
+        for node, count, reserve in plan
+    ]
+    ready, _ = ray.wait([actor.node.remote() for actor in actors], num_returns=len(actors), timeout=EXECUTOR_START_TIMEOUT_S)
+    if len(ready) < len(actors):
+        stop_executors([Executor(actor, node, count) for actor, (node, count, _) in zip(actors, plan)])
+        raise ConfigError(f"--slots {wanted}: the cluster could not reserve {wanted} free LLM slots within {EXECUTOR_START_TIMEOUT_S:.0f} s")
+    return [Executor(actor, node, count) for actor, (node, count, _) in zip(actors, plan)]
+
+
+def stop_executors(executors: list[Executor]) -> None:
+    """End the run's executors (and any call still in their threads); their slots go back to Ray."""
+    for executor in executors:
+        ray.kill(executor.actor, no_restart=True)
+
+
+class SlotPool:
+    """A run's LLM slots on its executors, handed out longest remaining path first.
+
+    `acquire` waits (on a future, never polling) until an executor has a free thread; `release`
+    gives it back and wakes the waiter with the highest priority. An executor whose node died is
+    dropped, and its slots with it.
+    """
+
+    def __init__(self, slots: dict[int, int]) -> None:
+        self._free = dict(slots)  # executor index -> free slots
+        self._waiting: list[tuple[float, int, asyncio.Future[int]]] = []
+        self._order = itertools.count()
+
+    async def acquire(self, priority: float) -> int:
+        """An executor index with a slot now held for the caller."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (-priority, next(self._order), future))
+        self._dispatch()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(future.result())
+            raise
+
+    def release(self, index: int) -> None:
+        if index in self._free:
+            self._free[index] += 1
+            self._dispatch()
+
+    def drop(self, index: int) -> None:
+        """The executor is gone for good (its node died): no agent is sent there again."""
+        self._free.pop(index, None)
+
+    @property
+    def executors(self) -> int:
+        return len(self._free)
+
+    def _dispatch(self) -> None:
+        while self._waiting:
+            index = max(self._free, key=lambda key: self._free[key], default=None)
+            if index is None or self._free[index] == 0:
+                return
+            _, _, future = heapq.heappop(self._waiting)
+            if future.done():
+                continue
+            self._free[index] -= 1
+            future.set_result(index)
