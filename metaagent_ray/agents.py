@@ -8,18 +8,30 @@ may delegate can answer DELEGATE, and then gets a sub-plan from the coordinator 
 from __future__ import annotations
 
 import random
+import re
 import time
 from dataclasses import dataclass, field, replace
 from typing import Literal, Sequence
 
 from .coordinator import make_plan
-from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, TextCallback, get_llm
+from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, PromptStyle, TextCallback, get_llm
 from .plan import AgentSpec, ExecutionPlan
 from .prompts import load_prompt
 
 AgentStatus = Literal["ok", "failed", "skipped", "delegated"]
 FailurePolicy = Literal["continue", "stop"]
 DELEGATE = "DELEGATE"
+# A base model's answer budget per role when --max-tokens is not given: a paragraph, the length of
+# its worked example, leaves no room for the model to run on.
+DOCUMENT_ANSWER_TOKENS = {
+    "RESEARCHER": 128,
+    "ANALYZER": 160,
+    "PLANNER": 160,
+    "WRITER": 192,
+    "CRITIC": 128,
+    "SYNTHESIZER": 192,
+    "COORDINATOR": 160,
+}
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 8.0
 
@@ -79,6 +91,7 @@ class AgentResult:
     node: str | None = None
     attempts: int = 0  # LLM calls tried, across Ray's re-executions of the task
     reused: bool = False  # taken from an earlier run by `resume`, no LLM call
+    repetition_cut: bool = False  # the answer repeated itself and ends before its first repeat
     sub_plan: ExecutionPlan | None = None  # set when the agent delegated: what the runtime runs for it
     sub_query: str = ""  # the request the sub-plan's agents work on
     sub_results: list[AgentResult] = field(default_factory=list)  # the sub-plan's agents, once run
@@ -102,10 +115,37 @@ def format_inputs(inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) ->
     return "\n\n".join(blocks)
 
 
+def document_inputs(inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) -> str:
+    """The dependencies' outputs as the document prompt's bullet list, one line each."""
+    if not inputs:
+        return "(none)"
+    lines = []
+    for result in inputs:
+        spec = specs.get(result.agent_id)
+        label = spec.task if spec else f"{result.role} {result.agent_id}"
+        text = " ".join(result.output.split()) if result.status == "ok" else "(missing: this agent did not finish)"
+        lines.append(f"- {label}: {text}")
+    return "\n".join(lines)
+
+
 def build_messages(
-    context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec], *, may_delegate: bool = False
+    context: AgentContext,
+    inputs: Sequence[AgentResult],
+    specs: dict[int, AgentSpec],
+    *,
+    may_delegate: bool = False,
+    style: PromptStyle = "chat",
 ) -> list[Message]:
-    """System prompt from the role, user prompt from the query, task and inputs."""
+    """System prompt from the role, user prompt from the query, task and inputs.
+
+    A base model (`style` "document") gets instead one document to continue: a worked example of
+    its role's answer, then its own task, so that it writes an answer rather than more prompt.
+    """
+    if style == "document":
+        document = load_prompt(f"document/{context.spec.role.value.lower()}").format(
+            query=context.query, task=context.spec.task, inputs=document_inputs(inputs, specs)
+        )
+        return [Message("document", document)]
     role_prompt = load_prompt(f"roles/{context.spec.role.value.lower()}")
     user_prompt = load_prompt("agent").format(
         query=context.query,
@@ -153,25 +193,26 @@ def run_agent(
     if missing and context.limits.on_failure == "stop":
         result.status, result.error = "skipped", f"skipped: input from agent(s) {missing} is missing (--on-failure stop)"
         return result
-    may_delegate = context.may_delegate
+    llm = get_llm(context.llm)
+    may_delegate = context.may_delegate and llm.delegates
+    document = llm.prompt_style == "document"
     request = LLMRequest(
-        messages=build_messages(context, inputs, specs, may_delegate=may_delegate),
+        messages=build_messages(context, inputs, specs, may_delegate=may_delegate, style=llm.prompt_style),
         caller="agent",
         query=context.query,
         agent_id=context.agent_id,
         role=context.spec.role.value,
         task=context.spec.task,
         inputs_from=received,
-        max_tokens=context.limits.max_tokens,
+        max_tokens=context.limits.max_tokens or (DOCUMENT_ANSWER_TOKENS[context.spec.role.value] if document else None),
         timeout=context.limits.call_timeout,
         may_delegate=may_delegate,
         on_text=on_text,
     )
-    llm = get_llm(context.llm)
     result.started_at = time.time()
     try:
         response, result.attempts = call_with_retries(llm, request, context.limits.retries)
-        result.output = response.text
+        result.output, result.repetition_cut = cut_repetition(response.text)
         result.prompt_tokens, result.completion_tokens, result.llm_ms = (
             response.prompt_tokens,
             response.completion_tokens,
@@ -188,6 +229,27 @@ def run_agent(
         result.attempts = max(result.attempts, 1)
     result.finished_at = time.time()
     return result
+
+
+_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
+MIN_REPEATED_WORDS = 4  # shorter repeats ("- Fast.", "Yes.") can be meant
+
+
+def cut_repetition(text: str) -> tuple[str, bool]:
+    """The answer up to its first repeated paragraph or sentence, and whether it was cut.
+
+    Small models loop: they write a paragraph or a sentence again and again until the token limit.
+    A repeat tells the reader nothing new, so the answer ends before it.
+    """
+    seen: set[str] = set()
+    for match in _SENTENCE.finditer(text):
+        sentence = " ".join(match.group().lower().split())
+        if len(sentence.split()) < MIN_REPEATED_WORDS:
+            continue
+        if sentence in seen:
+            return text[: match.start()].rstrip(), True
+        seen.add(sentence)
+    return text, False
 
 
 def _delegate(

@@ -17,6 +17,7 @@ from .llm import LLM, LLMError, LLMRequest, Message, TextCallback
 from .plan import ExecutionPlan, explain, plan_json_schema
 from .prompts import load_prompt
 from .record import CoordinatorRecord
+from .subjects import enumerated_subjects
 
 COORDINATOR_TRIES = 2
 
@@ -58,6 +59,19 @@ def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
     return plan
 
 
+def coordinator_request(query: str) -> str:
+    """The user's request, with the subjects it enumerates named, so that every one gets an agent.
+
+    The plan stays the LLM's: the subjects are a line of the prompt, and the schema and validation
+    are the same whether or not the request enumerates any.
+    """
+    request = load_prompt("coordinator_user").format(query=query)
+    subjects, _ = enumerated_subjects(query)
+    if subjects:
+        request += "\n" + load_prompt("coordinator_subjects").format(subjects="; ".join(subjects))
+    return request
+
+
 def make_plan(
     query: str, llm: LLM, *, max_agents: int, depth: int = 0, on_text: TextCallback | None = None
 ) -> tuple[ExecutionPlan, CoordinatorRecord]:
@@ -67,7 +81,7 @@ def make_plan(
     """
     messages = [
         Message("system", load_prompt("coordinator").format(max_agents=max_agents)),
-        Message("user", load_prompt("coordinator_user").format(query=query)),
+        Message("user", coordinator_request(query)),
     ]
     schema = plan_json_schema(max_agents)
     record = CoordinatorRecord(attempts=0, started_at=time.time())

@@ -37,7 +37,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, MetaAgentError
-from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, create_llm
+from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, PromptStyle, create_llm
 
 ServerApi = Literal["ollama", "openai"]
 
@@ -431,6 +431,9 @@ class PooledOptions(BaseModel):
 class PooledLLM:
     """Each call leases an instance from the named pool, calls it through the `ollama` or `openai`
     backend, and gives it back whatever happens."""
+
+    delegates = True  # instruct models decide when a task needs a team
+    prompt_style: PromptStyle = "chat"
 
     def __init__(self, model: str | None, options: PooledOptions) -> None:
         self.model = model

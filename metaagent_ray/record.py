@@ -50,6 +50,7 @@ class AgentRecord(BaseModel):
     llm_ms: float | None = None
     output_file: str | None = None  # relative to the run directory
     reused: bool = False  # taken from the run being resumed, without an LLM call
+    repetition_cut: bool = False  # the answer repeated a sentence or paragraph and was cut before the repeat
     sub_run: SubRunRecord | None = None  # the sub-plan this agent delegated its task to
 
 

@@ -403,6 +403,7 @@ def apply_result(agent: AgentRecord, result: AgentResult) -> None:
     agent.submitted_at, agent.started_at, agent.finished_at = result.submitted_at, result.started_at, result.finished_at
     agent.inputs_from = result.inputs_from
     agent.node, agent.attempts, agent.llm_ms, agent.reused = result.node, result.attempts, result.llm_ms, result.reused
+    agent.repetition_cut = result.repetition_cut
     if result.prompt_tokens is not None or result.completion_tokens is not None:
         agent.tokens = {"prompt": result.prompt_tokens or 0, "completion": result.completion_tokens or 0}
     if result.sub_plan is not None and result.sub_results:

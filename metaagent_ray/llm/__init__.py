@@ -11,7 +11,7 @@ from functools import lru_cache
 from typing import Callable
 
 from ..errors import ConfigError
-from .base import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, Message, TextCallback
+from .base import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, Message, PromptStyle, TextCallback
 
 __all__ = [
     "LLM",
@@ -21,6 +21,7 @@ __all__ = [
     "LLMResponse",
     "LLMUnavailable",
     "Message",
+    "PromptStyle",
     "TextCallback",
     "available_backends",
     "create_llm",

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
 from ..errors import MetaAgentError
+
+PromptStyle = Literal["chat", "document"]
 
 
 @dataclass(frozen=True)
 class Message:
     """One chat message."""
 
-    role: str  # "system", "user" or "assistant"
+    role: str  # "system", "user" or "assistant"; "document" for a text a base model continues
     content: str
 
 
@@ -75,7 +77,15 @@ class LLMConfig(BaseModel):
 
 @runtime_checkable
 class LLM(Protocol):
-    """A backend: answers requests; `check` fails fast with a fix when it cannot serve."""
+    """A backend: answers requests; `check` fails fast with a fix when it cannot serve.
+
+    `delegates` says whether its model can decide sensibly when to hand a task to a team: agents
+    are offered DELEGATE only then. `prompt_style` is "chat" for instruct models (system and user
+    messages) and "document" for base models, which continue one "document" message as text.
+    """
+
+    delegates: bool
+    prompt_style: PromptStyle
 
     def complete(self, request: LLMRequest) -> LLMResponse: ...
 

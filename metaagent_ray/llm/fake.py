@@ -18,7 +18,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, TextCallback
+from ..subjects import enumerated_subjects
+from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, PromptStyle, TextCallback
 
 DELEGATE_MARKER = "[delegate]"  # an agent whose task holds this delegates whenever it may
 
@@ -107,6 +108,9 @@ class FakeOptions(BaseModel):
 class FakeLLM:
     """Answers from the request's identity; plans from the query's shape."""
 
+    delegates = True  # a task holding DELEGATE_MARKER delegates, so recursion can be tested
+    prompt_style: PromptStyle = "chat"
+
     def __init__(self, options: FakeOptions) -> None:
         self.options = options
 
@@ -165,28 +169,9 @@ def answer_for(request: LLMRequest) -> str:
     return f"[{request.role}] agent {request.agent_id}: {request.task}\nInputs from agents: {inputs}"
 
 
-_LIST_INTRO = re.compile(r"\b(?:compare|comparing|research|covering|with|between|including|:)\s+(.+)", re.IGNORECASE)
-_SEQUENTIAL = re.compile(r"\b(?:then|use (?:that|this|it)|based on|after that|afterwards)\b", re.IGNORECASE)
-_TOPIC_TAIL = re.compile(r"\s+(?:for|in|on|as|to)\s+(.+)$", re.IGNORECASE)
-
-
-def _items(query: str) -> tuple[list[str], str]:
-    """The enumerated things in a query ("A, B, and C") and what they are compared for."""
-    match = _LIST_INTRO.search(query.rstrip(" .?!"))
-    if not match or _SEQUENTIAL.search(query):
-        return [], ""
-    body = match.group(1)
-    topic = ""
-    tail = _TOPIC_TAIL.search(body)
-    if tail:
-        body, topic = body[: tail.start()], tail.group(1)
-    parts = [part.strip() for part in re.split(r",|\band\b|\bor\b|\bvs\.?\b|\bversus\b", body)]
-    return [part for part in parts if part], topic
-
-
 def plan_for_query(query: str) -> dict:
     """A sensible plan shape: parallel researchers for enumerated items, else a short chain."""
-    items, topic = _items(query)
+    items, topic = enumerated_subjects(query)
     focus = f" for {topic}" if topic else ""
     if len(items) >= 2:
         agents = [{"role": "RESEARCHER", "task": f"Research {item}{focus}", "depends_on": []} for item in items]

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, Message, TextCallback
+from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, Message, PromptStyle, TextCallback
 
 if TYPE_CHECKING:
     from llama_cpp import Llama, LlamaGrammar
@@ -33,6 +33,8 @@ INSTALL_HINT = "install the local extra: pip install 'metaagent-ray[local]'"
 # prompt; the answer ends where the model starts a new section of that document on its own.
 _SECTION = {"system": "### Instructions", "user": "### Request", "assistant": "### Response"}
 _PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
+# A "document" prompt (an agent's worked example, then its task) ends at the next task or paragraph.
+_DOCUMENT_STOP = ["\nTask:", "\n\n", "\n###"]
 
 
 class LocalOptions(BaseModel):
@@ -113,6 +115,17 @@ class LocalLLM:
         """Size of the model file: the bulk of what one loaded instance costs in RAM, for sizing slots."""
         return self.model_path().stat().st_size
 
+    @property
+    def prompt_style(self) -> PromptStyle:
+        """Instruct models (with a chat template) get chat messages; base models a document to continue."""
+        return "chat" if self._load().metadata.get("tokenizer.chat_template") else "document"
+
+    @property
+    def delegates(self) -> bool:
+        """Only instruct models (those with a chat template) are offered DELEGATE: the default base
+        model answered the offer by copying it into its answer instead of using it (README, Quality)."""
+        return bool(self._load().metadata.get("tokenizer.chat_template"))
+
     def describe(self) -> str:
         label = DEFAULT_MODEL_LABEL if self.model is None else Path(self.model).name
         threads = self.options.n_threads
@@ -165,7 +178,8 @@ class LocalLLM:
             choice = result["choices"][0]
             text = choice["message"]["content"] or ""
         else:
-            result = llama.create_completion(plain_prompt(messages), stop=_PLAIN_STOP, **sampling)
+            prompt, stop = _completion_prompt(messages)
+            result = llama.create_completion(prompt, stop=stop, **sampling)
             choice = result["choices"][0]
             text = choice["text"]
         usage = result["usage"]
@@ -200,7 +214,8 @@ def _generate_streamed(
         chunks = llama.create_chat_completion(messages=chat_messages(messages), stream=True, **sampling)
         pieces = ((chunk["choices"][0]["delta"].get("content") or "", chunk["choices"][0].get("finish_reason")) for chunk in chunks)
     else:
-        chunks = llama.create_completion(plain_prompt(messages), stop=_PLAIN_STOP, stream=True, **sampling)
+        prompt, stop = _completion_prompt(messages)
+        chunks = llama.create_completion(prompt, stop=stop, stream=True, **sampling)
         pieces = ((chunk["choices"][0]["text"], chunk["choices"][0].get("finish_reason")) for chunk in chunks)
     parts: list[str] = []
     finish = None
@@ -245,6 +260,13 @@ def chat_messages(messages: list[Message]) -> list[dict[str, str]]:
     if pending:
         result.append({"role": "user", "content": "\n\n".join(pending)})
     return result
+
+
+def _completion_prompt(messages: list[Message]) -> tuple[str, list[str]]:
+    """The text a model without a chat template continues, and where its answer stops."""
+    if len(messages) == 1 and messages[0].role == "document":
+        return messages[0].content, _DOCUMENT_STOP
+    return plain_prompt(messages), _PLAIN_STOP
 
 
 def plain_prompt(messages: list[Message]) -> str:

@@ -17,7 +17,7 @@ import ollama
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, TextCallback
+from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, PromptStyle, TextCallback
 
 DEFAULT_MODEL = "llama3.2:1b"
 DEFAULT_HOST = "http://127.0.0.1:11434"  # the official client's default
@@ -95,6 +95,9 @@ def server_has_model(host: str | None = None, model: str = DEFAULT_MODEL, timeou
 
 class OllamaLLM:
     """Chat completions from one model on one Ollama server; JSON schemas become structured outputs."""
+
+    delegates = True  # instruct models decide when a task needs a team
+    prompt_style: PromptStyle = "chat"
 
     def __init__(self, model: str, options: OllamaOptions) -> None:
         self.model = model

@@ -17,7 +17,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, TextCallback
+from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, PromptStyle, TextCallback
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # `vllm serve`'s default port
 DEFAULT_API_KEY = "none"  # local servers accept any key unless started with one
@@ -67,6 +67,9 @@ class OpenAILLM:
 
     With no model given, it uses the first model the server lists (llama-server serves exactly one).
     """
+
+    delegates = True  # instruct models decide when a task needs a team
+    prompt_style: PromptStyle = "chat"
 
     def __init__(self, model: str | None, options: OpenAIOptions) -> None:
         self.options = options

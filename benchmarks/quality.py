@@ -1,0 +1,141 @@
+"""Answer quality of the embedded default model, end to end: does a run give a person something to read?
+
+Runs a fixed set of queries (comparisons of 2-5 subjects, sequential "X, then Y" requests, plans with
+named areas) through `MetaAgent.run` on the local backend (Gemma 3 270M unless --model says
+otherwise) and reports, per query and in total:
+
+- coverage: the share of the subjects the query enumerates that some agent's task names;
+- loops cut: answers the loop guard cut at their first repeated sentence or paragraph;
+- repeats: answers that still hold a repeated paragraph (what a reader would see);
+- copies: answers that copy a prompt instruction (an 8-word run shared with the prompt files);
+- off topic: answers that never mention a content word of their task;
+- tokens and wall time.
+
+Run:  python benchmarks/quality.py [--queries N] [--model FILE.gguf]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+import time
+from importlib import resources
+
+from metaagent_ray import MetaAgent
+from metaagent_ray.agents import cut_repetition
+from metaagent_ray.record import AgentRecord
+from metaagent_ray.subjects import enumerated_subjects
+
+QUERIES = [
+    "Compare Python and Rust for web development",
+    "Compare cats and dogs as pets",
+    "Compare Python, Rust, and Go for web development",
+    "Evaluate PostgreSQL, MySQL and SQLite",
+    "Compare Python, Rust, Go, and JavaScript for backend development",
+    "Compare trains, planes, buses, cars, and bicycles for travel in Europe",
+    "Compare solar and wind power",
+    "Design full-stack architecture: frontend, backend, database, deployment",
+    "Create a business plan with market research, financial model, and operational strategy",
+    "Study the French Revolution, then use that to write a lesson plan",
+    "Research healthy breakfasts, then write a weekly menu",
+    "Explain how vaccines work",
+]
+SHINGLE = 8  # words in a run that counts as copied from a prompt
+GENERIC = set(
+    "a an and the of for to in on with from by as at or is are be this that these those them their its "
+    "research compare analyze analyse write writes final answer report plan planning review integrate "
+    "combine summary summarize using use based into about each all both one two three task output outputs".split()
+)
+
+
+def prompt_shingles() -> set[tuple[str, ...]]:
+    """Every 8-word run of the prompt files' instructions (placeholders left out)."""
+    runs: set[tuple[str, ...]] = set()
+    for path in _prompt_files():
+        words = _words(re.sub(r"\{[a-z_]+\}", " ", path.read_text(encoding="utf-8")))
+        runs |= {tuple(words[index : index + SHINGLE]) for index in range(len(words) - SHINGLE + 1)}
+    return runs
+
+
+def _prompt_files() -> list:
+    root = resources.files("metaagent_ray.prompts")
+    return [item for folder in (root, root / "roles") for item in folder.iterdir() if item.name.endswith(".md")]
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9']+", text.lower())
+
+
+def copies_prompt(answer: str, shingles: set[tuple[str, ...]]) -> bool:
+    words = _words(answer)
+    return any(tuple(words[index : index + SHINGLE]) in shingles for index in range(len(words) - SHINGLE + 1))
+
+
+def off_topic(agent: AgentRecord) -> bool:
+    """The answer mentions none of its task's content words."""
+    subject = [word for word in _words(agent.task) if word not in GENERIC and len(word) > 2]
+    answer = set(_words(agent.output))
+    return bool(subject) and not any(word in answer for word in subject)
+
+
+def coverage(query: str, tasks: list[str]) -> tuple[int, int]:
+    """(subjects some task names, subjects the query enumerates)."""
+    subjects, _ = enumerated_subjects(query)
+    text = " ".join(tasks).lower()
+    return sum(subject.lower() in text for subject in subjects), len(subjects)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--queries", type=int, default=len(QUERIES), help="run the first N queries")
+    parser.add_argument("--model", default=None, help="a GGUF file instead of the default Gemma 3 270M")
+    args = parser.parse_args()
+    print("$ python " + shlex.join(["benchmarks/quality.py", *sys.argv[1:]]) + "\n")
+    shingles = prompt_shingles()
+    rows = []
+    with MetaAgent(llm="local", model=args.model) as meta:
+        for query in QUERIES[: args.queries]:
+            start = time.perf_counter()
+            record = meta.run(query, save=False)
+            wall = time.perf_counter() - start
+            answers = [agent for agent in record.agents if agent.status == "ok"]
+            covered, enumerated = coverage(query, [agent.task for agent in record.agents])
+            rows.append(
+                {
+                    "query": query,
+                    "agents": len(record.agents),
+                    "covered": covered,
+                    "enumerated": enumerated,
+                    "cut": sum(agent.repetition_cut for agent in answers),
+                    "repeats": sum(cut_repetition(agent.output)[1] for agent in answers),
+                    "copies": sum(copies_prompt(agent.output, shingles) for agent in answers),
+                    "off_topic": sum(off_topic(agent) for agent in answers),
+                    "answers": len(answers),
+                    "tokens": sum((agent.tokens or {}).get("completion", 0) for agent in answers),
+                    "wall": wall,
+                }
+            )
+            print(f"done: {query} ({wall:.0f} s)", file=sys.stderr, flush=True)
+    print("| query | agents | subjects covered | loops cut | repeats | copies | off topic | tokens | wall (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for row in rows:
+        covered = f"{row['covered']}/{row['enumerated']}" if row["enumerated"] else "-"
+        print(
+            f"| {row['query']} | {row['agents']} | {covered} | {row['cut']} | {row['repeats']} | {row['copies']} | "
+            f"{row['off_topic']} | {row['tokens']} | {row['wall']:.0f} |"
+        )
+    total = {key: sum(row[key] for row in rows) for key in ("covered", "enumerated", "cut", "repeats", "copies", "off_topic", "answers", "tokens", "wall")}
+    two_subject = [row for row in rows if row["enumerated"] == 2]
+    print(
+        f"\nSubject coverage {total['covered']}/{total['enumerated']} = {total['covered'] / max(1, total['enumerated']):.0%}"
+        f" (two-subject comparisons fully covered: {sum(row['covered'] == 2 for row in two_subject)}/{len(two_subject)}); "
+        f"answers {total['answers']}: loops cut {total['cut']}, still repeating {total['repeats']}, copying a prompt {total['copies']}, "
+        f"on topic {total['answers'] - total['off_topic']}/{total['answers']} = {(total['answers'] - total['off_topic']) / max(1, total['answers']):.0%}; "
+        f"{total['tokens']} tokens; {total['wall']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""What keeps a small model's answers readable: the loop guard, the subjects the coordinator is told,
+and delegation offered only to models that can use it (no model runs here)."""
+
+from __future__ import annotations
+
+import pytest
+
+from metaagent_ray.agents import DOCUMENT_ANSWER_TOKENS, AgentContext, AgentResult, cut_repetition, run_agent
+from metaagent_ray.coordinator import coordinator_request
+from metaagent_ray.llm import LLMConfig, LLMRequest, LLMResponse, register_backend
+from metaagent_ray.plan import AgentSpec, Role
+from metaagent_ray.prompts import load_prompt
+from metaagent_ray.subjects import enumerated_subjects
+
+LOOP = (
+    "Python is easy to read and has Django and FastAPI. "
+    "If I had a task that required more than one answer, my reply would be this one.\n\n"
+    "If I had a task that required more than one answer, my reply would be this one.\n\n"
+    "If I had a task that required more than one answer, my reply would be this one."
+)
+
+
+def test_an_answer_that_loops_ends_before_its_first_repeat():
+    text, cut = cut_repetition(LOOP)
+    assert cut
+    assert text == "Python is easy to read and has Django and FastAPI. If I had a task that required more than one answer, my reply would be this one."
+
+
+def test_a_repeated_paragraph_is_cut_and_case_or_spacing_does_not_hide_it():
+    text, cut = cut_repetition("Rust is fast and memory safe.\n\nIt has Actix and Axum.\n\nRUST is  fast and memory safe.")
+    assert cut and text == "Rust is fast and memory safe.\n\nIt has Actix and Axum."
+
+
+def test_an_answer_without_repeats_and_short_repeats_are_kept():
+    text = "- Speed: fast.\n- Safety: yes.\n- Tooling: yes.\n\nRust wins on speed, Python on time to market."
+    assert cut_repetition(text) == (text, False)
+
+
+@pytest.mark.parametrize(
+    ("query", "subjects"),
+    [
+        ("Compare Python and Rust for web development", ["Python", "Rust"]),
+        ("Compare Python, Rust, and Go for web development", ["Python", "Rust", "Go"]),
+        ("Evaluate PostgreSQL, MySQL and SQLite", ["PostgreSQL", "MySQL", "SQLite"]),
+        ("Compare Python, Rust, Go, and JavaScript for backend development", ["Python", "Rust", "Go", "JavaScript"]),
+        ("Design full-stack architecture: frontend, backend, database, deployment", ["frontend", "backend", "database", "deployment"]),
+        ("Python vs Rust", ["Python", "Rust"]),
+        ("Study the French Revolution, then use that to write a lesson plan", []),
+        ("Explain how vaccines work", []),
+    ],
+)
+def test_the_subjects_a_request_enumerates(query: str, subjects: list[str]):
+    assert enumerated_subjects(query)[0] == subjects
+
+
+def test_the_coordinator_is_told_the_subjects_and_only_when_there_are_some():
+    assert coordinator_request("Compare Python, Rust, and Go for web development").splitlines() == [
+        "Compare Python, Rust, and Go for web development",
+        "Subjects: Python; Rust; Go",
+    ]
+    assert coordinator_request("Read the file, analyze it, then write a report") == "Read the file, analyze it, then write a report"
+
+
+class _Recorder:
+    """A backend that keeps the request it got; `delegates` is set per test."""
+
+    requests: list[LLMRequest] = []
+
+    def __init__(self, delegates: bool, prompt_style: str = "chat") -> None:
+        self.delegates = delegates
+        self.prompt_style = prompt_style
+
+    def complete(self, request: LLMRequest) -> LLMResponse:
+        self.requests.append(request)
+        return LLMResponse(text="An answer about the task, written once. An answer about the task, written once.")
+
+    def check(self) -> None:
+        return None
+
+    def describe(self) -> str:
+        return "recorder"
+
+
+@pytest.mark.parametrize("delegates", [True, False])
+def test_delegation_is_offered_only_to_models_that_can_use_it(delegates: bool):
+    name = f"recorder-{delegates}"
+    register_backend(name, lambda config: _Recorder(delegates))
+    spec = AgentSpec(role=Role.RESEARCHER, task="Research Rust", depends_on=[])
+    context = AgentContext(agent_id=0, spec=spec, query="Compare Python and Rust", llm=LLMConfig(backend=name))
+    result = run_agent(context, [], {})
+    request = _Recorder.requests[-1]
+    offer = load_prompt("agent_delegation")
+    assert request.may_delegate is delegates
+    assert (offer in request.messages[-1].content) is delegates
+    assert result.output == "An answer about the task, written once." and result.repetition_cut
+
+
+def test_a_base_model_gets_its_roles_worked_example_as_one_document_and_a_paragraph_budget():
+    register_backend("recorder-document", lambda config: _Recorder(False, "document"))
+    spec = AgentSpec(role=Role.ANALYZER, task="Compare Python and Rust", depends_on=[0])
+    context = AgentContext(agent_id=1, spec=spec, query="Compare Python and Rust", llm=LLMConfig(backend="recorder-document"))
+    research = AgentResult(agent_id=0, role="RESEARCHER", status="ok", output="Python is  easy.\nIt has Django.")
+    run_agent(context, [research], {0: AgentSpec(role=Role.RESEARCHER, task="Research Python", depends_on=[])})
+    request = _Recorder.requests[-1]
+    (message,) = request.messages
+    assert message.role == "document"
+    assert message.content.endswith("Task: Compare Python and Rust\nNotes received:\n- Research Python: Python is easy. It has Django.\nAnalysis:")
+    assert "Task: Compare Java and Kotlin for Android apps" in message.content  # the worked example
+    assert request.max_tokens == DOCUMENT_ANSWER_TOKENS["ANALYZER"] and not request.may_delegate
