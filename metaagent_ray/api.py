@@ -17,7 +17,7 @@ from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .pool import PoolHandle, PoolSpec, start_pool
 from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, save_record
-from .runtime import RayOptions, RunInterrupted, RunLimits, ensure_ray, execute_plan
+from .runtime import RayOptions, RunInterrupted, RunLimits, announce_slots, ensure_ray, execute_plan
 from .viz import write_pictures
 
 DEFAULT_MAX_AGENTS = 64
@@ -122,6 +122,8 @@ class MetaAgent:
             self._llm_config = self._start_pool() if self.settings.pool else self._chosen_backend()
         llm = create_llm(self._llm_config)
         llm.check()
+        if getattr(llm, "needs_ray", False):  # its model server is a Ray actor: Ray starts before the coordinator's call
+            announce_slots(ensure_ray(self._ray_options(), self._llm_config), self._ray_options(), self.on_event)
         return llm
 
     def _chosen_backend(self) -> LLMConfig:

@@ -116,6 +116,12 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> SlotPlan | 
     return plan
 
 
+def announce_slots(slot_plan: SlotPlan | None, ray_options: RayOptions, on_event: EventHandler) -> None:
+    """Say how many LLM slots the Ray this process just started has, unless the run set its own."""
+    if slot_plan is not None and ray_options.slots is None:
+        on_event(Notice(f"🧮 {slot_plan.slots} LLM slots on this machine ({slot_plan.reasons[-1]}; see `metaagent resources`)"))
+
+
 @dataclass(frozen=True)
 class _Submission:
     """What it takes to submit agents the way the driver did: shared by a run and its sub-plans."""
@@ -382,9 +388,7 @@ def execute_plan(
 
     Agents in `reused` (from the run being resumed) keep their records and are not run again.
     """
-    slot_plan = ensure_ray(ray_options, llm)
-    if slot_plan is not None and ray_options.slots is None:
-        on_event(Notice(f"🧮 {slot_plan.slots} LLM slots on this machine ({slot_plan.reasons[-1]}; see `metaagent resources`)"))
+    announce_slots(ensure_ray(ray_options, llm), ray_options, on_event)
     record = RunRecord.start(
         plan,
         query,
