@@ -99,7 +99,8 @@ def test_base_models_get_the_document_prompt_and_chat_models_their_template() ->
     request = LLMRequest(messages=[Message("system", "Be brief."), Message("user", "Hi")], caller="agent", json_schema={"type": "object"})
     path, body = request_body(request, LocalOptions(), chat_template=False, repeat_penalty=1.0)
     assert path == "/v1/completions" and body["prompt"].endswith("### Response\n") and "\n### Request" in body["stop"]
-    assert body["json_schema"] == {"type": "object", "additionalProperties": False} and body["stream"] is True
+    assert body["json_schema"]["additionalProperties"] is False and body["json_schema"]["x-guidance"]["whitespace_flexible"] is False
+    assert body["stream"] is True
     path, body = request_body(request, LocalOptions(), chat_template=True, repeat_penalty=1.0)
     assert path == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": "Be brief.\n\nHi"}] and "stop" not in body
 

@@ -38,6 +38,9 @@ INSTALL_HINT = "install the local extra: pip install 'metaagent-ray[local]'"
 # prompt; the answer ends where the model starts a new section of that document on its own.
 _SECTION = {"system": "### Instructions", "user": "### Request", "assistant": "### Response"}
 PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
+# JSON answers on one line with fixed separators (LLGuidance's options for the schema): given free
+# whitespace, the small model drifts into newlines and endless lists of numbers, and runs out of tokens.
+ONE_LINE_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class LocalOptions(BaseModel):
@@ -261,7 +264,7 @@ def request_body(request: LLMRequest, options: LocalOptions, chat_template: bool
         "cache_prompt": True,
     }
     if request.json_schema is not None:
-        body["json_schema"] = closed_objects(request.json_schema)
+        body["json_schema"] = {**closed_objects(request.json_schema), "x-guidance": ONE_LINE_JSON}
     if chat_template:
         return "/v1/chat/completions", {**body, "messages": chat_messages(request.messages)}
     return "/v1/completions", {**body, "prompt": plain_prompt(request.messages), "stop": PLAIN_STOP}
