@@ -171,7 +171,7 @@ class LlamaCppPython:
 
 
 class Xllamacpp:
-    def __init__(self, path: Path, parallel: int, threads: int | None = None) -> None:
+    def __init__(self, path: Path, parallel: int, threads: int = 1) -> None:
         options = LocalOptions(n_threads=threads)
         self.server = LocalServer(str(path), options, parallel)
         self.client = LocalLLM(str(path), options, lambda: self.server.info)
@@ -293,13 +293,6 @@ def main() -> None:
                 begin = time.perf_counter()
                 answers = runner.run(requests)
                 results.setdefault((engine, level), []).append((time.perf_counter() - begin, answers))
-    plans = plan_requests(args.plans)
-    validity = {engine: valid_plans(runner.run(plans)) for engine, runner in runners.items()}
-    for runner in runners.values():
-        runner.close()
-    memory = {engine: memory_per_extra_slot(engine, path) for engine in ENGINES}
-    installs = {engine: install_seconds(engine) for engine in ENGINES} if args.install else {}
-
     kv = kv_bytes_per_token(path)
     kv_slot = kv[0] * LocalOptions().n_ctx / MiB if kv else float("nan")
     print(f"Model: {path.name}; RESEARCHER prompts of {QUERY!r}, max_tokens={args.max_tokens}; median of {args.rounds} rounds.")
@@ -320,11 +313,17 @@ def main() -> None:
     print()
     for engine in list(runners)[1:]:
         ratios = ", ".join(f"{level}: {throughput[(engine, level)] / throughput[(baseline, level)]:.2f}x" for level in LEVELS)
-        print(f"{engine} / {baseline} throughput by agents: {ratios}")
+        print(f"{engine} / {baseline} throughput by agents: {ratios}", flush=True)
+    plans = plan_requests(args.plans)
+    validity = {engine: valid_plans(runner.run(plans)) for engine, runner in runners.items()}
+    for runner in runners.values():
+        runner.close()
     print("\n| configuration | valid plans |")
     print("|---|---:|")
     for engine, valid in validity.items():
-        print(f"| {engine} | {valid}/{args.plans} |")
+        print(f"| {engine} | {valid}/{args.plans} |", flush=True)
+    memory = {engine: memory_per_extra_slot(engine, path) for engine in ENGINES}
+    installs = {engine: install_seconds(engine) for engine in ENGINES} if args.install else {}
     print("\n| engine | RssAnon 1 slot MiB | RssAnon 8 slots MiB | per extra slot MiB | no-cache install s |")
     print("|---|---:|---:|---:|---:|")
     for engine in ENGINES:
