@@ -183,11 +183,6 @@ class LocalLLM:
             raise LLMUnavailable(f"local backend: xllamacpp is not installed; {INSTALL_HINT}")
         model_path(self.model)
 
-    def server(self) -> ServerInfo:
-        if self._server is None:
-            self._server = self._locate()
-        return self._server
-
     def complete(self, request: LLMRequest) -> LLMResponse:
         """The blocking call agents make; `acomplete` and `astream` are the same call for coroutines."""
         return asyncio.run(self.astream(request))
@@ -202,7 +197,9 @@ class LocalLLM:
         it is decoded once more with the repeat penalty, which breaks it; the text so far then
         starts again from the beginning.
         """
-        server = self.server()
+        if self._server is None:  # once per process: finding (or starting) the server blocks, so not on the event loop
+            self._server = await asyncio.to_thread(self._locate)
+        server = self._server
         json_answer = request.json_schema is not None
         # JSON repeats its keys, roles and subjects by design: a repeat penalty pushes a small model
         # off the pattern (e.g. away from a second RESEARCHER), so JSON decodes without one first.
