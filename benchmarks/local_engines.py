@@ -2,9 +2,9 @@
 
 - `llama-cpp-python` (the configuration before issue 13): one `Llama` per slot, each in its own
   process with 1 thread, as many slots as cores; requests beyond the slots queue.
-- `xllamacpp` (the configuration since): one llama.cpp server in-process with `parallel` slots that
-  decode in shared batches, threads = cores, driven through the backend's own client
-  (`metaagent_ray.llm.local.LocalLLM`, streamed HTTP on 127.0.0.1).
+- `xllamacpp` (the configuration since): one llama.cpp server in-process with 8 parallel slots that
+  decode in shared batches, 1 thread (`--server-threads 1 2` adds a 2-thread server), driven
+  through the backend's own client (`metaagent_ray.llm.local.LocalLLM`, streamed HTTP on 127.0.0.1).
 
 Measured in ONE run, the engines taking turns at every step so background load hits both alike:
 
@@ -21,7 +21,7 @@ Measured in ONE run, the engines taking turns at every step so background load h
 
 Run (needs both engines: pip install llama-cpp-python xllamacpp, and the local extra):
 
-    python benchmarks/local_engines.py [--rounds 3] [--max-tokens 128] [--plans 6] [--install]
+    python benchmarks/local_engines.py [--rounds 3] [--max-tokens 128] [--plans 6] [--server-threads 1] [--install]
 """
 
 from __future__ import annotations
