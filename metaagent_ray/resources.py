@@ -3,12 +3,11 @@
 The count comes from what the node has (free RAM, CPU cores, GPUs) and what one LLM instance costs
 there (its footprint), and every step of the reasoning is kept as a line a person can check:
 
-- every slot is a Ray worker process (WORKER_BYTES) plus, for backends that run the model inside
-  the worker, one model instance; RAM bound = (free RAM - headroom - memory shared by all
-  instances) / (worker + instance);
-- `local` (llama.cpp on the CPU): the GGUF file is memory-mapped, so the kernel keeps one copy of
-  the weights for all instances (shared); each instance adds the measured overhead and its context
-  (KV) cache. llama.cpp is CPU-bound here, so cores / threads per instance bound the slots as well;
+- every slot is a Ray worker process (WORKER_BYTES) plus what the model needs per slot; RAM bound =
+  (free RAM - headroom - memory shared by all slots) / (worker + per slot);
+- `local` (llama.cpp's server on the CPU, one per node, local_server.py): the weights (a mapped
+  GGUF file) and the server's buffers count once; each parallel slot adds its context (KV) cache.
+  The slots of one server decode in shared batches, so each core serves several (LOCAL_SLOTS_PER_CORE);
 - `ollama`: the server loads one copy of the model for every request and answers at most
   OLLAMA_NUM_PARALLEL requests at once (each with its own context cache, sized by the server);
   further requests only queue there. That number bounds the slots; the model's size and the GPUs
@@ -26,13 +25,14 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator
+from typing import Callable
 
 import psutil
 from pydantic import BaseModel
 
 from .llm import LLMConfig, create_llm, fake, local, ollama
 from .llm.auto import resolve_auto
+from .llm.gguf import read_metadata
 
 MiB = 1024**2
 GiB = 1024**3
@@ -46,12 +46,14 @@ HEADROOM_FRACTION = 0.10  # ... or this share of all RAM, whichever is larger
 # Measured on 2026-11-29 with `python benchmarks/memory.py` (Ray 2.60, llama-cpp-python 0.3.36,
 # Gemma 3 270M Q4_K_M, 1 thread, 2-core x86 machine); the README holds the table.
 WORKER_BYTES = 68 * MiB  # anonymous memory (RssAnon) of an idle Ray worker with metaagent_ray imported
-# What a llama.cpp instance adds to its worker's anonymous memory beyond its KV cache (its weights
-# are file pages of the mapped GGUF, shared): ~85 MiB of buffers once loaded, and ~185 MiB that the
-# first grammar-constrained call leaves behind (it stays, but does not grow with more calls or other
-# schemas). Growth after the schema call minus the KV cache was 267, 269 and 280 MiB at n_ctx 2048,
-# 4096 and 8192; the largest is used.
-LOCAL_OVERHEAD_BYTES = 280 * MiB
+# The local backend's server (xllamacpp 2026.10, same model and machine, `python benchmarks/local_engines.py`):
+# anonymous memory after a plain and a schema-constrained call per slot, the weights being file pages.
+# 271 MiB with 1 slot, 633 MiB with 8: 52 MiB per further slot, less than the 72 MiB the KV formula
+# gives at n_ctx 4096 (Gemma 3's sliding-window layers keep fewer tokens), so a slot counts as its KV cache.
+LOCAL_SERVER_BYTES = 219 * MiB  # the server's own buffers: 271 MiB with one slot, minus that slot
+# Parallel slots one core serves: the server's throughput still grew from 4 to 8 agents on 2 cores
+# (5.8 to 16.3 tokens/s on the loaded machine, README), while each slot costs only its KV cache.
+LOCAL_SLOTS_PER_CORE = 4
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type is f16
 
 NVIDIA_SMI_QUERY = ["--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"]
@@ -83,7 +85,7 @@ class ModelFootprint(BaseModel):
     source: str  # where the figures come from, in words
     instance_bytes: int  # RAM each instance adds inside its Ray worker
     shared_bytes: int = 0  # RAM needed once for all instances (memory-mapped weights)
-    threads_per_instance: int | None = None  # CPU-bound backends: cores / threads bound the slots
+    slots_per_core: int | None = None  # CPU-bound backends: cores x this bound the slots
     server_parallel: int | None = None  # a server that answers at most this many requests at once
     server_parallel_reason: str = ""
     gpu_model_bytes: int | None = None  # a model a GPU would hold; None: the backend uses no GPU
@@ -176,44 +178,6 @@ def node_capacity(cgroup_root: Path = CGROUP_ROOT) -> NodeCapacity:
 
 # --- what one instance costs ---------------------------------------------------------------------
 
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}  # struct codes
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _gguf_value(file: BinaryIO, kind: int) -> Any:
-    """One metadata value; arrays of strings (the vocabulary) are skipped and read as None."""
-    if kind in _GGUF_SCALARS:
-        code = _GGUF_SCALARS[kind]
-        return struct.unpack(f"<{code}", file.read(struct.calcsize(code)))[0]
-    if kind == _GGUF_STRING:
-        (length,) = struct.unpack("<Q", file.read(8))
-        return file.read(length).decode("utf-8", errors="replace")
-    if kind == _GGUF_ARRAY:
-        item_kind, count = struct.unpack("<IQ", file.read(12))
-        if item_kind in _GGUF_SCALARS:
-            code = f"{count}{_GGUF_SCALARS[item_kind]}"
-            return list(struct.unpack(f"<{code}", file.read(struct.calcsize(code))))
-        if item_kind == _GGUF_STRING:
-            for _ in range(count):
-                (length,) = struct.unpack("<Q", file.read(8))
-                file.seek(length, os.SEEK_CUR)
-            return None
-        return [_gguf_value(file, item_kind) for _ in range(count)]
-    raise ValueError(f"unknown GGUF value type {kind}")
-
-
-def _gguf_items(file: BinaryIO) -> Iterator[tuple[str, Any]]:
-    """The key-value metadata at the head of a GGUF file (version 2 or 3), in file order."""
-    magic, version, _tensors, count = struct.unpack("<4sIQQ", file.read(24))
-    if magic != b"GGUF" or version < 2:
-        raise ValueError("not a GGUF v2+ file")
-    for _ in range(count):
-        (length,) = struct.unpack("<Q", file.read(8))
-        key = file.read(length).decode("utf-8", errors="replace")
-        (kind,) = struct.unpack("<I", file.read(4))
-        yield key, _gguf_value(file, kind)
-
-
 def kv_bytes_per_token(path: Path) -> tuple[int, str] | None:
     """The context (KV) cache one token takes, from the model's GGUF metadata, and how it was computed.
 
@@ -222,8 +186,7 @@ def kv_bytes_per_token(path: Path) -> tuple[int, str] | None:
     token). None when the metadata does not describe an attention cache.
     """
     try:
-        with path.open("rb") as file:
-            metadata = dict(_gguf_items(file))
+        metadata = read_metadata(path)
     except (OSError, ValueError, struct.error):
         return None
     arch = metadata.get("general.architecture")
@@ -241,9 +204,8 @@ def kv_bytes_per_token(path: Path) -> tuple[int, str] | None:
 
 
 def local_footprint(config: LLMConfig) -> ModelFootprint:
-    """The GGUF weights once (mapped, shared) + per instance: measured overhead + its KV cache at n_ctx."""
-    llm = local.create(config)
-    path, n_ctx, threads = llm.model_path(), llm.options.n_ctx, llm.options.n_threads
+    """One server per node: the GGUF weights and the server's buffers once + per parallel slot: its KV cache at n_ctx."""
+    path, n_ctx = local.model_path(config.model), local.parse_options(config).n_ctx
     weights = path.stat().st_size
     kv = kv_bytes_per_token(path)
     if kv is None:
@@ -254,12 +216,12 @@ def local_footprint(config: LLMConfig) -> ModelFootprint:
         cache = f"{size(cache_bytes)} context cache (n_ctx {n_ctx} x {per_token / 1024:.1f} KiB per token: {how})"
     return ModelFootprint(
         source=(
-            f"local {path.name}: {size(weights)} of weights, memory-mapped once for all instances; each "
-            f"instance adds {size(LOCAL_OVERHEAD_BYTES)} (measured, benchmarks/memory.py) + {cache}"
+            f"local {path.name}: one llama.cpp server per node holds {size(weights)} of weights (memory-mapped) and "
+            f"{size(LOCAL_SERVER_BYTES)} of buffers once (measured, benchmarks/local_engines.py); each parallel slot adds {cache}"
         ),
-        instance_bytes=LOCAL_OVERHEAD_BYTES + cache_bytes,
-        shared_bytes=weights,
-        threads_per_instance=threads,
+        instance_bytes=cache_bytes,
+        shared_bytes=weights + LOCAL_SERVER_BYTES,
+        slots_per_core=LOCAL_SLOTS_PER_CORE,
         gpu_unused_reason="the local backend runs llama.cpp on the CPU",
     )
 
@@ -351,15 +313,15 @@ def plan_slots(capacity: NodeCapacity, footprint: ModelFootprint, *, cap: int = 
     usable = capacity.free_ram_bytes - headroom - footprint.shared_bytes
     per_slot = WORKER_BYTES + footprint.instance_bytes
     bounds = {"RAM": max(0, usable // per_slot)}
-    shared = f" - {size(footprint.shared_bytes)} shared weights" if footprint.shared_bytes else ""
+    shared = f" - {size(footprint.shared_bytes)} shared by all slots" if footprint.shared_bytes else ""
     reasons.append(
         f"RAM: {size(capacity.free_ram_bytes)} free - {size(headroom)} headroom{shared} = {size(usable)} / "
-        f"{size(per_slot)} per slot (Ray worker {size(WORKER_BYTES)} + instance {size(footprint.instance_bytes)}) = {bounds['RAM']}"
+        f"{size(per_slot)} per slot (Ray worker {size(WORKER_BYTES)} + model {size(footprint.instance_bytes)}) = {bounds['RAM']}"
     )
-    if footprint.threads_per_instance:
-        threads = footprint.threads_per_instance
-        bounds["CPU"] = capacity.cpu_count // threads
-        reasons.append(f"CPU: {capacity.cpu_count} cores / {threads} thread{'s' if threads != 1 else ''} per instance = {bounds['CPU']}")
+    if footprint.slots_per_core:
+        bounds["CPU"] = capacity.cpu_count * footprint.slots_per_core
+        per_core = footprint.slots_per_core
+        reasons.append(f"CPU: {capacity.cpu_count} cores x {per_core} slot{'s' if per_core != 1 else ''} per core = {bounds['CPU']}")
     if footprint.server_parallel:
         bounds["server"] = footprint.server_parallel
         reasons.append(f"Server: {footprint.server_parallel_reason} = {footprint.server_parallel}")

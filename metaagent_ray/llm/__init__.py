@@ -1,7 +1,7 @@
 """LLM backends behind one protocol, chosen by name through a registry.
 
 Backends register a factory under a name; modules are imported only when their backend is used,
-so an optional dependency (llama-cpp-python) costs nothing to those who do not use it.
+so an optional dependency (xllamacpp) costs nothing to those who do not use it.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ BackendFactory = Callable[[LLMConfig], LLM]
 _BACKEND_PATHS: dict[str, str] = {
     "fake": "metaagent_ray.llm.fake:create",
     "ollama": "metaagent_ray.llm.ollama:create",
-    "local": "metaagent_ray.llm.local:create",
+    "local": "metaagent_ray.local_server:create",
     "openai": "metaagent_ray.llm.openai:create",
     "pooled": "metaagent_ray.pool:create_backend",
 }

