@@ -127,7 +127,7 @@ def test_plain_completion_returns_text(gemma: LLM) -> None:
 
 
 @pytest.mark.model
-def test_a_streamed_completion_hands_out_every_token(gemma: LLM) -> None:
+def test_a_streamed_completion_hands_out_the_whole_answer_as_it_grows(gemma: LLM) -> None:
     pieces: list[str] = []
     request = LLMRequest(
         messages=[Message("system", "You are a RESEARCHER."), Message("user", "Research Rust for web development")],
@@ -137,7 +137,8 @@ def test_a_streamed_completion_hands_out_every_token(gemma: LLM) -> None:
     )
     response = gemma.complete(request)
     assert response.text and "".join(pieces).strip() == response.text
-    assert response.completion_tokens == len(pieces) <= 32 and response.prompt_tokens
+    # the server sends a piece per token, but none for a token that is not yet a whole character
+    assert 1 < len(pieces) <= response.completion_tokens <= 32 and response.prompt_tokens
 
 
 @pytest.mark.model
