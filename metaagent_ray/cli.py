@@ -345,7 +345,7 @@ def resume_command(
 
 
 # Options that stay on the submitting machine: where the job goes and where its run comes back.
-SUBMITTER_OPTIONS = {"address", "run_dir", "record", "ship_run_dir"}
+SUBMITTER_OPTIONS = {"address", "run_dir", "record", "ship_run_dir", "ray_timeline", "progress"}
 
 
 def _job_arguments(options: RunOptions) -> list[str]:

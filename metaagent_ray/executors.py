@@ -32,6 +32,7 @@ from .plan import AgentSpec
 from .resources import SLOT_RESOURCE
 
 EXECUTOR_START_TIMEOUT_S = 30.0
+EXECUTOR_STOP_TIMEOUT_S = 2.0
 UNCAPPED_CONCURRENCY = 64  # agents at once on a cluster whose nodes state no LLM slots
 
 
@@ -117,7 +118,13 @@ def _started(plan: list[tuple[str, int, bool]], wanted: int) -> list[Executor]:
 
 
 def stop_executors(executors: list[Executor]) -> None:
-    """End the run's executors (and any call still in their threads); their slots go back to Ray."""
+    """End the run's executors and give their slots back to Ray at once.
+
+    Each is first asked to exit (so its last task events reach Ray's timeline), then killed: a
+    call abandoned past its deadline would otherwise keep the process, and the slots, busy.
+    """
+    ends = [executor.actor.__ray_terminate__.remote() for executor in executors]
+    ray.wait(ends, num_returns=len(ends), timeout=EXECUTOR_STOP_TIMEOUT_S)
     for executor in executors:
         ray.kill(executor.actor, no_restart=True)
 

@@ -55,6 +55,8 @@ from .record import (
 )
 from .resources import SLOT_RESOURCE
 
+# The executor running an agent died (its process, and Ray restarts it) or cannot come back (its node is gone).
+EXECUTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
 CHECKPOINT_INTERVAL_S = 1.0  # the most a run killed outright can lose of its record
 RAY_TASK_RETRIES = 3  # re-executions when a worker process dies mid-agent
 DEADLINE_GRACE_S = 5.0
@@ -284,10 +286,10 @@ class _RunHub:
             self._work[run_id].append(work)
             try:
                 result = await self._await_work(submission, context, work)
-            except ray.exceptions.RayActorError as error:
+            except EXECUTOR_LOST as error:
                 slots.release(index)
-                if not _node_alive(executors[index].node):
-                    slots.drop(index)
+                if isinstance(error, ray.exceptions.ActorUnschedulableError) or not _node_alive(executors[index].node):
+                    slots.drop(index)  # its node is gone, and its slots with it
                 executions = self._executions.get((run_id, context.label), 1)
                 if executions > RAY_TASK_RETRIES or not slots.executors:
                     return self._failure(run_id, context, f"the agent's executor died {executions} times: {type(error).__name__}")
@@ -312,7 +314,7 @@ class _RunHub:
         except asyncio.TimeoutError:
             ray.cancel(work)
             return self._failure(submission.run_id, context, f"timed out: no result within {deadline:g} s (--agent-timeout); the agent was abandoned")
-        except ray.exceptions.RayActorError:
+        except EXECUTOR_LOST:
             raise
         except ray.exceptions.RayError as error:
             detail = next(iter(str(error).splitlines()), "")

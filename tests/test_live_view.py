@@ -76,7 +76,8 @@ def test_a_pipe_gets_the_seed_lines_unchanged(ray_cluster, tmp_path: Path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert "\x1b[" not in result.stdout  # no terminal control sequences
-    assert lines[:4] == [
+    assert lines[0].startswith("🌐 Ray cluster at ") and lines[0].endswith("LLM slots (llm_slot)")
+    assert lines[1:5] == [
         "🧭 Coordinator planning with fake (deterministic, no model)...",
         "🧭 Coordinator planned 5 agents",
         "📋 Plan: Parallel research on 3 items, then analysis and synthesis",
