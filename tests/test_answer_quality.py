@@ -107,3 +107,22 @@ def test_a_base_model_gets_its_roles_worked_example_as_one_document_and_a_paragr
     assert message.content.endswith("Task: Compare Python and Rust\nNotes received:\n- Research Python: Python is easy. It has Django.\nAnalysis:")
     assert "Task: Compare Java and Kotlin for Android apps" in message.content  # the worked example
     assert request.max_tokens == DOCUMENT_ANSWER_TOKENS["ANALYZER"] and not request.may_delegate
+
+
+@pytest.mark.model
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize("query", ["Compare Python and Rust for web development", "Evaluate PostgreSQL, MySQL and SQLite"])
+def test_the_embedded_model_neither_loops_nor_parrots_its_prompt(query: str):
+    """The real Gemma 270M, end to end: every answer is there, none repeats itself, none copies a prompt."""
+    pytest.importorskip("xllamacpp")
+    from benchmarks.quality import copies_prompt, prompt_shingles
+
+    from metaagent_ray import MetaAgent
+
+    record = MetaAgent(llm="local").run(query, save=False)
+    shingles = prompt_shingles()
+    assert record.status == "ok"
+    for agent in record.agents:
+        assert agent.output.strip(), agent.path
+        assert not cut_repetition(agent.output)[1], agent.output
+        assert not copies_prompt(agent.output, shingles), agent.output
