@@ -7,7 +7,8 @@ otherwise) and reports, per query and in total:
 - coverage: the share of the subjects the query enumerates that some agent's task names;
 - loops cut: answers the loop guard cut at their first repeated sentence or paragraph;
 - repeats: answers that still hold a repeated paragraph (what a reader would see);
-- copies: answers that copy a prompt instruction (an 8-word run shared with the prompt files);
+- copies: answers that copy a prompt instruction (an 8-word run shared with the instruction files);
+- examples: answers that copy a worked example of the base-model documents (an 8-word run);
 - off topic: answers that never mention a content word of their task;
 - tokens and wall time.
 
@@ -50,18 +51,17 @@ GENERIC = set(
 )
 
 
-def prompt_shingles() -> set[tuple[str, ...]]:
-    """Every 8-word run of the prompt files' instructions (placeholders left out)."""
-    runs: set[tuple[str, ...]] = set()
-    for path in _prompt_files():
-        words = _words(re.sub(r"\{[a-z_]+\}", " ", path.read_text(encoding="utf-8")))
-        runs |= {tuple(words[index : index + SHINGLE]) for index in range(len(words) - SHINGLE + 1)}
-    return runs
-
-
-def _prompt_files() -> list:
+def prompt_shingles(folders: tuple[str, ...] = ("", "roles")) -> set[tuple[str, ...]]:
+    """Every 8-word run of the prompt files in `folders` (placeholders left out): by default the
+    instructions; ("document",) gives the base-model documents' worked examples."""
     root = resources.files("metaagent_ray.prompts")
-    return [item for folder in (root, root / "roles") for item in folder.iterdir() if item.name.endswith(".md")]
+    runs: set[tuple[str, ...]] = set()
+    for folder in folders:
+        for path in (root / folder if folder else root).iterdir():
+            if path.name.endswith(".md"):
+                words = _words(re.sub(r"\{[a-z_]+\}", " ", path.read_text(encoding="utf-8")))
+                runs |= {tuple(words[index : index + SHINGLE]) for index in range(len(words) - SHINGLE + 1)}
+    return runs
 
 
 def _words(text: str) -> list[str]:
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a GGUF file instead of the default Gemma 3 270M")
     args = parser.parse_args()
     print("$ python " + shlex.join(["benchmarks/quality.py", *sys.argv[1:]]) + "\n")
-    shingles = prompt_shingles()
+    shingles, examples = prompt_shingles(), prompt_shingles(("document",))
     rows = []
     with MetaAgent(llm="local", model=args.model) as meta:
         for query in QUERIES[: args.queries]:
@@ -111,6 +111,7 @@ def main() -> None:
                     "cut": sum(agent.repetition_cut for agent in answers),
                     "repeats": sum(cut_repetition(agent.output)[1] for agent in answers),
                     "copies": sum(copies_prompt(agent.output, shingles) for agent in answers),
+                    "examples": sum(copies_prompt(agent.output, examples) for agent in answers),
                     "off_topic": sum(off_topic(agent) for agent in answers),
                     "answers": len(answers),
                     "tokens": sum((agent.tokens or {}).get("completion", 0) for agent in answers),
@@ -118,20 +119,20 @@ def main() -> None:
                 }
             )
             print(f"done: {query} ({wall:.0f} s)", file=sys.stderr, flush=True)
-    print("| query | agents | subjects covered | loops cut | repeats | copies | off topic | tokens | wall (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| query | agents | subjects covered | loops cut | repeats | copies | examples | off topic | tokens | wall (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         covered = f"{row['covered']}/{row['enumerated']}" if row["enumerated"] else "-"
         print(
-            f"| {row['query']} | {row['agents']} | {covered} | {row['cut']} | {row['repeats']} | {row['copies']} | "
+            f"| {row['query']} | {row['agents']} | {covered} | {row['cut']} | {row['repeats']} | {row['copies']} | {row['examples']} | "
             f"{row['off_topic']} | {row['tokens']} | {row['wall']:.0f} |"
         )
-    total = {key: sum(row[key] for row in rows) for key in ("covered", "enumerated", "cut", "repeats", "copies", "off_topic", "answers", "tokens", "wall")}
+    total = {key: sum(row[key] for row in rows) for key in ("covered", "enumerated", "cut", "repeats", "copies", "examples", "off_topic", "answers", "tokens", "wall")}
     two_subject = [row for row in rows if row["enumerated"] == 2]
     print(
         f"\nSubject coverage {total['covered']}/{total['enumerated']} = {total['covered'] / max(1, total['enumerated']):.0%}"
         f" (two-subject comparisons fully covered: {sum(row['covered'] == 2 for row in two_subject)}/{len(two_subject)}); "
-        f"answers {total['answers']}: loops cut {total['cut']}, still repeating {total['repeats']}, copying a prompt {total['copies']}, "
+        f"answers {total['answers']}: loops cut {total['cut']}, still repeating {total['repeats']}, copying a prompt {total['copies']}, copying a worked example {total['examples']}, "
         f"on topic {total['answers'] - total['off_topic']}/{total['answers']} = {(total['answers'] - total['off_topic']) / max(1, total['answers']):.0%}; "
         f"{total['tokens']} tokens; {total['wall']:.0f} s"
     )
