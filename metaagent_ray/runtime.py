@@ -1,15 +1,15 @@
-"""The only place that submits Ray tasks.
+"""Submits a run's agents and follows them to the end: the hub, the driver's loop, the record.
 
-The driver submits every agent at once, in topological order, as a Ray task whose positional
-arguments are the ObjectRefs of its dependencies; Ray starts each agent the moment those are
-ready. There are no layer barriers and no `ray.get` between submissions: afterwards the driver
-only waits (`ray.wait`) on completions and events, to report them and checkpoint the record.
+The driver submits every agent at once, in topological order, each with the ObjectRefs of its
+dependencies' results as its inputs. There are no layer barriers and no `ray.get` between
+submissions: afterwards the driver only waits (`ray.wait`) on the run's event stream, to report
+progress and checkpoint the record.
 
-Each agent is two pieces. Its *work* is a Ray task that holds an LLM slot while it calls the LLM.
-Its *supervision* is a call on the run hub, an async actor that holds no slot: it bounds the work
-by a deadline (cancelling a hung task), turns a crashed task into a `failed` result, and, when the
-agent delegated, runs the sub-plan and waits for it. Dependents take the supervised result as their
-argument, so a task never holds an LLM slot while it waits for others.
+Each agent is supervised by the run hub, an async actor that holds no slot: once the agent's
+inputs are ready it takes a free slot on one of the run's executors (executors.py), longest
+remaining path first, bounds the call by a deadline, runs the agent again when its executor died,
+and, when the agent delegated, runs the sub-plan and waits for it. Dependents take the supervised
+result, so an agent never holds an LLM slot while it waits for others.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from .resources import SLOT_RESOURCE
 # The executor running an agent died (its process, and Ray restarts it) or cannot come back (its node is gone).
 EXECUTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
 CHECKPOINT_INTERVAL_S = 1.0  # the most a run killed outright can lose of its record
-RAY_TASK_RETRIES = 3  # re-executions when a worker process dies mid-agent
+RAY_TASK_RETRIES = 3  # further executions of an agent whose executor died mid-call
 DEADLINE_GRACE_S = 5.0
 log = logging.getLogger(__name__)
 
