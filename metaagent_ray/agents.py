@@ -252,13 +252,9 @@ def cut_repetition(text: str) -> tuple[str, bool]:
     return text, False
 
 
-def _delegate(
-    context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec], llm: LLM, result: AgentResult
-) -> None:
+def _delegate(context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec], llm: LLM, result: AgentResult) -> None:
     """The agent asked for a team: plan its task as a sub-plan one level deeper, for the runtime to run."""
-    sub_query = load_prompt("sub_query").format(
-        task=context.spec.task, query=context.query, inputs=format_inputs(inputs, specs)
-    )
+    sub_query = load_prompt("sub_query").format(task=context.spec.task, query=context.query, inputs=format_inputs(inputs, specs))
     plan, coordinator = make_plan(sub_query, llm, max_agents=context.limits.max_agents, depth=context.depth + 1)
     result.status, result.output, result.sub_plan, result.sub_query = "delegated", "", plan, sub_query
     if coordinator.fallback:

@@ -5,22 +5,23 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .agents import AgentLimits
 from .connect import RayConnection, RayOptions, cluster_address, ensure_ray, ray_started, shutdown_ray
-from .coordinator import make_plan
+from .coordinator import make_plan, planned_notice
 from .errors import ConfigError, PlanError
 from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
-from .llm import LLM, LLMConfig, create_llm
+from .hub import RunLimits
+from .llm import LLM, LLMConfig, TextCallback, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .pool import PoolHandle, PoolSpec, start_pool
 from .record import CoordinatorRecord, RunDirectory, RunRecord, resume_choice, save_record
 from .report import write_report
-from .runtime import RunLimits, RunStopped, execute_plan, write_ray_timeline
+from .runtime import RunStopped, execute_plan, plan_and_execute, write_ray_timeline
 from .viz import write_pictures
 
 DEFAULT_MAX_AGENTS = 64
@@ -135,9 +136,18 @@ class MetaAgent:
     """
 
     def __init__(
-        self, llm: str = "auto", *, on_event: EventHandler = ignore, verbose: bool = False, stream: bool = False, **settings: Any
+        self,
+        llm: str = "auto",
+        *,
+        on_event: EventHandler = ignore,
+        verbose: bool = False,
+        stream: bool = False,
+        stream_plan: bool = True,
+        **settings: Any,
     ) -> None:
-        """`stream`: answers stream to `on_event` as `TokensArrived` while agents and the coordinator write them."""
+        """`stream`: answers stream to `on_event` as `TokensArrived` while agents and the coordinator write them.
+        `stream_plan`: `run` starts each agent as soon as the coordinator's streamed plan makes it safe,
+        instead of after the whole plan."""
         try:
             self.settings = RunSettings(llm=llm, **settings)
         except ValidationError as error:
@@ -145,6 +155,7 @@ class MetaAgent:
         self.on_event = on_event
         self.verbose = verbose
         self.stream = stream
+        self.stream_plan = stream_plan
         self._llm_config: LLMConfig | None = None
         self._connection: RayConnection | None = None
         self._pool: PoolHandle | None = None
@@ -221,15 +232,38 @@ class MetaAgent:
         record_path: Path | str | None = None,
         ray_timeline: Path | str | None = None,
     ) -> RunRecord:
-        """Plan the query with the coordinator, then execute the plan; returns the run record.
+        """Plan the query with the coordinator and execute the plan; returns the run record.
 
+        With `stream_plan` (the default) agents start while the coordinator still writes the plan.
         `ray_timeline` receives Ray's own chrome trace of the run (`ray.timeline`).
         """
         _check_outputs(run_dir, record_path, ray_timeline)
-        plan, coordinator = self._plan(query, connect=True)
-        directory = self._directory(run_dir, query, save)
-        with _locked(directory):
-            return self._execute(plan, query, directory, record_path, coordinator=coordinator, ray_timeline=ray_timeline)
+        if not self.stream_plan:
+            plan, coordinator = self._plan(query, connect=True)
+            directory = self._directory(run_dir, query, save)
+            with _locked(directory):
+                return self._execute(plan, query, directory, record_path, coordinator=coordinator, ray_timeline=ray_timeline)
+        llm = self._planning(query)
+
+        def planner(on_text: TextCallback, on_rejected: Callable[[str], None]) -> tuple[ExecutionPlan, CoordinatorRecord]:
+            return make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text, on_rejected=on_rejected)
+
+        return self._kept(
+            lambda: plan_and_execute(
+                query,
+                planner,
+                self._ready_llm(),
+                max_agents=self.settings.max_agents,
+                ray_options=self._ray_options(),
+                limits=self._limits(),
+                on_event=self.on_event,
+                run_dir=lambda: self._directory(run_dir, query, save),
+                settings=self.settings.stored(),
+                stream=self.stream,
+            ),
+            record_path,
+            ray_timeline,
+        )
 
     def execute(
         self,
@@ -294,19 +328,23 @@ class MetaAgent:
                 )
 
     def _plan(self, query: str, *, connect: bool = False) -> tuple[ExecutionPlan, CoordinatorRecord]:
-        """The coordinator's plan; with `connect`, Ray is reached first (after the backend's check), so
+        """The coordinator's whole plan; with `connect`, Ray is reached first (after the backend's check), so
         a run whose cluster is unreachable stops before the LLM plans."""
+        llm = self._planning(query, connect=connect)
+        on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
+        plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text)
+        self.on_event(planned_notice(plan, coordinator))
+        return plan, coordinator
+
+    def _planning(self, query: str, *, connect: bool = True) -> LLM:
+        """Checks before the coordinator's call (the query, the backend, Ray when `connect`); the coordinator's LLM."""
         if not query.strip():
             raise ConfigError("the query is empty")
         llm = self._driver_llm()
         if connect:
             self._connect()
         self.on_event(PlanningStarted(llm=llm.describe()))
-        on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
-        plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text)
-        tries = "" if coordinator.attempts == 1 else f" after {coordinator.attempts} tries"
-        self.on_event(Notice(f"🧭 Coordinator planned {len(plan.agents)} agents{tries}"))
-        return plan, coordinator
+        return llm
 
     @staticmethod
     def _directory(run_dir: Path | str | None, query: str, save: bool) -> RunDirectory | None:
@@ -324,6 +362,10 @@ class MetaAgent:
         )
         return RunLimits(agent=agent, max_total_agents=settings.max_total_agents)
 
+    def _ready_llm(self) -> LLMConfig:
+        assert self._llm_config is not None, "the backend is checked before a run"
+        return self._llm_config
+
     def _execute(
         self,
         plan: ExecutionPlan,
@@ -335,12 +377,11 @@ class MetaAgent:
         earlier: RunRecord | None = None,
         ray_timeline: Path | str | None = None,
     ) -> RunRecord:
-        assert self._llm_config is not None, "the backend is checked before a run"
-        try:
-            record = execute_plan(
+        return self._kept(
+            lambda: execute_plan(
                 plan,
                 query,
-                self._llm_config,
+                self._ready_llm(),
                 ray_options=self._ray_options(),
                 limits=self._limits(),
                 on_event=self.on_event,
@@ -349,20 +390,29 @@ class MetaAgent:
                 settings=self.settings.stored(),
                 earlier=earlier,
                 stream=self.stream,
-            )
+            ),
+            record_path,
+            ray_timeline,
+        )
+
+    @staticmethod
+    def _kept(run: Callable[[], RunRecord], record_path: Path | str | None, ray_timeline: Path | str | None) -> RunRecord:
+        """Run, then keep the record's extra copy, pictures and report, and Ray's timeline, however the run ended."""
+        try:
+            record = run()
         except RunStopped as stop:
-            _keep(stop.record, directory, record_path)
+            _keep(stop.record, record_path)
             raise
-        _keep(record, directory, record_path)
+        _keep(record, record_path)
         if ray_timeline is not None:
             write_ray_timeline(Path(ray_timeline))
         return record
 
 
-def _keep(record: RunRecord, directory: RunDirectory | None, record_path: Path | str | None) -> None:
+def _keep(record: RunRecord, record_path: Path | str | None) -> None:
     """The record's extra copy (`--record`), and the run directory's pictures and report."""
     if record_path is not None:
         save_record(Path(record_path), record)
-    if directory is not None:
-        write_pictures(record, directory.path)
-        write_report(record, directory.path)
+    if record.run_dir is not None:
+        write_pictures(record, Path(record.run_dir))
+        write_report(record, Path(record.run_dir))

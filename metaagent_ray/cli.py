@@ -47,7 +47,8 @@ class RunOptions:
     """
 
     llm: Annotated[
-        Optional[str], typer.Option("--llm", help="LLM backend: auto (Ollama if it serves the model, else local), ollama, local, openai or fake.")
+        Optional[str],
+        typer.Option("--llm", help="LLM backend: auto (Ollama if it serves the model, else local), ollama, local, openai or fake."),
     ] = None
     model: Annotated[Optional[str], typer.Option("--model", help="Model name (Ollama) or GGUF file (local).")] = None
     ollama_host: Annotated[Optional[str], typer.Option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST).")] = None
@@ -62,15 +63,22 @@ class RunOptions:
         ),
     ] = None
     record: Annotated[Optional[Path], typer.Option("--record", help="Also write the run record (JSON) to this file.")] = None
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Keep the run's files here (default runs/<UTC time>-<slug>/).")] = None
-    retries: Annotated[Optional[int], typer.Option("--retries", min=0, help="Retries of a transient LLM error per agent [default: 2].")] = None
+    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Keep the run's files here (default runs/<UTC time>-<slug>/).")] = (
+        None
+    )
+    retries: Annotated[Optional[int], typer.Option("--retries", min=0, help="Retries of a transient LLM error per agent [default: 2].")] = (
+        None
+    )
     agent_timeout: Annotated[
         Optional[float], typer.Option("--agent-timeout", help="Seconds one LLM call may take; a hung agent is cancelled [default: 300].")
     ] = None
     on_failure: Annotated[
-        Optional[str], typer.Option("--on-failure", help="When an agent fails: continue (dependents run without it) or stop (they are skipped).")
+        Optional[str],
+        typer.Option("--on-failure", help="When an agent fails: continue (dependents run without it) or stop (they are skipped)."),
     ] = None
-    max_depth: Annotated[Optional[int], typer.Option("--max-depth", min=0, help="How deep agents may delegate to sub-plans [default: 2].")] = None
+    max_depth: Annotated[
+        Optional[int], typer.Option("--max-depth", min=0, help="How deep agents may delegate to sub-plans [default: 2].")
+    ] = None
     max_agents: Annotated[Optional[int], typer.Option("--max-agents", min=1, help="Refuse plans with more agents [default: 64].")] = None
     max_total_agents: Annotated[
         Optional[int], typer.Option("--max-total-agents", min=1, help="Bound on all agents of a run, sub-plans included [default: 200].")
@@ -95,23 +103,28 @@ class RunOptions:
     fake_fail: Annotated[
         Optional[str], typer.Option("--fake-fail", help="Fake backend: inject faults, e.g. 3, 3:1, 3:hang, coordinator:garbage.")
     ] = None
+    fake_plan: Annotated[
+        Optional[Path], typer.Option("--fake-plan", help="Fake backend: the coordinator answers with this file's text (a plan's JSON).")
+    ] = None
     ray_timeline: Annotated[
         Optional[Path], typer.Option("--ray-timeline", help="Write Ray's own chrome trace of the run (ray.timeline) to this file.")
     ] = None
-    progress: Annotated[
-        str, typer.Option("--progress", help="auto (live view in a terminal, plain lines otherwise), live or plain.")
-    ] = "auto"
+    progress: Annotated[str, typer.Option("--progress", help="auto (live view in a terminal, plain lines otherwise), live or plain.")] = (
+        "auto"
+    )
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="Debug logging, and tracebacks on errors.")] = False
     quiet: Annotated[bool, typer.Option("-q", "--quiet", help="Print only warnings and the final output.")] = False
     ship_run_dir: Annotated[
-        bool, typer.Option("--ship-run-dir", hidden=True, help="In a job from `metaagent submit`: print the run directory for it to bring back.")
+        bool,
+        typer.Option("--ship-run-dir", hidden=True, help="In a job from `metaagent submit`: print the run directory for it to bring back."),
     ] = False
 
     def settings(self) -> dict[str, Any]:
         """The API settings these flags give; a flag for another backend is an error."""
-        fake = {key: value for key, value in (("latency", self.fake_latency), ("fail", self.fake_fail)) if value is not None}
+        given_fake = (("latency", self.fake_latency), ("fail", self.fake_fail), ("plan", self.fake_plan and str(self.fake_plan)))
+        fake = {key: value for key, value in given_fake if value is not None}
         if fake and self.llm != "fake":
-            raise ConfigError("--fake-latency and --fake-fail apply to --llm fake only")
+            raise ConfigError("--fake-latency, --fake-fail and --fake-plan apply to --llm fake only")
         if self.ollama_host is not None and self.llm not in (None, "ollama", "auto"):
             raise ConfigError("--ollama-host applies to --llm ollama or auto only")
         if self.openai_base_url is not None and self.llm != "openai":
@@ -158,11 +171,12 @@ class RunOptions:
         return ConsoleView(stream, quiet=self.quiet)
 
     @contextmanager
-    def meta_agent(self, stream: TextIO | None = None) -> Iterator[MetaAgent]:
+    def meta_agent(self, stream: TextIO | None = None, *, stream_plan: bool = True) -> Iterator[MetaAgent]:
         """The API object these options describe, reporting to `stream` (default stdout); the live view ends with it."""
         settings = self.settings()
         view = self.view(stream)
-        with watching(view), MetaAgent(on_event=view, verbose=self.verbose, stream=isinstance(view, LiveView), **settings) as agent:
+        live = isinstance(view, LiveView)
+        with watching(view), MetaAgent(on_event=view, verbose=self.verbose, stream=live, stream_plan=stream_plan, **settings) as agent:
             yield agent
 
 
@@ -280,10 +294,20 @@ def exec_command(
 
 @app.command("run")
 @with_run_options
-def run_command(query: QueryArgument, *, options: RunOptions) -> None:
+def run_command(
+    query: QueryArgument,
+    stream_plan: Annotated[
+        bool,
+        typer.Option(
+            "--stream-plan/--no-stream-plan", help="Start each agent while the coordinator still writes the plan, once it is safe."
+        ),
+    ] = True,
+    *,
+    options: RunOptions,
+) -> None:
     """Plan QUERY with the coordinator, show the plan's layers, execute it, print the final answer."""
     run_dir = _job_run_dir(options, query)
-    with options.meta_agent() as agent:
+    with options.meta_agent(stream_plan=stream_plan) as agent:
         _finish(options, lambda: agent.run(query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
 
 
@@ -377,11 +401,15 @@ def _key_values(pairs: list[str]) -> dict[str, str]:
 def submit_command(
     query: Annotated[Optional[str], typer.Argument(help="What you want the agents to do (or --plan).", show_default=False)] = None,
     plan_file: Annotated[Optional[Path], typer.Option("--plan", help="Run this plan file instead of planning QUERY.")] = None,
-    working_dir: Annotated[Optional[Path], typer.Option("--working-dir", help="Send this directory to the job (its working directory).")] = None,
+    working_dir: Annotated[
+        Optional[Path], typer.Option("--working-dir", help="Send this directory to the job (its working directory).")
+    ] = None,
     pip: Annotated[Optional[list[str]], typer.Option("--pip", help="Install this package in the job's environment (repeatable).")] = None,
     env: Annotated[Optional[list[str]], typer.Option("--env", help="Set KEY=VALUE in the job's environment (repeatable).")] = None,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="Print the job id and return; --attach follows it later.")] = False,
-    attach: Annotated[Optional[str], typer.Option("--attach", metavar="JOB_ID", help="Follow a submitted job and bring its run back.")] = None,
+    attach: Annotated[
+        Optional[str], typer.Option("--attach", metavar="JOB_ID", help="Follow a submitted job and bring its run back.")
+    ] = None,
     *,
     options: RunOptions,
 ) -> None:
@@ -434,7 +462,10 @@ def _follow(address: str, job_id: str, options: RunOptions) -> None:
                 stop_job(address, job_id)
                 print(f"🛑 Stopping job {job_id}; its run saves what finished", file=sys.stderr, flush=True)
                 continue
-            print(f"Detached; job {job_id} runs on. Follow it again with: metaagent submit --attach {job_id} --address {address}", file=sys.stderr)
+            print(
+                f"Detached; job {job_id} runs on. Follow it again with: metaagent submit --attach {job_id} --address {address}",
+                file=sys.stderr,
+            )
             return
     if outcome.run_dir is not None:
         print(f"💾 Run brought back to {outcome.run_dir}", file=sys.stderr)

@@ -178,7 +178,9 @@ def _reachable(address: str, verbose: bool) -> str:
             raise ConfigError("--address auto: no Ray cluster started with `ray start` runs on this machine") from None
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"Ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 unless `ray start --port` said otherwise)")
+        raise ConfigError(
+            f"Ray address {address!r}: expected HOST:PORT (the head's GCS port, 6379 unless `ray start --port` said otherwise)"
+        )
     check_port(address, host, int(port), f"`ray start --head --port {port}`")
     if not address.startswith("ray://"):
         _check_gcs(address, verbose)
@@ -213,7 +215,9 @@ def _check_gcs(address: str, verbose: bool) -> None:
         thread.start()
         thread.join(CONNECT_TIMEOUT_S * 1.5)
     if not outcome:
-        raise ConfigError(f"the Ray cluster at {address} accepted a connection but its GCS did not answer within {CONNECT_TIMEOUT_S * 1.5:.0f} s")
+        raise ConfigError(
+            f"the Ray cluster at {address} accepted a connection but its GCS did not answer within {CONNECT_TIMEOUT_S * 1.5:.0f} s"
+        )
     error = outcome[0]
     if isinstance(error, ray.exceptions.AuthenticationError):
         raise ConfigError(token_advice(address)) from None

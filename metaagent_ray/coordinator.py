@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Callable
 
 from pydantic import ValidationError
 
 from .errors import MetaAgentError
+from .events import Notice
 from .llm import LLM, LLMError, LLMRequest, Message, TextCallback
 from .plan import ExecutionPlan, explain, plan_json_schema
 from .prompts import load_prompt
@@ -73,11 +75,18 @@ def coordinator_request(query: str) -> str:
 
 
 def make_plan(
-    query: str, llm: LLM, *, max_agents: int, depth: int = 0, on_text: TextCallback | None = None
+    query: str,
+    llm: LLM,
+    *,
+    max_agents: int,
+    depth: int = 0,
+    on_text: TextCallback | None = None,
+    on_rejected: Callable[[str], None] | None = None,
 ) -> tuple[ExecutionPlan, CoordinatorRecord]:
     """Ask the coordinator LLM for a plan that maximises parallelism; always returns a usable plan.
 
-    `on_text` receives the answer as it streams, where the backend streams.
+    `on_text` receives the answer as it streams, where the backend streams; `on_rejected` hears why
+    an answer was rejected (before the retry or the fallback).
     """
     messages = [
         Message("system", load_prompt("coordinator").format(max_agents=max_agents)),
@@ -104,10 +113,16 @@ def make_plan(
             return _parse(response.text, max_agents, depth), record
         except ValueError as error:
             record.errors.append(str(error))
+            if on_rejected is not None:
+                on_rejected(str(error))
             messages += [Message("assistant", response.text), Message("user", load_prompt("coordinator_retry").format(error=error))]
     plan = fallback_plan(query, depth)
-    plan.add_warning(
-        f"⚠️ The coordinator's plan was invalid {COORDINATOR_TRIES} times ({record.errors[-1]}); using a fallback plan"
-    )
+    plan.add_warning(f"⚠️ The coordinator's plan was invalid {COORDINATOR_TRIES} times ({record.errors[-1]}); using a fallback plan")
     record.fallback = True
     return plan, record
+
+
+def planned_notice(plan: ExecutionPlan, record: CoordinatorRecord) -> Notice:
+    """The line that says the coordinator is done: how many agents, after how many tries."""
+    tries = "" if record.attempts == 1 else f" after {record.attempts} tries"
+    return Notice(f"🧭 Coordinator planned {len(plan.agents)} agents{tries}")

@@ -52,7 +52,7 @@ class AgentExecutor:
         """
         node = ray.get_runtime_context().get_node_id()
         execution = hub.started.remote(run_id, context.label, context.spec.role.value, os.getpid(), node)  # not awaited
-        on_text = TokenCounter(context.label, lambda event: hub.progress.remote(run_id, event)) if stream else None
+        on_text = TokenCounter(context.label, lambda event: hub.post.remote(run_id, event)) if stream else None
         result = run_agent(context, inputs, dependency_specs, on_text)
         result.node = node
         result.attempts += ray.get(execution) - 1  # each earlier execution died mid-agent: one try each
@@ -72,13 +72,15 @@ def start_executors(slots: int | None) -> list[Executor]:
     """One executor per node with LLM slots, together holding `slots` of them (all when None).
 
     `slots` is split over the nodes in proportion to their `llm_slot`; each executor reserves its
-    share, so concurrent runs on one cluster never exceed the cluster's slots.
+    share, so concurrent runs on one cluster never exceed the cluster's slots. Returns at once:
+    the executors start while the caller does other work (the coordinator plans); `wait_started`
+    waits for them.
     """
     nodes = {node["NodeID"]: int(node["Resources"].get(SLOT_RESOURCE, 0)) for node in ray.nodes() if node["Alive"]}
     nodes = {node: count for node, count in nodes.items() if count > 0}
     if not nodes:  # a cluster that states no slots: one executor here, capped by --slots
         here = ray.get_runtime_context().get_node_id()
-        return _started([(here, slots or UNCAPPED_CONCURRENCY, False)], slots or UNCAPPED_CONCURRENCY)
+        return _launched([(here, slots or UNCAPPED_CONCURRENCY, False)])
     total = sum(nodes.values())
     wanted = slots or total
     if wanted > total:
@@ -87,7 +89,7 @@ def start_executors(slots: int | None) -> list[Executor]:
             f"(start its nodes with --resources '{{\"{SLOT_RESOURCE}\": N}}')"
         )
     shares = split(wanted, nodes)
-    return _started([(node, share, True) for node, share in shares.items() if share > 0], wanted)
+    return _launched([(node, share, True) for node, share in shares.items() if share > 0])
 
 
 def split(wanted: int, capacity: dict[str, int]) -> dict[str, int]:
@@ -100,21 +102,33 @@ def split(wanted: int, capacity: dict[str, int]) -> dict[str, int]:
     return shares
 
 
-def _started(plan: list[tuple[str, int, bool]], wanted: int) -> list[Executor]:
-    """Create the executors and wait until each holds its slots (bounded: another run may hold them)."""
-    actors = [
-        AgentExecutor.options(
-            max_concurrency=count,
-            resources={SLOT_RESOURCE: float(count)} if reserve else {},
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-        ).remote()
+def _launched(plan: list[tuple[str, int, bool]]) -> list[Executor]:
+    """Create the executors; each reserves its slots (`reserve`) once Ray places it."""
+    return [
+        Executor(
+            AgentExecutor.options(
+                max_concurrency=count,
+                resources={SLOT_RESOURCE: float(count)} if reserve else {},
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
+            ).remote(),
+            node,
+            count,
+        )
         for node, count, reserve in plan
     ]
-    ready, _ = ray.wait([actor.node.remote() for actor in actors], num_returns=len(actors), timeout=EXECUTOR_START_TIMEOUT_S)
-    if len(ready) < len(actors):
-        stop_executors([Executor(actor, node, count) for actor, (node, count, _) in zip(actors, plan)])
-        raise ConfigError(f"--slots {wanted}: the cluster could not reserve {wanted} free LLM slots within {EXECUTOR_START_TIMEOUT_S:.0f} s")
-    return [Executor(actor, node, count) for actor, (node, count, _) in zip(actors, plan)]
+
+
+def wait_started(executors: list[Executor]) -> None:
+    """Wait until each executor holds its slots (bounded: another run may hold them); ConfigError if they do not."""
+    ready, _ = ray.wait(
+        [executor.actor.node.remote() for executor in executors], num_returns=len(executors), timeout=EXECUTOR_START_TIMEOUT_S
+    )
+    if len(ready) < len(executors):
+        stop_executors(executors)
+        wanted = sum(executor.slots for executor in executors)
+        raise ConfigError(
+            f"--slots {wanted}: the cluster could not reserve {wanted} free LLM slots within {EXECUTOR_START_TIMEOUT_S:.0f} s"
+        )
 
 
 def stop_executors(executors: list[Executor]) -> None:

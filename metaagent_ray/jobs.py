@@ -97,14 +97,18 @@ def submit_job(request: JobRequest, *, plan_file: Path | None = None) -> str:
             try:
                 inside = plan_file.resolve().relative_to(working_dir.resolve())
             except ValueError:
-                raise ConfigError(f"{plan_file}: the plan must lie inside --working-dir {working_dir}, which is what the job receives") from None
+                raise ConfigError(
+                    f"{plan_file}: the plan must lie inside --working-dir {working_dir}, which is what the job receives"
+                ) from None
             command = [inside.as_posix() if part == str(plan_file) else part for part in command]
         if not working_dir.is_dir():
             raise ConfigError(f"--working-dir {working_dir}: not a directory")
         client = job_client(request.address)
         entrypoint = shlex.join(["metaagent", *command, "--ship-run-dir"])
         try:
-            return client.submit_job(entrypoint=entrypoint, runtime_env=request.runtime_env(working_dir), metadata={"metaagent": command[0]})
+            return client.submit_job(
+                entrypoint=entrypoint, runtime_env=request.runtime_env(working_dir), metadata={"metaagent": command[0]}
+            )
         except AuthenticationError:
             raise ConfigError(token_advice(request.address)) from None
         except RuntimeError as error:

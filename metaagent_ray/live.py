@@ -74,6 +74,7 @@ class _Progress:
     waiting_for: str = ""  # what the spinner says before the agents run: the coordinator, Ray's start-up
     waiting_since: float | None = None
     coordinator_tokens: int = 0
+    early_starts: dict[str, AgentStarted] = field(default_factory=dict)  # agents started while the plan was written
     rows: list[_Row] = field(default_factory=list)
     slots: int | None = None
     sinks: set[str] = field(default_factory=set)
@@ -122,18 +123,25 @@ class LiveView:
                 progress.rows = _rows(event.plan, event.layers)
                 for agent in event.reused:
                     progress.rows[agent].state = "reused"
+                for early in progress.early_starts.values():
+                    self._started(early)
             elif isinstance(event, SubPlanReady):
                 self._add_sub_plan(event)
             elif isinstance(event, AgentStarted):
-                row = self._row(event.path)
-                if row is not None:
-                    row.state, row.started, row.node = "running", time.monotonic(), event.node
+                if not progress.rows:
+                    progress.early_starts[event.path] = event
+                self._started(event)
             elif isinstance(event, AgentFinished):
                 self._finished(event)
         if isinstance(event, RunFinished):
             self.live.stop()  # the live area goes; a still picture of the table stays above the final output
             self.console.print(self._table())
         self.lines(event)
+
+    def _started(self, event: AgentStarted) -> None:
+        row = self._row(event.path)
+        if row is not None and row.state == "waiting":
+            row.state, row.started, row.node = "running", time.monotonic(), event.node
 
     def _tokens(self, event: TokensArrived) -> None:
         progress = self.progress
@@ -179,7 +187,8 @@ class LiveView:
             if progress.waiting_since is not None:
                 elapsed = time.monotonic() - progress.waiting_since
                 tokens = f" · {progress.coordinator_tokens} tokens" if progress.coordinator_tokens else ""
-                return Spinner("dots", Text(f"{progress.waiting_for} · {elapsed:.1f} s{tokens}"))
+                early = f" · {len(progress.early_starts)} agents started" if progress.early_starts else ""
+                return Spinner("dots", Text(f"{progress.waiting_for} · {elapsed:.1f} s{tokens}{early}"))
             if not progress.rows:
                 return Text("")
             parts: list[RenderableType] = [self._table(limit=max(self.console.height - STREAM_LINES - 8, 5)), self._bar()]

@@ -188,8 +188,14 @@ class LLMServer:
             self._log_path = log.name
             try:
                 self._process = subprocess.Popen(
-                    argv, env=env, cwd=spec.cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    start_new_session=True, preexec_fn=_die_with_parent,
+                    argv,
+                    env=env,
+                    cwd=spec.cwd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
                 )
             except OSError as error:
                 raise PoolError(f"LLM server {self._index}: cannot run `{argv[0]}`: {error.strerror or error}") from None
@@ -211,8 +217,7 @@ class LLMServer:
                     tail = self._tail()
                     self.stop()
                     raise PoolError(
-                        f"LLM server {self._index}: `{command}` did not answer {probe_url} within "
-                        f"{self._spec.ready_timeout:g} s; {tail}"
+                        f"LLM server {self._index}: `{command}` did not answer {probe_url} within {self._spec.ready_timeout:g} s; {tail}"
                     )
                 try:  # sleeps between probes, and notices at once a server that exits
                     code = self._process.wait(timeout=min(READY_PROBE_S, remaining))

@@ -88,6 +88,9 @@ class CoordinatorRecord(BaseModel):
     tokens: dict[str, int] | None = None
     started_at: float | None = None  # epoch seconds around the coordinator's LLM calls
     finished_at: float | None = None
+    streamed: bool = False  # agents started while the plan was still being written
+    started_early: list[int] = Field(default_factory=list)  # the agents that did
+    set_aside: str | None = None  # why what they did was cancelled and not kept, when it was
 
 
 class RunRecord(BaseModel):

@@ -178,6 +178,7 @@ def node_capacity(cgroup_root: Path = CGROUP_ROOT) -> NodeCapacity:
 
 # --- what one instance costs ---------------------------------------------------------------------
 
+
 def kv_bytes_per_token(path: Path) -> tuple[int, str] | None:
     """The context (KV) cache one token takes, from the model's GGUF metadata, and how it was computed.
 

@@ -31,6 +31,7 @@ def _row_order(plan: ExecutionPlan, layers: list[list[int]]) -> list[list[int]]:
     position: dict[int, float] = {}
     ordered = []
     for layer in layers:
+
         def key(agent: int) -> tuple[float, int]:
             deps = plan.agents[agent].depends_on
             return (sum(position[dep] for dep in deps) / len(deps) if deps else -1.0, agent)
@@ -67,7 +68,9 @@ def graph_svg(plan: ExecutionPlan, agents: list[AgentRecord] | None = None) -> s
     for number, row in enumerate(layers):
         y = MARGIN + number * (NODE_H + GAP_Y) + NODE_H / 2
         parallel = f"{len(row)} in parallel" if len(row) > 1 else "1 agent"
-        parts.append(f'<text x="{MARGIN}" y="{y - 4:.0f}" font-weight="bold" fill="{colour(number)}" stroke="#333" stroke-width="0.3">Layer {number}</text>')
+        parts.append(
+            f'<text x="{MARGIN}" y="{y - 4:.0f}" font-weight="bold" fill="{colour(number)}" stroke="#333" stroke-width="0.3">Layer {number}</text>'
+        )
         parts.append(f'<text x="{MARGIN}" y="{y + 12:.0f}" fill="#555">{parallel}</text>')
     for agent, spec in enumerate(plan.agents):
         x2, y2 = centre[agent]
@@ -91,7 +94,7 @@ def graph_svg(plan: ExecutionPlan, agents: list[AgentRecord] | None = None) -> s
             timing = f" · {record.finished_at - record.started_at:.1f} s"
         stroke = "#c00" if record and record.status in ("failed", "skipped") else "#333"
         parts += [
-            f'<g><title>{escape(spec.task)}</title>',
+            f"<g><title>{escape(spec.task)}</title>",
             f'<rect x="{x - NODE_W / 2:.0f}" y="{y - NODE_H / 2:.0f}" width="{NODE_W}" height="{NODE_H}" rx="8" '
             f'fill="{colour(layer_of[agent])}" stroke="{stroke}" stroke-width="1.5"/>',
             f'<text x="{x:.0f}" y="{y - 10:.0f}" text-anchor="middle" font-weight="bold">Agent {agent} · {spec.role.value}{status}</text>',
@@ -168,7 +171,9 @@ def timeline_svg(record: RunRecord) -> str:
         assert began is not None and ended is not None
         label = agent.path or str(agent.id)
         indent = "    " * label.count(".")
-        parts.append(f'<text x="{MARGIN}" y="{y + 15}" xml:space="preserve">{indent}Agent {escape(label)} · {escape(agent.role)} (layer {agent.layer})</text>')
+        parts.append(
+            f'<text x="{MARGIN}" y="{y + 15}" xml:space="preserve">{indent}Agent {escape(label)} · {escape(agent.role)} (layer {agent.layer})</text>'
+        )
         if ready is not None and began > ready:
             parts.append(
                 f'<rect x="{x_of(ready):.1f}" y="{y + 8}" width="{(began - ready) * scale:.1f}" height="6" fill="#ddd" stroke="#aaa">'
@@ -211,7 +216,9 @@ def mermaid(plan: ExecutionPlan) -> str:
     lines = ["flowchart TD"]
     for agent, spec in enumerate(plan.agents):
         task = _short(spec.task, 40).replace('"', "'")
-        lines.append(f'    a{agent}["Agent {agent}: {spec.role.value}<br/>{escape(task)}<br/>layer {layer_of[agent]}"]:::layer{layer_of[agent]}')
+        lines.append(
+            f'    a{agent}["Agent {agent}: {spec.role.value}<br/>{escape(task)}<br/>layer {layer_of[agent]}"]:::layer{layer_of[agent]}'
+        )
     for agent, spec in enumerate(plan.agents):
         lines += [f"    a{dep} -->|{dep}→{agent}| a{agent}" for dep in spec.depends_on]
     lines += [f"    classDef layer{number} fill:{colour(number)}" for number in sorted(set(layer_of.values()))]

@@ -63,7 +63,7 @@ def test_missing_plan_file_and_bad_options(tmp_path: Path):
         (["--llm", "nonsense"], "unknown LLM backend 'nonsense'"),
         (["--llm", "fake", "--fake-latency", "soon"], "--fake-latency soon: not a number and not a readable file"),
         (["--llm", "fake", "--fake-fail", "x:y"], "--fake-fail x:y: cannot read"),
-        (["--llm", "ollama", "--fake-fail", "3"], "--fake-latency and --fake-fail apply to --llm fake only"),
+        (["--llm", "ollama", "--fake-fail", "3"], "--fake-latency, --fake-fail and --fake-plan apply to --llm fake only"),
     ]:
         result = metaagent("exec", plan, *args, cwd=tmp_path)
         assert result.returncode == 2, result.stderr

@@ -123,7 +123,7 @@ def test_finished_sub_agents_survive_a_killed_driver_and_resume_reuses_them(ray_
 
 
 def hub_processes() -> set[int]:
-    return {process.pid for process in psutil.process_iter(["cmdline"]) if any("_RunHub" in part for part in process.info["cmdline"] or [])}
+    return {process.pid for process in psutil.process_iter(["cmdline"]) if any("RunHub" in part for part in process.info["cmdline"] or [])}
 
 
 def test_a_killed_hub_actor_ends_the_run_failed_with_one_line_and_the_resume_command(ray_cluster, tmp_path: Path, latency_file):

@@ -33,13 +33,17 @@ def test_without_stream_no_token_events_are_sent():
     assert not any(isinstance(event, TokensArrived) for event in events)
 
 
-def test_the_record_has_the_coordinator_and_submission_times():
-    record = MetaAgent(llm="fake", llm_options={"latency": 0.2}).run(QUERY, save=False)
+@pytest.mark.parametrize("stream_plan", [True, False])
+def test_the_record_has_the_coordinator_and_submission_times(stream_plan: bool):
+    record = MetaAgent(llm="fake", llm_options={"latency": 0.2}, stream_plan=stream_plan).run(QUERY, save=False)
     coordinator = record.coordinator
     assert coordinator is not None and coordinator.started_at is not None and coordinator.finished_at is not None
     assert coordinator.finished_at - coordinator.started_at >= 0.2
+    # Streamed, agents are handed to Ray while the plan is written; otherwise once it is complete.
+    handed_from = coordinator.started_at if stream_plan else coordinator.finished_at
     for agent in record.agents:
-        assert agent.submitted_at is not None and coordinator.finished_at <= agent.submitted_at <= agent.started_at  # type: ignore[operator]
+        assert agent.submitted_at is not None and handed_from <= agent.submitted_at <= agent.started_at  # type: ignore[operator]
+    assert coordinator.streamed == stream_plan and (coordinator.started_early != []) == stream_plan
     assert record.ray_started_at is None and record.ray_ready_at is None  # the tests' Ray was already up
 
 

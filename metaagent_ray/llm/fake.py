@@ -93,9 +93,7 @@ class FakeFaults(BaseModel):
             elif target.isdigit() and (kind in ("always", "hang") or kind.isdigit()):
                 faults.agents[int(target)] = int(kind) if kind.isdigit() else kind  # type: ignore[assignment]
             else:
-                raise ConfigError(
-                    f"--fake-fail {spec}: cannot read {item!r} (use AGENT, AGENT:N, AGENT:hang or coordinator:garbage)"
-                )
+                raise ConfigError(f"--fake-fail {spec}: cannot read {item!r} (use AGENT, AGENT:N, AGENT:hang or coordinator:garbage)")
         return faults
 
 
@@ -103,6 +101,7 @@ class FakeOptions(BaseModel):
     latency: FakeLatency = Field(default_factory=FakeLatency)
     faults: FakeFaults = Field(default_factory=FakeFaults)
     model_mb: float = Field(default=0.0, ge=0)  # the model size slot planning assumes (no model is loaded)
+    plan: str | None = None  # the coordinator's answer, verbatim (valid or not): a given plan streamed like a real one
 
 
 class FakeLLM:
@@ -134,6 +133,8 @@ class FakeLLM:
     def _answer(self, request: LLMRequest) -> str:
         if request.caller == "coordinator" and self.options.faults.coordinator == "garbage":
             return "Sure! Here is a plan: agents, roles... {not json"
+        if request.json_schema is not None and self.options.plan is not None:
+            return self.options.plan
         if request.json_schema is not None:
             return json.dumps(plan_for_query((request.query or request.task or "").splitlines()[0]))
         if request.may_delegate and DELEGATE_MARKER in (request.task or ""):
@@ -194,9 +195,20 @@ def create(config: LLMConfig) -> FakeLLM:
     latency = FakeLatency.from_spec(options.pop("latency", None))
     faults = FakeFaults.from_spec(options.pop("fail", None))
     model_mb = options.pop("model_mb", 0.0)
+    plan = _plan_text(options.pop("plan", None))
     if options:
         raise ConfigError(f"fake backend: unknown options {sorted(options)}")
     try:
-        return FakeLLM(FakeOptions(latency=latency, faults=faults, model_mb=model_mb))
+        return FakeLLM(FakeOptions(latency=latency, faults=faults, model_mb=model_mb, plan=plan))
     except ValidationError as error:
         raise ConfigError(f"fake backend: model_mb: {error.errors()[0]['msg']}") from None
+
+
+def _plan_text(path: str | None) -> str | None:
+    """--fake-plan FILE: the text the fake coordinator answers with, read once."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"--fake-plan {path}: cannot read it ({getattr(error, 'strerror', None) or error})") from None

@@ -221,9 +221,11 @@ class LocalLLM:
         json_answer = request.json_schema is not None
         # JSON repeats its keys, roles and subjects by design: a repeat penalty pushes a small model
         # off the pattern (e.g. away from a second RESEARCHER), so JSON decodes without one first.
-        penalties = [1.0, self.options.repeat_penalty] if json_answer and self.options.repeat_penalty > 1.0 else [
-            1.0 if json_answer else self.options.repeat_penalty
-        ]
+        penalties = (
+            [1.0, self.options.repeat_penalty]
+            if json_answer and self.options.repeat_penalty > 1.0
+            else [1.0 if json_answer else self.options.repeat_penalty]
+        )
         start = time.perf_counter()
         prompt_tokens = completion_tokens = 0
         text = ""

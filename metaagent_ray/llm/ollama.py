@@ -119,9 +119,7 @@ class OllamaLLM:
     def complete(self, request: LLMRequest) -> LLMResponse:
         num_predict = request.max_tokens if request.max_tokens is not None else self.options.num_predict
         model_options = {
-            key: value
-            for key, value in {"num_predict": num_predict, "temperature": self.options.temperature}.items()
-            if value is not None
+            key: value for key, value in {"num_predict": num_predict, "temperature": self.options.temperature}.items() if value is not None
         }
         timeout = min(self.options.timeout, request.timeout or self.options.timeout)
         arguments: dict[str, Any] = {
@@ -138,11 +136,7 @@ class OllamaLLM:
                 response = _streamed(self._client(timeout).chat(**arguments, stream=True), request.on_text)
         except (ConnectionError, httpx.TransportError, ollama.ResponseError, ValueError) as error:
             raise self._call_error(error, timeout) from error
-        llm_ms = (
-            response.total_duration / 1e6
-            if response.total_duration is not None
-            else (time.perf_counter() - started) * 1000
-        )
+        llm_ms = response.total_duration / 1e6 if response.total_duration is not None else (time.perf_counter() - started) * 1000
         return LLMResponse(
             text=response.message.content or "",
             prompt_tokens=response.prompt_eval_count,
@@ -167,9 +161,7 @@ class OllamaLLM:
             return LLMError(f"connection to {where} failed: {error or type(error).__name__}", transient=True)
         if isinstance(error, ollama.ResponseError):
             if error.status_code == 404:
-                return LLMError(
-                    f"{where}: {error.error} (HTTP 404): run `ollama pull {self.model}`", transient=False
-                )
+                return LLMError(f"{where}: {error.error} (HTTP 404): run `ollama pull {self.model}`", transient=False)
             transient = error.status_code >= 500 or error.status_code == 429
             return LLMError(f"{where} answered HTTP {error.status_code}: {error.error}", transient=transient)
         # a ValueError: a body that is not JSON, or JSON that is not a chat response

@@ -167,9 +167,7 @@ class OpenAILLM:
                         on_text(piece)
             return "".join(parts), usage
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
-            raise LLMError(
-                f"the server at {self.base_url} sent a malformed response ({type(error).__name__})", transient=False
-            ) from error
+            raise LLMError(f"the server at {self.base_url} sent a malformed response ({type(error).__name__})", transient=False) from error
 
     def _transport_error(self, error: httpx.TransportError, timeout: float) -> LLMError:
         """No answer at all is always worth a retry: the server may be restarting or busy."""

@@ -1,0 +1,395 @@
+"""The run hub: the Ray actor that submits a run's agents, supervises them and streams their events.
+
+Each agent is an async call on the hub (`supervise`) whose inputs are the ObjectRefs of its
+dependencies' supervised results. Because the hub submits those calls itself, it owns every ref of
+the run: an agent's dependencies resolve inside the hub and its inputs travel to its executor in the
+call, without a round trip to the driver. Once the inputs are ready the hub takes a free slot on one
+of the run's executors (executors.py), longest remaining path first, bounds the call by a deadline,
+runs the agent again when its executor died and, when the agent delegated, submits the sub-plan the
+same way and waits for it. Dependents take the supervised result, so an agent never holds an LLM
+slot while it waits for others. Everything that happens is published on the run's event stream,
+which the driver follows (runtime.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, AgentResult
+from .events import AgentStarted, Event, Notice, SubPlanReady
+from .executors import Executor, SlotPool
+from .llm import LLMConfig
+from .plan import AgentSpec, ExecutionPlan
+from .record import AgentRecord, SubRunRecord, agent_records, compose_final_output
+
+# The executor running an agent died (its process, and Ray restarts it) or cannot come back (its node is gone).
+EXECUTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
+RAY_TASK_RETRIES = 3  # further executions of an agent whose executor died mid-call
+DEADLINE_GRACE_S = 5.0
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunLimits:
+    """Bounds on one run: per agent (tries, time, tokens, failure policy, depth) and for the whole tree."""
+
+    agent: AgentLimits = field(default_factory=AgentLimits)
+    max_total_agents: int = 200
+
+    def deadline(self) -> float | None:
+        """How long one agent's task may run before it is cancelled: every try, and the backoff between."""
+        call = self.agent.call_timeout
+        if call is None:
+            return None
+        return call * (self.agent.retries + 1) + BACKOFF_MAX_S * self.agent.retries + DEADLINE_GRACE_S
+
+
+@dataclass(frozen=True)
+class Submission:
+    """How a run's agents are run: shared by the run and its sub-plans."""
+
+    run_id: str
+    llm: LLMConfig
+    limits: RunLimits
+    stream: bool = False  # agents stream their answers to the driver as `TokensArrived` events
+
+
+@dataclass(frozen=True)
+class AgentOrder:
+    """One agent for the hub to run: its context, its dependencies' specs, and its place in the queue for slots."""
+
+    context: AgentContext
+    dependency_specs: dict[int, AgentSpec]
+    priority: int  # its remaining path: under a slot cap, the longest goes first
+    kept: AgentResult | None = None  # what a resume keeps of it: an `ok` result is passed on, a `delegated` one continues
+
+
+def plan_orders(
+    plan: ExecutionPlan,
+    query: str,
+    llm: LLMConfig,
+    limits: AgentLimits,
+    *,
+    prefix: str = "",
+    kept: dict[int, AgentResult] | None = None,
+    only: set[int] | None = None,
+) -> list[AgentOrder]:
+    """The orders for a plan's agents (`only` those, when given), each after its dependencies."""
+    kept = kept or {}
+    layer_of = plan.layer_of()
+    remaining = plan.remaining_path()
+    return [
+        agent_order(
+            agent_id,
+            plan.agents[agent_id],
+            {dep: plan.agents[dep] for dep in plan.agents[agent_id].depends_on},
+            query=query,
+            llm=llm,
+            limits=limits,
+            depth=plan.depth,
+            prefix=prefix,
+            layer=layer_of[agent_id],
+            priority=remaining[agent_id],
+            kept=kept.get(agent_id),
+        )
+        for agent_id in plan.topological_order()
+        if only is None or agent_id in only
+    ]
+
+
+def agent_order(
+    agent_id: int,
+    spec: AgentSpec,
+    dependency_specs: dict[int, AgentSpec],
+    *,
+    query: str,
+    llm: LLMConfig,
+    limits: AgentLimits,
+    depth: int,
+    prefix: str,
+    layer: int,
+    priority: int,
+    kept: AgentResult | None = None,
+) -> AgentOrder:
+    """One agent's order, stamped with the time it is handed to the hub."""
+    context = AgentContext(
+        agent_id=agent_id,
+        spec=spec,
+        query=query,
+        llm=llm,
+        limits=limits,
+        depth=depth,
+        path=f"{prefix}{agent_id}",
+        layer=layer,
+        submitted_at=time.time(),
+    )
+    return AgentOrder(context, dependency_specs, priority, kept)
+
+
+@dataclass(frozen=True)
+class AgentDone:
+    """Hub to driver: an agent (of the plan or of a sub-plan) has its final result; the driver records it."""
+
+    path: str
+    result: AgentResult
+
+
+@dataclass
+class _Run:
+    """What the hub keeps for one run until the driver forgets it."""
+
+    submission: Submission
+    executors: list[Executor]
+    slots: SlotPool
+    events: asyncio.Queue[Event | AgentDone | None] = field(default_factory=asyncio.Queue)  # None ends the stream
+    results: dict[str, ray.ObjectRef] = field(default_factory=dict)  # agent path -> its supervised result
+    work: list[ray.ObjectRef] = field(default_factory=list)
+    executions: dict[str, int] = field(default_factory=dict)
+    started: dict[str, asyncio.Event] = field(default_factory=dict)
+    started_at: dict[str, float] = field(default_factory=dict)
+    total_agents: int = 0
+
+    def publish(self, event: Event | AgentDone) -> None:
+        self.events.put_nowait(event)
+
+    def start_signal(self, path: str) -> asyncio.Event:
+        return self.started.setdefault(path, asyncio.Event())
+
+
+@ray.remote(num_cpus=0, max_concurrency=100_000)
+class RunHub:
+    """Per driver: submits and supervises agents (deadline, crashes, delegation) and streams events to drivers.
+
+    Async, so thousands of supervisions wait concurrently in one process without holding any slot.
+    """
+
+    def __init__(self) -> None:
+        self._runs: dict[str, _Run] = {}
+
+    async def open_run(self, submission: Submission, executors: list[Executor]) -> None:
+        slots = SlotPool({index: executor.slots for index, executor in enumerate(executors)})
+        self._runs[submission.run_id] = _Run(submission, executors, slots)
+
+    async def submit(self, run_id: str, orders: list[AgentOrder]) -> None:
+        """Start supervising these agents (each order after its dependencies' orders)."""
+        self._submit(self._runs[run_id], orders, prefix="")
+
+    def _submit(self, run: _Run, orders: list[AgentOrder], prefix: str) -> None:
+        me = ray.get_runtime_context().current_actor
+        run.total_agents += len(orders)
+        for order in orders:
+            label = order.context.label
+            if order.kept is not None and order.kept.status == "ok":
+                run.results[label] = ray.put(order.kept)
+                continue
+            # Refs inside a list are passed as refs, not awaited: `supervise` waits for them itself.
+            inputs = [run.results[f"{prefix}{dep}"] for dep in order.context.spec.depends_on]
+            run.results[label] = me.supervise.remote(run.submission.run_id, order, inputs)
+
+    async def started(self, run_id: str, path: str, role: str, pid: int, node: str) -> int:
+        """An agent's work began (again, if Ray retried it); returns which execution this is."""
+        run = self._runs.get(run_id)
+        if run is None:  # the run is over: a late call of an abandoned agent
+            return 1
+        execution = run.executions.get(path, 0) + 1
+        run.executions[path] = execution
+        run.started_at.setdefault(path, time.time())
+        run.start_signal(path).set()
+        run.publish(AgentStarted(path=path, role=role, attempt=execution, pid=pid, node=node))
+        return execution
+
+    async def post(self, run_id: str, event: Event) -> None:
+        """An event from outside the hub (streamed tokens, the driver's own), in order with the hub's own."""
+        run = self._runs.get(run_id)
+        if run is not None:  # dropped once the run is over
+            run.publish(event)
+
+    async def next_batch(self, run_id: str) -> list[Event | AgentDone]:
+        queue = self._runs[run_id].events
+        events = [await queue.get()]
+        while not queue.empty():
+            events.append(queue.get_nowait())
+        return [event for event in events if event is not None]
+
+    async def cancel(self, run_id: str) -> None:
+        """Stop every agent of the run (Ctrl-C, a plan set aside); the driver then ends the executors, and any call in them."""
+        run = self._runs.get(run_id)
+        if run is None:
+            return
+        for ref in [*run.results.values(), *run.work]:
+            ray.cancel(ref)
+
+    async def forget(self, run_id: str) -> None:
+        """The run is over: release its waiting `next_batch` and everything kept for it."""
+        run = self._runs.pop(run_id, None)
+        if run is not None:
+            run.events.put_nowait(None)
+
+    async def supervise(self, run_id: str, order: AgentOrder, inputs: list[ray.ObjectRef]) -> AgentResult:
+        """The agent's final result: its work's once its inputs are ready, or its sub-plan's when it delegated.
+
+        Whatever happens, the driver hears of it: a fault here fails this agent, never hangs the run.
+        """
+        run = self._runs[run_id]
+        try:
+            if inputs:
+                await asyncio.wait([asyncio.wrap_future(ref.future()) for ref in inputs])
+            if order.kept is not None:  # a resumed agent continues its unfinished sub-plan
+                result = order.kept
+            else:
+                result = await self._execute(run, order, inputs)
+            if result.status == "delegated" and result.sub_plan is not None:
+                result = await self._delegate(run, order, inputs, result)
+        except Exception as error:  # noqa: BLE001 - reported as the agent's error
+            log.exception("supervising agent %s failed", order.context.label)
+            result = _failure(run, order.context, f"the agent's supervision failed: {type(error).__name__}: {error}")
+        run.publish(AgentDone(order.context.label, result))
+        return result
+
+    async def _execute(self, run: _Run, order: AgentOrder, inputs: list[ray.ObjectRef]) -> AgentResult:
+        """Run the agent on an executor with a free slot; an execution lost with its executor is tried again."""
+        submission, context, slots = run.submission, order.context, run.slots
+        me = ray.get_runtime_context().current_actor
+        while True:
+            index = await slots.acquire(order.priority)
+            executor = run.executors[index]
+            work = executor.actor.run.remote(context, order.dependency_specs, me, submission.run_id, submission.stream, *inputs)
+            run.work.append(work)
+            try:
+                result = await self._await_work(run, context, work)
+            except EXECUTOR_LOST as error:
+                slots.release(index)
+                if isinstance(error, ray.exceptions.ActorUnschedulableError) or not _node_alive(executor.node):
+                    slots.drop(index)  # its node is gone, and its slots with it
+                executions = run.executions.get(context.label, 1)
+                if executions > RAY_TASK_RETRIES or not slots.executors:
+                    return _failure(run, context, f"the agent's executor died {executions} times: {type(error).__name__}")
+                continue
+            if result.status == "failed" and result.error and result.error.startswith("timed out"):
+                asyncio.ensure_future(_release_when_done(work, slots, index))  # the call still holds its thread
+            else:
+                slots.release(index)
+            return result
+
+    async def _await_work(self, run: _Run, context: AgentContext, work: ray.ObjectRef) -> AgentResult:
+        """Wait for the work; once it has started, give it `deadline` seconds before giving up on it."""
+        done = asyncio.ensure_future(asyncio.wrap_future(work.future()))
+        deadline = run.submission.limits.deadline()
+        try:
+            if deadline is not None:
+                started = asyncio.ensure_future(run.start_signal(context.label).wait())
+                await asyncio.wait([done, started], return_when=asyncio.FIRST_COMPLETED)
+                started.cancel()
+                await asyncio.wait_for(asyncio.shield(done), timeout=deadline)
+            return await done
+        except asyncio.TimeoutError:
+            ray.cancel(work)
+            return _failure(run, context, f"timed out: no result within {deadline:g} s (--agent-timeout); the agent was abandoned")
+        except EXECUTOR_LOST:
+            raise
+        except ray.exceptions.RayError as error:
+            detail = next(iter(str(error).splitlines()), "")
+            return _failure(run, context, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
+
+    async def _delegate(self, run: _Run, order: AgentOrder, inputs: list[ray.ObjectRef], parent: AgentResult) -> AgentResult:
+        """Run the agent's sub-plan as agents like any other; its final output becomes the agent's."""
+        plan, context, submission = parent.sub_plan, order.context, run.submission
+        assert plan is not None
+        limit = submission.limits.max_total_agents
+        if run.total_agents + len(plan.agents) > limit:
+            warning = f"⚠️ Agent {context.label}: not delegating to {len(plan.agents)} more agents, the run would exceed --max-total-agents {limit}; it answers itself"
+            run.publish(Notice(warning, warning=True))
+            alone = replace(order, context=replace(context, delegation_allowed=False))
+            result = await self._execute(run, alone, inputs)
+            result.warnings = [*parent.warnings, warning]
+            return result
+        run.publish(SubPlanReady(path=context.label, query=parent.sub_query, plan=plan, layers=plan.get_execution_layers()))
+        prefix = f"{context.label}."
+        orders = plan_orders(plan, parent.sub_query, submission.llm, submission.limits.agent, prefix=prefix, kept=parent.sub_resume)
+        self._submit(run, orders, prefix)
+        sub_refs = [run.results[f"{prefix}{index}"] for index in range(len(plan.agents))]
+        sub_results = list(await asyncio.gather(*(asyncio.wrap_future(ref.future()) for ref in sub_refs)))
+        records = agent_records(plan, prefix=prefix)
+        for record, result in zip(records, sub_results):
+            apply_result(record, result)
+        sinks_ok = all(sub_results[index].status == "ok" for index in plan.sinks())
+        parent.status = "ok" if sinks_ok else "failed"
+        parent.error = None if sinks_ok else "its sub-plan's final agent did not succeed"
+        parent.output = compose_final_output(plan, records)
+        parent.sub_results = sub_results
+        parent.sub_resume = {}
+        parent.warnings = [*parent.warnings, *plan.warnings]
+        parent.finished_at = time.time()
+        return parent
+
+
+def _failure(run: _Run, context: AgentContext, error: str) -> AgentResult:
+    """A work task that never returned: each execution Ray made counts as a try."""
+    return AgentResult(
+        agent_id=context.agent_id,
+        role=context.spec.role.value,
+        status="failed",
+        error=error,
+        attempts=max(1, run.executions.get(context.label, 0)),
+        submitted_at=context.submitted_at,
+        started_at=run.started_at.get(context.label),
+        finished_at=time.time(),
+    )
+
+
+_hubs: dict[str, Any] = {}  # Ray job id -> its hub; holding the handle keeps the actor alive
+
+
+def run_hub() -> Any:
+    """This driver's hub, created on first use."""
+    context = ray.get_runtime_context()
+    job = context.get_job_id()
+    if job not in _hubs:
+        # On the driver's node: losing another node must not lose the run's supervision.
+        here = NodeAffinitySchedulingStrategy(node_id=context.get_node_id(), soft=False)
+        _hubs[job] = RunHub.options(scheduling_strategy=here).remote()
+    return _hubs[job]
+
+
+async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -> None:
+    """Give back an abandoned agent's slot once its call really ends, so the cap stays exact."""
+    await asyncio.wait([asyncio.wrap_future(work.future())])
+    slots.release(index)
+
+
+def _node_alive(node: str) -> bool:
+    return any(entry["NodeID"] == node and entry["Alive"] for entry in ray.nodes())
+
+
+def apply_result(agent: AgentRecord, result: AgentResult) -> None:
+    """Copy what the agent's task measured into its record; sub-agents a resume kept stay as they were."""
+    agent.status = result.status  # type: ignore[assignment]
+    agent.output, agent.error = result.output, result.error
+    agent.submitted_at, agent.started_at, agent.finished_at = result.submitted_at, result.started_at, result.finished_at
+    agent.inputs_from = result.inputs_from
+    agent.node, agent.attempts, agent.llm_ms, agent.reused = result.node, result.attempts, result.llm_ms, result.reused
+    agent.repetition_cut = result.repetition_cut
+    if result.prompt_tokens is not None or result.completion_tokens is not None:
+        agent.tokens = {"prompt": result.prompt_tokens or 0, "completion": result.completion_tokens or 0}
+    if result.sub_plan is not None and result.sub_results:
+        if agent.sub_run is None:
+            agent.sub_run = sub_run_record(agent.path, result.sub_query, result.sub_plan)
+        for sub_record, sub_result in zip(agent.sub_run.agents, result.sub_results):
+            if sub_result.reused:
+                sub_record.reused = True
+            else:
+                apply_result(sub_record, sub_result)
+
+
+def sub_run_record(path: str, query: str, plan: ExecutionPlan) -> SubRunRecord:
+    """The record of a sub-plan about to run: every agent pending."""
+    return SubRunRecord(
+        query=query, plan=plan, layers=plan.get_execution_layers(), warnings=plan.warnings, agents=agent_records(plan, prefix=f"{path}.")
+    )
