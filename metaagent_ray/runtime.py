@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,8 +84,8 @@ class RunBroken(RunStopped):
 class RunLimits:
     """Bounds on one run: per agent (tries, time, tokens, failure policy, depth) and for the whole tree."""
 
-    agent: AgentLimits = field(default_factory=AgentLimits)
-    max_total_agents: int = 200
+    agent: AgentLimits
+    max_total_agents: int
 
     def deadline(self) -> float | None:
         """How long one agent's task may run before it is cancelled: every try, and the backoff between."""

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
 from ..subjects import enumerated_subjects
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, PromptStyle, TextCallback
+from .base import MB, LLMConfig, LLMError, LLMRequest, LLMResponse, ModelFootprint, PromptStyle, TextCallback, parse_options
 
 DELEGATE_MARKER = "[delegate]"  # an agent whose task holds this delegates whenever it may
 
@@ -100,9 +100,23 @@ class FakeFaults(BaseModel):
 
 
 class FakeOptions(BaseModel):
+    """The fake backend's options: `latency` and `fail` as the CLI's --fake-latency and --fake-fail take them."""
+
+    model_config = ConfigDict(extra="forbid")
+
     latency: FakeLatency = Field(default_factory=FakeLatency)
-    faults: FakeFaults = Field(default_factory=FakeFaults)
+    fail: FakeFaults = Field(default_factory=FakeFaults)
     model_mb: float = Field(default=0.0, ge=0)  # the model size slot planning assumes (no model is loaded)
+
+    @field_validator("latency", mode="before")
+    @classmethod
+    def _latency_spec(cls, value: object) -> object:
+        return value if isinstance(value, (FakeLatency, dict)) else FakeLatency.from_spec(value)  # type: ignore[arg-type]
+
+    @field_validator("fail", mode="before")
+    @classmethod
+    def _fail_spec(cls, value: object) -> object:
+        return value if isinstance(value, (FakeFaults, dict)) else FakeFaults.from_spec(value)  # type: ignore[arg-type]
 
 
 class FakeLLM:
@@ -120,6 +134,14 @@ class FakeLLM:
     def check(self) -> None:
         return None
 
+    def footprint(self) -> ModelFootprint:
+        """No model; option `model_mb` (default 0) pretends each instance holds one of that size."""
+        return ModelFootprint(
+            source=f"fake: {self.options.model_mb:g} MB per instance (option model_mb)",
+            instance_bytes=int(self.options.model_mb * MB),
+            gpu_unused_reason="the fake backend runs no model",
+        )
+
     def complete(self, request: LLMRequest) -> LLMResponse:
         seconds = self.options.latency.seconds(request)
         text = self._answer(request)
@@ -132,7 +154,7 @@ class FakeLLM:
         return LLMResponse(text=text, prompt_tokens=words, completion_tokens=len(text.split()), llm_ms=seconds * 1000)
 
     def _answer(self, request: LLMRequest) -> str:
-        if request.caller == "coordinator" and self.options.faults.coordinator == "garbage":
+        if request.caller == "coordinator" and self.options.fail.coordinator == "garbage":
             return "Sure! Here is a plan: agents, roles... {not json"
         if request.json_schema is not None:
             return json.dumps(plan_for_query((request.query or request.task or "").splitlines()[0]))
@@ -141,7 +163,7 @@ class FakeLLM:
         return answer_for(request)
 
     def _inject_fault(self, request: LLMRequest) -> None:
-        faults = self.options.faults
+        faults = self.options.fail
         if request.caller == "coordinator":
             if faults.coordinator == "always":
                 raise LLMError("injected failure of the coordinator call")
@@ -190,13 +212,4 @@ def plan_for_query(query: str) -> dict:
 
 
 def create(config: LLMConfig) -> FakeLLM:
-    options = dict(config.options)
-    latency = FakeLatency.from_spec(options.pop("latency", None))
-    faults = FakeFaults.from_spec(options.pop("fail", None))
-    model_mb = options.pop("model_mb", 0.0)
-    if options:
-        raise ConfigError(f"fake backend: unknown options {sorted(options)}")
-    try:
-        return FakeLLM(FakeOptions(latency=latency, faults=faults, model_mb=model_mb))
-    except ValidationError as error:
-        raise ConfigError(f"fake backend: model_mb: {error.errors()[0]['msg']}") from None
+    return FakeLLM(parse_options("fake", FakeOptions, config.options))
