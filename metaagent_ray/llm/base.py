@@ -110,9 +110,9 @@ def check_model_request(backend: str, server: str | None = None) -> None:
 
     $METAAGENT_ALLOW_MODEL_REQUESTS decides: unset or "1", every model; "0", none; a comma-separated
     list of URL prefixes (after a "0" or not), only the servers whose URLs start with one of them:
-    the tests' own stand-in servers, which are no models. A model in this process (`server` None, the local
-    backend) is never on such a list. Backends that reach a model (local, ollama, openai) call this
-    before every request, `check` included.
+    the tests' own stand-in servers, which are no models. A model in this process (`server` None,
+    the local backend) is never on such a list. Backends that reach a model (local, ollama, openai)
+    call this before every request, `check` included.
     """
     allowed = os.environ.get(MODEL_REQUESTS_ENV, "1").strip()
     if allowed == "1":
