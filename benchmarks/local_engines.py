@@ -13,7 +13,7 @@ Measured in ONE run, the engines taking turns at every step so background load h
   the median time to the first streamed token (queueing included);
 - memory per extra slot: anonymous memory (RssAnon; the mapped weights are file pages) of a fresh
   process holding 1 slot and holding 8, each after a plain and a schema-constrained call; the
-  server's figure is set against the KV cache one slot takes (resources.kv_bytes_per_token);
+  server's figure is set against the KV cache one slot takes (llm.local.kv_bytes_per_token);
 - grammar validity: `--plans` coordinator calls with the real coordinator prompt and plan schema,
   each answer validated as an ExecutionPlan;
 - with `--install`: `pip install --no-cache-dir ENGINE` in a fresh venv, timed (no pip cache: what a
@@ -42,13 +42,15 @@ from pathlib import Path
 from typing import Any
 
 from metaagent_ray.agents import AgentContext, build_messages
+from metaagent_ray.api import run_limits
 from metaagent_ray.llm import LLMConfig, LLMRequest, Message
-from metaagent_ray.llm.local import PLAIN_STOP, LocalLLM, LocalOptions, LocalServer, model_path, plain_prompt
+from metaagent_ray.llm.local import PLAIN_STOP, LocalLLM, LocalOptions, LocalServer, kv_bytes_per_token, model_path, plain_prompt
 from metaagent_ray.plan import AgentSpec, ExecutionPlan, Role, plan_json_schema
 from metaagent_ray.prompts import load_prompt
-from metaagent_ray.resources import kv_bytes_per_token
+from metaagent_ray.settings import RunSettings
 
 QUERY = "Compare Python, Rust, Go, Java, C#, Ruby, Elixir and Kotlin for web development"
+LIMITS = run_limits(RunSettings()).agent  # what a run with default settings gives its agents
 TOPICS = ["Python", "Rust", "Go", "Java", "C#", "Ruby", "Elixir", "Kotlin"]
 PLAN_QUERIES = [
     "Compare Python and Rust for web development",
@@ -82,7 +84,7 @@ def researcher_requests(count: int, max_tokens: int) -> list[LLMRequest]:
     requests = []
     for agent_id, topic in enumerate(TOPICS[:count]):
         spec = AgentSpec(role=Role.RESEARCHER, task=f"Research {topic} for web development")
-        context = AgentContext(agent_id=agent_id, spec=spec, query=QUERY, llm=LLMConfig(backend="local"))
+        context = AgentContext(agent_id=agent_id, spec=spec, query=QUERY, llm=LLMConfig(backend="local"), limits=LIMITS)
         messages = build_messages(context, [], {})
         requests.append(LLMRequest(messages=messages, caller="agent", query=QUERY, agent_id=agent_id, max_tokens=max_tokens))
     return requests
@@ -330,7 +332,7 @@ def main() -> None:
         low, high, extra = memory[engine]
         install = f"{installs[engine]:.0f}" if engine in installs else "-"
         print(f"| {engine} | {low:.0f} | {high:.0f} | {extra:.0f} | {install} |")
-    print(f"\nKV cache of one slot (n_ctx {LocalOptions().n_ctx}, resources.kv_bytes_per_token): {kv_slot:.0f} MiB; "
+    print(f"\nKV cache of one slot (n_ctx {LocalOptions().n_ctx}, llm.local.kv_bytes_per_token): {kv_slot:.0f} MiB; "
           f"xllamacpp's extra slot beyond it: {memory['xllamacpp'][2] - kv_slot:.0f} MiB.")
 
 

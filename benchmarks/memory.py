@@ -27,11 +27,14 @@ from pathlib import Path
 import ray
 
 from metaagent_ray.agents import AgentContext, build_messages
+from metaagent_ray.api import run_limits
 from metaagent_ray.coordinator import make_plan
 from metaagent_ray.llm import LLMConfig, LLMRequest, get_llm
 from metaagent_ray.plan import AgentSpec, Role
+from metaagent_ray.settings import RunSettings
 
 QUERY = "Compare Python, Rust, and Go for web development"
+LIMITS = run_limits(RunSettings()).agent  # what a run with default settings gives its agents
 MiB = 1024 * 1024
 
 
@@ -48,7 +51,7 @@ def status_bytes() -> dict[str, int]:
 def researcher_request() -> LLMRequest:
     """The first RESEARCHER agent's call for QUERY, built as the agents build it."""
     spec = AgentSpec(role=Role.RESEARCHER, task="Research Python for web development")
-    context = AgentContext(agent_id=0, spec=spec, query=QUERY, llm=LLMConfig(backend="local"))
+    context = AgentContext(agent_id=0, spec=spec, query=QUERY, llm=LLMConfig(backend="local"), limits=LIMITS)
     return LLMRequest(
         messages=build_messages(context, [], {}),
         caller="agent",

@@ -2,9 +2,10 @@
 
 With N slots at most N agents call an LLM at once, so no scheduler reaches the critical path on a
 wide plan. The bound here is a list schedule that knows every agent's latency in advance and always
-starts the ready agent with the longest remaining path first (the classic HLFET heuristic); the
-runtime does not know latencies and submits agents in order of their remaining path length in
-agents. Latencies are simulated by the fake LLM (seeded, unequal).
+starts the ready agent with the longest remaining path first (the classic HLFET heuristic). The
+runtime does not know latencies: it submits every agent at once, in topological order, and gives
+each free slot to the ready agent whose remaining path is longest in agents. Latencies are
+simulated by the fake LLM (seeded, unequal).
 
 Run:  python benchmarks/slots.py [--width 12] [--repeat 1]
 """

@@ -15,7 +15,7 @@ from .events import (
     SubPlanReady,
     TokensArrived,
 )
-from .llm import LLMConfig, register_backend
+from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan, Role
 from .record import AgentRecord, RunRecord
 from .runtime import RunInterrupted
@@ -44,5 +44,4 @@ __all__ = [
     "TokensArrived",
     "load_plan",
     "parse_plan",
-    "register_backend",
 ]

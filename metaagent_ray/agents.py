@@ -38,14 +38,17 @@ BACKOFF_MAX_S = 8.0
 
 @dataclass(frozen=True)
 class AgentLimits:
-    """How hard an agent tries, and how far it may recurse: the same for every agent of a run."""
+    """How hard an agent tries, and how far it may recurse: the same for every agent of a run.
 
-    retries: int = 2
-    call_timeout: float | None = None
-    max_tokens: int | None = None
-    on_failure: FailurePolicy = "continue"
-    max_depth: int = 2
-    max_agents: int = 64
+    No defaults here: a run's limits come from its settings (settings.RunSettings, api.run_limits).
+    """
+
+    retries: int
+    call_timeout: float | None
+    max_tokens: int | None
+    on_failure: FailurePolicy
+    max_depth: int
+    max_agents: int
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ class AgentContext:
     spec: AgentSpec
     query: str
     llm: LLMConfig
-    limits: AgentLimits = field(default_factory=AgentLimits)
+    limits: AgentLimits
     depth: int = 0
     path: str = ""  # "2" for a top-level agent, "2.1" for agent 1 of agent 2's sub-plan
     layer: int = 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from .agents import AgentLimits
 from .connect import RayConnection, RayOptions, cluster_address, ensure_ray, ray_started, shutdown_ray
@@ -18,39 +18,14 @@ from .hub import RunLimits
 from .llm import LLM, LLMConfig, TextCallback, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
-from .pool import PoolHandle, PoolSpec, start_pool
+from .pool import PoolHandle, start_pool
 from .record import CoordinatorRecord, RunDirectory, RunRecord, resume_choice, save_record
 from .report import write_report
 from .runtime import RunStopped, execute_plan, plan_and_execute, write_ray_timeline
+from .settings import RunSettings
 from .viz import write_pictures
 
-DEFAULT_MAX_AGENTS = 64
-INJECTED_FAULTS = "fail"  # the fake backend's fault-injection option: never stored for a resume
-
-
-class RunSettings(BaseModel):
-    """How to run: backend, resources and limits. Stored in the record, so `resume` can run alike."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    llm: str = "auto"
-    model: str | None = None
-    llm_options: dict[str, Any] = Field(default_factory=dict)
-    slots: int | None = Field(default=None, ge=1)
-    address: str | None = None
-    retries: int = Field(default=2, ge=0, le=10)
-    agent_timeout: float | None = Field(default=300.0, gt=0)
-    on_failure: Literal["continue", "stop"] = "continue"
-    max_depth: int = Field(default=2, ge=0)
-    max_agents: int = Field(default=DEFAULT_MAX_AGENTS, ge=1)
-    max_total_agents: int = Field(default=200, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    pool: PoolSpec | None = None  # serve the model from this pool of server instances (GPU serving)
-
-    def stored(self) -> dict[str, Any]:
-        """What a resume may reuse: everything but injected faults."""
-        options = {key: value for key, value in self.llm_options.items() if key != INJECTED_FAULTS}
-        return self.model_copy(update={"llm_options": options}).model_dump()
+DEFAULT_MAX_AGENTS = RunSettings.default("max_agents")
 
 
 def parse_plan(data: Any, *, source: str = "plan", max_agents: int = DEFAULT_MAX_AGENTS) -> ExecutionPlan:
@@ -255,7 +230,7 @@ class MetaAgent:
                 self._ready_llm(),
                 max_agents=self.settings.max_agents,
                 ray_options=self._ray_options(),
-                limits=self._limits(),
+                limits=run_limits(self.settings),
                 on_event=self.on_event,
                 run_dir=lambda: self._directory(run_dir, query, save),
                 settings=self.settings.stored(),
@@ -350,18 +325,6 @@ class MetaAgent:
     def _directory(run_dir: Path | str | None, query: str, save: bool) -> RunDirectory | None:
         return RunDirectory.create(Path(run_dir) if run_dir else None, query or "plan") if save else None
 
-    def _limits(self) -> RunLimits:
-        settings = self.settings
-        agent = AgentLimits(
-            retries=settings.retries,
-            call_timeout=settings.agent_timeout,
-            max_tokens=settings.max_tokens,
-            on_failure=settings.on_failure,
-            max_depth=settings.max_depth,
-            max_agents=settings.max_agents,
-        )
-        return RunLimits(agent=agent, max_total_agents=settings.max_total_agents)
-
     def _ready_llm(self) -> LLMConfig:
         assert self._llm_config is not None, "the backend is checked before a run"
         return self._llm_config
@@ -383,7 +346,7 @@ class MetaAgent:
                 query,
                 self._ready_llm(),
                 ray_options=self._ray_options(),
-                limits=self._limits(),
+                limits=run_limits(self.settings),
                 on_event=self.on_event,
                 run_dir=directory,
                 coordinator=coordinator,
@@ -407,6 +370,19 @@ class MetaAgent:
         if ray_timeline is not None:
             write_ray_timeline(Path(ray_timeline))
         return record
+
+
+def run_limits(settings: RunSettings) -> RunLimits:
+    """The limits agents and the runtime work under, as the settings give them."""
+    agent = AgentLimits(
+        retries=settings.retries,
+        call_timeout=settings.agent_timeout,
+        max_tokens=settings.max_tokens,
+        on_failure=settings.on_failure,
+        max_depth=settings.max_depth,
+        max_agents=settings.max_agents,
+    )
+    return RunLimits(agent=agent, max_total_agents=settings.max_total_agents)
 
 
 def _keep(record: RunRecord, record_path: Path | str | None) -> None:

@@ -25,12 +25,16 @@ from .errors import ConfigError, MetaAgentError
 from .jobs import JobLog, JobRequest, follow_job, print_run_archive, stop_job, submit_job
 from .live import LiveView
 from .llm import LLMConfig
+from .pool import PoolSpec
 from .record import RunRecord, run_dir_name
 from .report import write_report
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
 from .runtime import RunStopped
+from .settings import RunSettings
 from .viz import write_pictures
 
+DEFAULTS = {name: RunSettings.default(name) for name in RunSettings.model_fields}  # the help's [default: ...]
+POOL_DEFAULTS = {name: field.default for name, field in PoolSpec.model_fields.items()}
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
@@ -48,7 +52,10 @@ class RunOptions:
 
     llm: Annotated[
         Optional[str],
-        typer.Option("--llm", help="LLM backend: auto (Ollama if it serves the model, else local), ollama, local, openai or fake."),
+        typer.Option(
+            "--llm",
+            help="LLM backend: auto (Ollama if it serves the model, else local), ollama, local, openai, fake, or any installed backend.",
+        ),
     ] = None
     model: Annotated[Optional[str], typer.Option("--model", help="Model name (Ollama) or GGUF file (local).")] = None
     ollama_host: Annotated[Optional[str], typer.Option("--ollama-host", help="Ollama server (default: $OLLAMA_HOST).")] = None
@@ -66,22 +73,37 @@ class RunOptions:
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Keep the run's files here (default runs/<UTC time>-<slug>/).")] = (
         None
     )
-    retries: Annotated[Optional[int], typer.Option("--retries", min=0, help="Retries of a transient LLM error per agent [default: 2].")] = (
-        None
-    )
+    retries: Annotated[
+        Optional[int],
+        typer.Option("--retries", min=0, help=f"Retries of a transient LLM error per agent \\[default: {DEFAULTS['retries']}]."),
+    ] = None
     agent_timeout: Annotated[
-        Optional[float], typer.Option("--agent-timeout", help="Seconds one LLM call may take; a hung agent is cancelled [default: 300].")
+        Optional[float],
+        typer.Option(
+            "--agent-timeout", help=f"Seconds one LLM call may take; a hung agent is cancelled \\[default: {DEFAULTS['agent_timeout']:g}]."
+        ),
     ] = None
     on_failure: Annotated[
         Optional[str],
-        typer.Option("--on-failure", help="When an agent fails: continue (dependents run without it) or stop (they are skipped)."),
+        typer.Option(
+            "--on-failure",
+            help=f"When an agent fails: continue (dependents run without it) or stop (they are skipped) \\[default: {DEFAULTS['on_failure']}].",
+        ),
     ] = None
     max_depth: Annotated[
-        Optional[int], typer.Option("--max-depth", min=0, help="How deep agents may delegate to sub-plans [default: 2].")
+        Optional[int],
+        typer.Option("--max-depth", min=0, help=f"How deep agents may delegate to sub-plans \\[default: {DEFAULTS['max_depth']}]."),
     ] = None
-    max_agents: Annotated[Optional[int], typer.Option("--max-agents", min=1, help="Refuse plans with more agents [default: 64].")] = None
+    max_agents: Annotated[
+        Optional[int], typer.Option("--max-agents", min=1, help=f"Refuse plans with more agents \\[default: {DEFAULTS['max_agents']}].")
+    ] = None
     max_total_agents: Annotated[
-        Optional[int], typer.Option("--max-total-agents", min=1, help="Bound on all agents of a run, sub-plans included [default: 200].")
+        Optional[int],
+        typer.Option(
+            "--max-total-agents",
+            min=1,
+            help=f"Bound on all agents of a run, sub-plans included \\[default: {DEFAULTS['max_total_agents']}].",
+        ),
     ] = None
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Most tokens one agent's answer may have.")] = None
     openai_base_url: Annotated[
@@ -91,9 +113,15 @@ class RunOptions:
         Optional[int], typer.Option("--gpu-instances", min=1, help="Serve the model from N server instances, each on its GPU share.")
     ] = None
     gpus_per_instance: Annotated[
-        Optional[float], typer.Option("--gpus-per-instance", help="GPUs per server instance (0.5 packs two per GPU) [default: 1].")
+        Optional[float],
+        typer.Option(
+            "--gpus-per-instance",
+            help=f"GPUs per server instance (0.5 packs two per GPU) \\[default: {POOL_DEFAULTS['gpus_per_instance']:g}].",
+        ),
     ] = None
-    llm_api: Annotated[Optional[str], typer.Option("--llm-api", help="The pool's servers: ollama or openai [default: ollama].")] = None
+    llm_api: Annotated[
+        Optional[str], typer.Option("--llm-api", help=f"The pool's servers: ollama or openai \\[default: {POOL_DEFAULTS['api']}].")
+    ] = None
     server_command: Annotated[
         Optional[str], typer.Option("--server-command", help="The pool's server command, with {host} {port} {model}.")
     ] = None

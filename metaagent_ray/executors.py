@@ -29,11 +29,11 @@ from .agents import AgentContext, AgentResult, run_agent
 from .errors import ConfigError
 from .events import TokenCounter
 from .plan import AgentSpec
-from .resources import SLOT_RESOURCE
+from .resources import MAX_SLOTS, SLOT_RESOURCE
 
 EXECUTOR_START_TIMEOUT_S = 30.0
 EXECUTOR_STOP_TIMEOUT_S = 2.0
-UNCAPPED_CONCURRENCY = 64  # agents at once on a cluster whose nodes state no LLM slots
+UNCAPPED_CONCURRENCY = MAX_SLOTS  # agents at once on a cluster whose nodes state no LLM slots
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)

@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 class RunLimits:
     """Bounds on one run: per agent (tries, time, tokens, failure policy, depth) and for the whole tree."""
 
-    agent: AgentLimits = field(default_factory=AgentLimits)
-    max_total_agents: int = 200
+    agent: AgentLimits
+    max_total_agents: int
 
     def deadline(self) -> float | None:
         """How long one agent's task may run before it is cancelled: every try, and the backoff between."""

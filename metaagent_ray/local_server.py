@@ -9,8 +9,9 @@ coordinator) find it by name. Its parallel slots are the node's `llm_slot` count
 Ray lets call at once is decoded at once.
 
 This is a module of its own because it is the local backend's only part that needs Ray; it also
-registers the `local` backend's factory. The actor lives as long as the Ray instance: embedded Ray
-ends with the driver; on a cluster the model stays loaded for the next run.
+holds the `local` backend's factory, the entry point pyproject.toml names. The actor lives as long
+as the Ray instance: embedded Ray ends with the driver; on a cluster the model stays loaded for the
+next run.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .llm import LLMConfig, LLMUnavailable
-from .llm.local import LocalLLM, LocalOptions, LocalServer, ServerInfo, parse_options
+from .llm.local import LocalLLM, LocalOptions, LocalServer, ServerInfo, options_of
 from .resources import SLOT_RESOURCE, default_slots
 
 NAMESPACE = "metaagent-ray"
@@ -61,7 +62,7 @@ def node_server(config: LLMConfig) -> ServerInfo:
         get_if_exists=True,
         lifetime="detached",
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-    ).remote(config.model, parse_options(config), node_parallel(config, node_id))
+    ).remote(config.model, options_of(config), node_parallel(config, node_id))
     try:
         return ray.get(actor.info.remote())
     except RayActorError as error:
@@ -77,5 +78,5 @@ class NodeLocalLLM(LocalLLM):
 
 
 def create(config: LLMConfig) -> NodeLocalLLM:
-    """The registry's factory: validates options now; the server is found (or started) on the first call."""
-    return NodeLocalLLM(config.model, parse_options(config), lambda: node_server(config))
+    """The `local` entry point's factory: validates options now; the server is found (or started) on the first call."""
+    return NodeLocalLLM(config.model, options_of(config), lambda: node_server(config))

@@ -7,6 +7,7 @@ execution, as the seed describes. Everything downstream trusts a cleaned plan.
 
 from __future__ import annotations
 
+import difflib
 from enum import Enum
 from typing import Any, Mapping
 
@@ -44,7 +45,8 @@ ROLE_NAMES = ", ".join(role.value for role in Role)
 class AgentSpec(BaseModel):
     """One agent of a plan: what it is, what it does, whose outputs it needs."""
 
-    model_config = ConfigDict(extra="ignore")
+    # unknown keys are refused: a misspelt `depends_on` would otherwise make the agent a root without a word
+    model_config = ConfigDict(extra="forbid")
 
     role: Role
     task: str = Field(min_length=1)
@@ -64,7 +66,7 @@ class AgentSpec(BaseModel):
 class ExecutionPlan(BaseModel):
     """The coordinator's JSON: a description and agents whose `depends_on` index other agents."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     description: str = ""
     agents: list[AgentSpec] = Field(min_length=1)
@@ -189,13 +191,24 @@ def _find_cycle(agents: list[AgentSpec]) -> list[int] | None:
     return [dependent for _, dependent in edges][::-1]
 
 
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    """An extra key as the plan's own words, with the nearest key it may have meant."""
+    key = str(loc[-1])
+    known = AgentSpec.model_fields if loc[0] == "agents" and len(loc) == 3 else ExecutionPlan.model_fields
+    nearest = difflib.get_close_matches(key, list(known), n=1)
+    return f"unknown key {key!r}" + (f" (did you mean {nearest[0]!r}?)" if nearest else f" (keys: {', '.join(known)})")
+
+
 def explain(error: ValidationError) -> str:
     """A pydantic validation error as one line: where in the plan, and what is wrong."""
     parts = []
     for item in error.errors():
-        where = "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in item["loc"]).lstrip(".")
+        loc = item["loc"][:-1] if item["type"] == "extra_forbidden" else item["loc"]
+        where = "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in loc).lstrip(".")
         message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "too_short" and item["loc"] == ("agents",):
+        if item["type"] == "extra_forbidden":
+            message = _unknown_key(item["loc"])
+        elif item["type"] == "too_short" and item["loc"] == ("agents",):
             message = "the plan has no agents"
         elif item["type"] == "model_type" and not item["loc"]:
             message = "the plan must be a JSON object with 'description' and 'agents'"

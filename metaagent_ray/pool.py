@@ -6,10 +6,10 @@ the GPUs Ray assigned it through CUDA_VISIBLE_DEVICES: `ollama serve` on its own
 or an OpenAI-compatible server such as `vllm serve` or `llama-server`. The process ends when the
 pool stops, and with its actor if the actor dies first.
 
-An `LLMPool` actor routes. Every call of the `pooled` backend leases the least-busy instance that
-has room, calls it through the `ollama` or `openai` backend, and gives it back: an instance serves
-`requests_per_instance` calls at a time, one by default, so instances are LLM slots. A lease that is
-never given back (its agent was killed mid-call) expires after the call's time limit.
+An `LLMPool` actor routes. Every call of the `pooled` backend (llm/pooled.py) leases the least-busy
+instance that has room, calls it through the `ollama` or `openai` backend, and gives it back: an
+instance serves `requests_per_instance` calls at a time, one by default, so instances are LLM slots.
+A lease that is never given back (its agent was killed mid-call) expires after the call's time limit.
 
 The command is a template, so the pool runs without any GPU: on logical GPUs (`ray.init(num_gpus=2)`)
 with a stand-in server (tests/stand_in_server.py).
@@ -29,17 +29,16 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, replace
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import ray
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .errors import ConfigError, MetaAgentError
-from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, PromptStyle, create_llm
-
-ServerApi = Literal["ollama", "openai"]
+from .errors import MetaAgentError
+from .llm import LLMConfig
+from .llm.pooled import Lease, ServerApi
 
 DEFAULT_COMMANDS: dict[str, str] = {
     "ollama": "ollama serve",
@@ -48,9 +47,6 @@ DEFAULT_COMMANDS: dict[str, str] = {
 DEFAULT_ENV: dict[str, dict[str, str]] = {"ollama": {"OLLAMA_HOST": "{host}:{port}"}, "openai": {}}
 READY_PATHS: dict[str, str] = {"ollama": "/", "openai": "/v1/models"}  # 200 once the server serves
 URL_SUFFIX: dict[str, str] = {"ollama": "", "openai": "/v1"}
-URL_OPTION: dict[str, str] = {"ollama": "host", "openai": "base_url"}  # the backend option naming the server
-DEFAULT_CALL_TIMEOUT = 300.0  # both backends' default seconds per call: how long a lease lasts
-LEASE_GRACE_S = 30.0  # a lease outlives its call's time limit by this much before it is reclaimed
 PLACEMENT_TIMEOUT_S = 30.0
 STOP_GRACE_S = 10.0  # seconds between SIGTERM and SIGKILL
 READY_PROBE_S = 0.2  # seconds between readiness probes while a server starts
@@ -112,16 +108,6 @@ class PoolSpec(BaseModel):
         return {key: self._fill(value, port) for key, value in {**DEFAULT_ENV[self.api], **self.env}.items()}
 
 
-def parse_spec(**fields: Any) -> PoolSpec:
-    """A PoolSpec from options, with a mistake as one ConfigError line."""
-    try:
-        return PoolSpec(**fields)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(map(str, first["loc"]))
-        raise ConfigError(f"LLM pool: {where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}") from None
-
-
 @dataclass(frozen=True)
 class ServerInfo:
     """One running instance: `url` is what its backend takes (Ollama's host, or the OpenAI base URL)."""
@@ -166,15 +152,11 @@ class LLMServer:
         self._index = index
         self._gpu_ids = [str(gpu) for gpu in ray.get_gpu_ids()]
         self._process: subprocess.Popen[bytes] | None = None
-        self._url = ""
         self._log_path = ""
 
     def gpu_ids(self) -> list[str]:
         """The GPUs Ray assigned this instance (empty with gpus_per_instance=0)."""
         return self._gpu_ids
-
-    def url(self) -> str:
-        return self._url
 
     def start(self) -> ServerInfo:
         """Start the server and return once it answers HTTP; PoolError with its output's tail if it cannot."""
@@ -200,9 +182,8 @@ class LLMServer:
             except OSError as error:
                 raise PoolError(f"LLM server {self._index}: cannot run `{argv[0]}`: {error.strerror or error}") from None
         root = f"http://{_reachable_host(spec.host)}:{port}"
-        self._url = root + URL_SUFFIX[spec.api]
         self._wait_ready(root + READY_PATHS[spec.api], shlex.join(argv))
-        return ServerInfo(self._index, self._url, self._gpu_ids, self._process.pid, self._log_path)
+        return ServerInfo(self._index, root + URL_SUFFIX[spec.api], self._gpu_ids, self._process.pid, self._log_path)
 
     def _wait_ready(self, probe_url: str, command: str) -> None:
         assert self._process is not None
@@ -252,14 +233,6 @@ class LLMServer:
         with contextlib.suppress(OSError):
             os.unlink(self._log_path)
         return process.returncode
-
-
-@dataclass(frozen=True)
-class Lease:
-    """An instance lent to one call: give it back with `LLMPool.release(lease.id)`."""
-
-    id: str
-    url: str
 
 
 @ray.remote(num_cpus=0)
@@ -417,83 +390,3 @@ def start_pool(spec: PoolSpec) -> PoolHandle:
     name = f"metaagent-llm-pool-{uuid.uuid4().hex[:12]}"
     pool = LLMPool.options(name=name).remote(servers, [info.url for info in instances], spec.requests_per_instance)
     return PoolHandle(spec, name, ray.get_runtime_context().namespace, instances, pool, servers)
-
-
-# --- the `pooled` backend ---
-
-
-class PooledOptions(BaseModel):
-    """The `pooled` backend's options, as `PoolHandle.llm_config()` writes them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    pool: str  # the LLMPool actor's name
-    namespace: str | None = None  # its Ray namespace (None: the caller's)
-    api: ServerApi = "ollama"
-    options: dict[str, Any] = Field(default_factory=dict)  # for the ollama or openai backend
-
-
-class PooledLLM:
-    """Each call leases an instance from the named pool, calls it through the `ollama` or `openai`
-    backend, and gives it back whatever happens."""
-
-    delegates = True  # instruct models decide when a task needs a team
-    prompt_style: PromptStyle = "chat"
-
-    def __init__(self, model: str | None, options: PooledOptions) -> None:
-        self.model = model
-        self.options = options
-        self._pool: Any = None
-        self._backends: dict[str, LLM] = {}  # instance url -> its backend
-
-    def describe(self) -> str:
-        return f"{self.options.api} {self.model or '(default model)'} on the LLM pool {self.options.pool}"
-
-    def _pool_actor(self) -> Any:
-        if self._pool is None:
-            try:
-                self._pool = ray.get_actor(self.options.pool, namespace=self.options.namespace)
-            except ValueError:
-                raise LLMUnavailable(f"no LLM pool named {self.options.pool}: it was stopped, or started by another Ray job") from None
-        return self._pool
-
-    def _backend(self, url: str) -> LLM:
-        if url not in self._backends:
-            options = {**self.options.options, URL_OPTION[self.options.api]: url}
-            self._backends[url] = create_llm(LLMConfig(backend=self.options.api, model=self.model, options=options))
-        return self._backends[url]
-
-    def check(self) -> None:
-        """Every instance must serve the model."""
-        for url in ray.get(self._pool_actor().urls.remote()):
-            self._backend(url).check()
-
-    def complete(self, request: LLMRequest) -> LLMResponse:
-        try:
-            pool = self._pool_actor()
-        except LLMUnavailable as error:
-            raise LLMError(str(error), transient=False) from None
-        limit = request.timeout if request.timeout is not None else self.options.options.get("timeout", DEFAULT_CALL_TIMEOUT)
-        started = time.monotonic()
-        try:
-            lease: Lease | None = ray.get(pool.acquire.remote(request.timeout, limit + LEASE_GRACE_S))
-        except ray.exceptions.RayError as error:
-            raise LLMError(f"the LLM pool {self.options.pool} failed: {type(error).__name__}", transient=False) from None
-        if lease is None:
-            raise LLMError(f"no LLM server of the pool was free within {request.timeout:g} s", transient=True)
-        try:
-            if request.timeout is not None:  # the wait for an instance counts against the call's time
-                request = replace(request, timeout=request.timeout - (time.monotonic() - started))
-            return self._backend(lease.url).complete(request)
-        finally:
-            with contextlib.suppress(ray.exceptions.RayError):  # a pool that is gone has nothing to give back
-                ray.get(pool.release.remote(lease.id))
-
-
-def create_backend(config: LLMConfig) -> PooledLLM:
-    try:
-        options = PooledOptions.model_validate(config.options)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise ConfigError(f"pooled backend: option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    return PooledLLM(model=config.model, options=options)

@@ -1,9 +1,10 @@
 """The run record, a public JSON contract, and the run directory that keeps it on disk.
 
-`record.json` is rewritten atomically whenever an agent finishes, sub-plan agents included, so a
-run that stops for any reason leaves behind everything that had finished. A run directory belongs
-to one run: a new run refuses a directory that holds files, and an OS file lock keeps a second
-run or resume from writing it at the same time.
+`record.json` is rewritten atomically as agents finish, sub-plan agents included, at most once a
+second (the runtime's checkpoints) and once at the end, so a run that stops for any reason leaves
+behind everything that had finished (one killed outright, all but its last second). A run
+directory belongs to one run: a new run refuses a directory that holds files, and an OS file lock
+keeps a second run or resume from writing it at the same time.
 """
 
 from __future__ import annotations

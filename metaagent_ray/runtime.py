@@ -361,8 +361,10 @@ class _Follower:
     def until_planned(self) -> None:
         """Report starts and tokens until the coordinator's thread says the plan is complete."""
         while True:
-            for event in self._batch(None) or []:
+            batch = self._batch(None) or []
+            for position, event in enumerate(batch):
                 if isinstance(event, _Planned):
+                    self.early.extend(batch[position + 1 :])  # for `until_done`, in order
                     return
                 if isinstance(event, (AgentDone, SubPlanReady)) or (isinstance(event, Notice) and event.warning):
                     self.early.append(event)

@@ -2,33 +2,67 @@
 
 The session's Ray is a simulated two-node cluster (two raylets on this machine) with different
 `llm_slot` counts and two logical GPUs on the head, so placement across nodes and GPU pinning are
-tested without a real cluster or GPU.
+tested without a real cluster or GPU. Before it starts, a third-party backend (`echo`,
+tests/plugin/) is installed into a directory on PYTHONPATH, so its processes find it.
+
+Real models are off in every test not marked `model` ($METAAGENT_ALLOW_MODEL_REQUESTS=0, read by
+`llm.base.check_model_request`): the local backend refuses to load or call its model, and the
+ollama and openai backends call only the tests' stand-in servers, which allow their own URL while
+they run (tests/ollama_server.py), and the closed ports of `closed_port_url`. The switch is set in
+this process and every process a test starts (CLI runs, `ray start` clusters); the session's Ray
+workers started before it, and run agents only of runs whose backend this process checked first.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
 
 from metaagent_ray.llm import LLMRequest, Message
+from metaagent_ray.llm.base import MODEL_REQUESTS_ENV
 from metaagent_ray.resources import SLOT_RESOURCE
+from tests.ollama_server import allow_model_requests_to
 
 HEAD_SLOTS, WORKER_SLOTS = 8, 4  # llm_slot per node; runs with --slots N <= 12 reserve N of them
 LOGICAL_GPUS = 2
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+PLUGIN = Path(__file__).resolve().parent / "plugin" / "metaagent_echo_backend.py"
+
+
+@pytest.fixture(autouse=True)
+def no_model_requests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Real models only in tests marked `model`: elsewhere a call to one fails loudly (ModelRequestsForbidden)."""
+    if request.node.get_closest_marker("model") is None:
+        monkeypatch.setenv(MODEL_REQUESTS_ENV, "0")
+
+
+def install_echo_backend(site: Path) -> None:
+    """Install the third-party `echo` backend into `site` as pip would: its module, and a dist-info whose
+    entry point registers it in the `metaagent_ray.backends` group. `site` goes on PYTHONPATH."""
+    shutil.copy(PLUGIN, site / PLUGIN.name)
+    info = site / "metaagent_echo_backend-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: metaagent-echo-backend\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[metaagent_ray.backends]\necho = metaagent_echo_backend:create\n")
+    sys.path.insert(0, str(site))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
     import logging
 
     import ray
     from ray.cluster_utils import Cluster
 
+    install_echo_backend(tmp_path_factory.mktemp("site-packages"))  # before Ray starts: its workers inherit PYTHONPATH
     cluster = Cluster(
         initialize_head=True,
         head_node_args={
@@ -77,8 +111,10 @@ def agent_request(text: str = "Compare A and B", **fields: object) -> LLMRequest
 
 
 def closed_port_url(path: str = "") -> str:
-    """A local address where nothing listens: connecting is refused."""
+    """A local address where nothing listens: connecting is refused. Backends may call it although
+    real models are off: nothing answers there."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
+    allow_model_requests_to(f"http://127.0.0.1:{port}")
     return f"http://127.0.0.1:{port}{path}"

@@ -15,6 +15,7 @@ past the client's timeout, a malformed body, a model that is not pulled.
 from __future__ import annotations
 
 import json
+import os
 import re
 import threading
 import time
@@ -23,6 +24,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Literal, Mapping
 
 from typing_extensions import Self
+
+from metaagent_ray.llm.base import MODEL_REQUESTS_ENV
 
 Fault = Literal["http_500", "drop", "stall", "malformed", "not_found"]
 Responder = Callable[[dict[str, Any]], str]  # a chat request body -> the answer's text
@@ -85,8 +88,21 @@ def _full_name(model: str) -> str:
     return model if ":" in model.rsplit("/", 1)[-1] else f"{model}:latest"
 
 
+def allow_model_requests_to(url: str, allowed: bool = True) -> None:
+    """Add `url` to (or take it off) the servers backends may call while real models are off in tests
+    ($METAAGENT_ALLOW_MODEL_REQUESTS, tests/conftest.py): a stand-in is no model."""
+    current = os.environ.get(MODEL_REQUESTS_ENV, "1")
+    if current == "1":
+        return
+    others = [item for item in current.split(",") if item != url]
+    os.environ[MODEL_REQUESTS_ENV] = ",".join([*others, url] if allowed else others)
+
+
 class BackgroundServer:
-    """An HTTP server on its own thread; each request goes to the subclass's `_handle(handler, method)`."""
+    """An HTTP server on its own thread; each request goes to the subclass's `_handle(handler, method)`.
+
+    While it runs, backends may call it although real models are off in tests (`allow_model_requests_to`).
+    """
 
     def _listen(self, host: str, port: int) -> None:
         self._closing = threading.Event()  # wakes stalled and delayed handlers at shutdown
@@ -101,9 +117,11 @@ class BackgroundServer:
 
     def start(self) -> Self:
         self._thread.start()
+        allow_model_requests_to(self.url)
         return self
 
     def stop(self) -> None:
+        allow_model_requests_to(self.url, allowed=False)
         self._closing.set()
         self._httpd.shutdown()
         self._httpd.server_close()
@@ -178,12 +196,6 @@ class OllamaServer(BackgroundServer):
         """The most chat calls ever handled at once (since the last reset)."""
         with self._lock:
             return self._max_in_flight
-
-    def wait_for_in_flight(self, count: int, timeout: float) -> bool:
-        """Wait until `count` chat calls are in flight at once; False if that did not happen in time."""
-        with self._lock:
-            self._lock.wait_for(lambda: self._in_flight >= count or self._closing.is_set(), timeout)
-            return self._in_flight >= count
 
     def _wait_for_peak(self, count: int, timeout: float) -> None:
         """Wait until `count` calls have been in flight at once: the peak, unlike the live count,

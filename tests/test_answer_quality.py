@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 
 from metaagent_ray.agents import DOCUMENT_ANSWER_TOKENS, AgentContext, AgentResult, cut_repetition, run_agent
+from metaagent_ray.api import run_limits
 from metaagent_ray.coordinator import coordinator_request
-from metaagent_ray.llm import LLMConfig, LLMRequest, LLMResponse, register_backend
+from metaagent_ray.llm import LLMConfig, LLMRequest
 from metaagent_ray.plan import AgentSpec, Role
 from metaagent_ray.prompts import load_prompt
+from metaagent_ray.settings import RunSettings
 from metaagent_ray.subjects import enumerated_subjects
 
 LOOP = (
@@ -61,34 +63,28 @@ def test_the_coordinator_is_told_the_subjects_and_only_when_there_are_some():
     assert coordinator_request("Read the file, analyze it, then write a report") == "Read the file, analyze it, then write a report"
 
 
-class _Recorder:
-    """A backend that keeps the request it got; `delegates` is set per test."""
+REQUESTS: list[LLMRequest] = []  # what the scripted backend was asked, in this process
 
-    requests: list[LLMRequest] = []
 
-    def __init__(self, delegates: bool, prompt_style: str = "chat") -> None:
-        self.delegates = delegates
-        self.prompt_style = prompt_style
+def answer_twice(request: LLMRequest) -> str:
+    """The scripted backend's answer (tests.test_answer_quality:answer_twice): one sentence, repeated."""
+    REQUESTS.append(request)
+    return "An answer about the task, written once. An answer about the task, written once."
 
-    def complete(self, request: LLMRequest) -> LLMResponse:
-        self.requests.append(request)
-        return LLMResponse(text="An answer about the task, written once. An answer about the task, written once.")
 
-    def check(self) -> None:
-        return None
+def recorder(**options: object) -> LLMConfig:
+    return LLMConfig(backend="scripted", options={"function": f"{__name__}:answer_twice", **options})
 
-    def describe(self) -> str:
-        return "recorder"
+
+LIMITS = run_limits(RunSettings()).agent
 
 
 @pytest.mark.parametrize("delegates", [True, False])
 def test_delegation_is_offered_only_to_models_that_can_use_it(delegates: bool):
-    name = f"recorder-{delegates}"
-    register_backend(name, lambda config: _Recorder(delegates))
     spec = AgentSpec(role=Role.RESEARCHER, task="Research Rust", depends_on=[])
-    context = AgentContext(agent_id=0, spec=spec, query="Compare Python and Rust", llm=LLMConfig(backend=name))
+    context = AgentContext(agent_id=0, spec=spec, query="Compare Python and Rust", llm=recorder(delegates=delegates), limits=LIMITS)
     result = run_agent(context, [], {})
-    request = _Recorder.requests[-1]
+    request = REQUESTS[-1]
     offer = load_prompt("agent_delegation")
     assert request.may_delegate is delegates
     assert (offer in request.messages[-1].content) is delegates
@@ -96,12 +92,12 @@ def test_delegation_is_offered_only_to_models_that_can_use_it(delegates: bool):
 
 
 def test_a_base_model_gets_its_roles_worked_example_as_one_document_and_a_paragraph_budget():
-    register_backend("recorder-document", lambda config: _Recorder(False, "document"))
     spec = AgentSpec(role=Role.ANALYZER, task="Compare Python and Rust", depends_on=[0])
-    context = AgentContext(agent_id=1, spec=spec, query="Compare Python and Rust", llm=LLMConfig(backend="recorder-document"))
+    llm = recorder(delegates=False, prompt_style="document")
+    context = AgentContext(agent_id=1, spec=spec, query="Compare Python and Rust", llm=llm, limits=LIMITS)
     research = AgentResult(agent_id=0, role="RESEARCHER", status="ok", output="Python is  easy.\nIt has Django.")
     run_agent(context, [research], {0: AgentSpec(role=Role.RESEARCHER, task="Research Python", depends_on=[])})
-    request = _Recorder.requests[-1]
+    request = REQUESTS[-1]
     (message,) = request.messages
     assert message.role == "document"
     assert message.content.endswith("Task: Compare Python and Rust\nNotes received:\n- Research Python: Python is easy. It has Django.\nAnalysis:")

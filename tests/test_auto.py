@@ -7,6 +7,7 @@ import pytest
 from metaagent_ray.llm import LLMConfig, LLMUnavailable
 from metaagent_ray.llm.auto import resolve_auto
 from metaagent_ray.llm.local import local_backend_available
+from tests.ollama_server import allow_model_requests_to
 
 NOBODY = "http://127.0.0.1:9"  # the discard port: nothing answers there
 
@@ -26,6 +27,7 @@ def test_auto_skips_a_server_without_the_model(ollama_server):
 
 
 def test_auto_without_ollama_uses_the_local_backend_or_says_how_to_get_one():
+    allow_model_requests_to(NOBODY)
     if local_backend_available():
         config, why = resolve_auto(LLMConfig(backend="auto", options={"host": NOBODY}))
         assert config.backend == "local" and config.options == {}

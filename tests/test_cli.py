@@ -39,6 +39,11 @@ BAD_PLANS = {
     "no-agents.json": ({"description": "empty", "agents": []}, "agents: the plan has no agents"),
     "not-an-object.json": ([AGENT], "the plan must be a JSON object"),
     "too-many.json": ({"agents": [AGENT] * 65}, "the plan has 65 agents, more than --max-agents 64"),
+    "misspelt-key.json": (
+        {"agents": [AGENT, {"role": "WRITER", "task": "w", "depend_on": [0]}]},
+        "agents[1]: unknown key 'depend_on' (did you mean 'depends_on'?)",
+    ),
+    "unknown-plan-key.json": ({"agents": [AGENT], "steps": []}, "unknown key 'steps' (keys: description, agents, depth)"),
 }
 
 

@@ -13,6 +13,7 @@ from metaagent_ray import MetaAgent
 from metaagent_ray.cli import app
 from metaagent_ray.plan import plan_json_schema
 from tests.conftest import EXAMPLES
+from tests.ollama_server import allow_model_requests_to
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -72,6 +73,7 @@ def test_slots_2_never_lets_more_than_two_calls_reach_the_server(ollama_server):
 
 
 def test_an_unreachable_server_is_one_line_and_exit_2_before_any_agent_runs(tmp_path):
+    allow_model_requests_to("http://127.0.0.1:9")  # nothing answers there
     result = CliRunner().invoke(
         app, ["run", QUERY, "--llm", "ollama", "--ollama-host", "http://127.0.0.1:9", "--run-dir", str(tmp_path / "run")]
     )

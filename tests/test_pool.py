@@ -15,9 +15,11 @@ import httpx
 import pytest
 import ray
 
+from metaagent_ray import MetaAgent
 from metaagent_ray.errors import ConfigError
 from metaagent_ray.llm import LLMConfig, LLMError, LLMRequest, Message, create_llm, get_llm
-from metaagent_ray.pool import PoolError, PoolHandle, PoolSpec, parse_spec, start_pool
+from metaagent_ray.pool import PoolError, PoolHandle, PoolSpec, start_pool
+from tests.ollama_server import allow_model_requests_to
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN_SCHEMA = {"type": "object", "properties": {"agents": {"type": "array"}}, "required": ["agents"]}
@@ -28,6 +30,12 @@ def stand_in(api: str = "ollama", delay: float = 0.0) -> str:
 
 
 pytestmark = pytest.mark.usefixtures("ray_session")  # two logical GPUs on the head node
+
+
+@pytest.fixture(autouse=True)
+def stand_ins_may_be_called() -> None:
+    """The pools' stand-in servers listen on free loopback ports, known only once they run: backends may call any."""
+    allow_model_requests_to("http://127.0.0.1:")
 
 
 @pytest.fixture
@@ -176,7 +184,7 @@ def test_more_gpus_than_the_cluster_has_fail_at_once() -> None:
 )
 def test_bad_specs_are_one_line(fields: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words):
-        parse_spec(**fields)
+        MetaAgent(llm="ollama", pool=fields)
 
 
 def test_the_default_commands_are_ollama_and_vllm() -> None:

@@ -1,9 +1,9 @@
-"""LLM slots per node: the formula on made-up nodes, nvidia-smi and GGUF parsing, and the two commands."""
+"""LLM slots per node: the formula on made-up nodes, nvidia-smi, the footprints backends state (GGUF
+metadata for the local one), and the two commands."""
 
 from __future__ import annotations
 
 import json
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +13,21 @@ from typer.testing import CliRunner
 from metaagent_ray import resources
 from metaagent_ray.cli import app
 from metaagent_ray.errors import ConfigError
-from metaagent_ray.llm import LLMConfig
+from metaagent_ray.llm import LLMConfig, ModelFootprint, create_llm, gguf_metadata, local
+from metaagent_ray.llm.base import GiB, MiB
+from metaagent_ray.llm.local import kv_bytes_per_token
 from metaagent_ray.resources import (
     GPU,
-    LOCAL_SERVER_BYTES,
-    LOCAL_SLOTS_PER_CORE,
     MAX_SLOTS,
     WORKER_BYTES,
-    GiB,
-    MiB,
-    ModelFootprint,
     NodeCapacity,
     default_slots,
-    kv_bytes_per_token,
-    local_footprint,
-    model_footprint,
     node_capacity,
     node_resources_json,
-    ollama_footprint,
     parse_nvidia_smi,
     plan_slots,
 )
-from tests.ollama_server import DEFAULT_MODELS, OllamaServer
+from tests.ollama_server import DEFAULT_MODELS, OllamaServer, allow_model_requests_to
 
 H200 = GPU(index=0, name="NVIDIA H200", total_bytes=140 * GiB, free_bytes=139 * GiB)
 SMALL_GPU = GPU(index=1, name="NVIDIA T400", total_bytes=2 * GiB, free_bytes=1 * GiB)
@@ -157,93 +150,110 @@ def test_without_cgroup_limits_the_whole_machine_counts(tmp_path: Path, monkeypa
 # --- what one instance costs ---------------------------------------------------------------------
 
 
-def _gguf_value(kind: int, value: Any) -> bytes:
-    if kind == 8:
-        data = value.encode()
-        return struct.pack("<Q", len(data)) + data
-    if kind == 9:
-        item_kind, items = value
-        return struct.pack("<IQ", item_kind, len(items)) + b"".join(_gguf_value(item_kind, item) for item in items)
-    return struct.pack({4: "<I", 5: "<i", 6: "<f"}[kind], value)
+@pytest.fixture(autouse=True)
+def metadata_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """GGUF metadata read here is cached under the test's own directory, not the user's."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
-def write_gguf(path: Path, items: list[tuple[str, int, Any]]) -> Path:
-    """A GGUF v3 file with this metadata (key, type, value) and no tensors."""
-    body = b"".join(_gguf_value(8, key) + struct.pack("<I", kind) + _gguf_value(kind, value) for key, kind, value in items)
-    path.write_bytes(struct.pack("<4sIQQ", b"GGUF", 3, 0, len(items)) + body + b"\0" * 4096)
+def write_gguf(path: Path, arch: str, items: dict[str, Any]) -> Path:
+    """A GGUF file with this metadata and no tensors, written by ggml's own writer (the gguf package)."""
+    gguf = pytest.importorskip("gguf")
+    writer = gguf.GGUFWriter(path, arch)
+    for key, value in items.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, float):
+            writer.add_float32(key, value)
+        elif isinstance(value, list):
+            writer.add_array(key, value)
+        else:
+            writer.add_uint32(key, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
     return path
 
 
-GEMMA_LIKE = [
-    ("general.architecture", 8, "gemma3"),
-    ("general.tags", 9, (8, ["text-generation", "gemma"])),
-    ("gemma3.block_count", 4, 18),
-    ("gemma3.embedding_length", 4, 640),
-    ("gemma3.attention.head_count", 4, 4),
-    ("gemma3.attention.key_length", 4, 256),
-    ("gemma3.attention.value_length", 4, 256),
-    ("gemma3.rope.freq_base", 6, 1e6),
-    ("gemma3.attention.head_count_kv", 4, 1),
-    ("tokenizer.ggml.tokens", 9, (8, ["<pad>", "<eos>", "hello"] * 100)),
-    ("tokenizer.ggml.scores", 9, (6, [0.5] * 300)),
-]
+GEMMA_LIKE = {
+    "general.tags": ["text-generation", "gemma"],
+    "gemma3.block_count": 18,
+    "gemma3.embedding_length": 640,
+    "gemma3.attention.head_count": 4,
+    "gemma3.attention.key_length": 256,
+    "gemma3.attention.value_length": 256,
+    "gemma3.rope.freq_base": 1e6,
+    "gemma3.attention.head_count_kv": 1,
+    "tokenizer.ggml.tokens": ["<pad>", "<eos>", "hello"] * 1000,
+    "tokenizer.ggml.scores": [0.5] * 3000,
+}
 
 
 def test_kv_cache_per_token_comes_from_the_gguf_metadata(tmp_path: Path) -> None:
     # Gemma 3 270M: 18 layers x 1 KV head x (256 + 256) x 2 bytes
-    per_token, how = kv_bytes_per_token(write_gguf(tmp_path / "gemma.gguf", GEMMA_LIKE))
+    per_token, how = kv_bytes_per_token(write_gguf(tmp_path / "gemma.gguf", "gemma3", GEMMA_LIKE))
     assert per_token == 18 * 1024
     assert how == "18 layers, KV heads 1, key+value 512, f16"
 
 
+def test_a_files_metadata_is_read_once_then_from_the_cache(tmp_path: Path, metadata_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = write_gguf(tmp_path / "gemma.gguf", "gemma3", GEMMA_LIKE)
+    first = gguf_metadata.read_metadata(model)
+    assert first["gemma3.block_count"] == 18 and "tokenizer.ggml.tokens" not in first  # long arrays are left out
+    assert len(list(metadata_cache.rglob("*.json"))) == 1
+    monkeypatch.setattr(gguf_metadata, "_read", lambda path: pytest.fail("read again"))
+    assert gguf_metadata.read_metadata(model) == first
+
+
 def test_kv_heads_per_layer_and_default_head_lengths(tmp_path: Path) -> None:
-    items = [
-        ("general.architecture", 8, "llama"),
-        ("llama.block_count", 4, 2),
-        ("llama.embedding_length", 4, 1024),
-        ("llama.attention.head_count", 4, 8),
-        ("llama.attention.head_count_kv", 9, (5, [2, 4])),
-    ]
-    per_token, _ = kv_bytes_per_token(write_gguf(tmp_path / "m.gguf", items))
+    items = {
+        "llama.block_count": 2,
+        "llama.embedding_length": 1024,
+        "llama.attention.head_count": 8,
+        "llama.attention.head_count_kv": [2, 4],
+    }
+    per_token, _ = kv_bytes_per_token(write_gguf(tmp_path / "m.gguf", "llama", items))
     assert per_token == (2 + 4) * (128 + 128) * 2
 
 
 def test_metadata_without_attention_is_not_guessed(tmp_path: Path) -> None:
-    assert kv_bytes_per_token(write_gguf(tmp_path / "rnn.gguf", [("general.architecture", 8, "rwkv")])) is None
+    assert kv_bytes_per_token(write_gguf(tmp_path / "rnn.gguf", "rwkv", {})) is None
     (tmp_path / "junk.gguf").write_bytes(b"GGUF\x01")
     assert kv_bytes_per_token(tmp_path / "junk.gguf") is None
 
 
 def test_local_footprint_shares_the_weights_and_the_server_and_adds_the_context_per_slot(tmp_path: Path) -> None:
-    model = write_gguf(tmp_path / "gemma.gguf", GEMMA_LIKE)
-    footprint = local_footprint(LLMConfig(backend="local", model=str(model), options={"n_ctx": 2048}))
-    assert footprint.shared_bytes == model.stat().st_size + LOCAL_SERVER_BYTES
+    model = write_gguf(tmp_path / "gemma.gguf", "gemma3", GEMMA_LIKE)
+    footprint = create_llm(LLMConfig(backend="local", model=str(model), options={"n_ctx": 2048})).footprint()
+    assert footprint.shared_bytes == model.stat().st_size + local.SERVER_BYTES
     assert footprint.instance_bytes == 2048 * 18 * 1024
-    assert footprint.slots_per_core == LOCAL_SLOTS_PER_CORE
+    assert footprint.slots_per_core == local.SLOTS_PER_CORE
     assert "36 MiB context cache (n_ctx 2048 x 18.0 KiB per token" in footprint.source
 
 
 def test_ollama_footprint_asks_the_server_and_reads_its_parallelism(monkeypatch: pytest.MonkeyPatch) -> None:
     with OllamaServer() as server:
         monkeypatch.delenv("OLLAMA_NUM_PARALLEL", raising=False)
-        footprint = ollama_footprint(LLMConfig(backend="ollama", options={"host": server.url}))
+        footprint = create_llm(LLMConfig(backend="ollama", options={"host": server.url})).footprint()
         assert footprint.gpu_model_bytes == DEFAULT_MODELS["llama3.2:1b"]
         assert footprint.instance_bytes == 0 and footprint.server_parallel == 1
         assert f"ollama llama3.2:1b at {server.url}: 1.2 GiB as the server reports it" in footprint.source
         monkeypatch.setenv("OLLAMA_NUM_PARALLEL", "6")
-        assert ollama_footprint(LLMConfig(backend="ollama", options={"host": server.url})).server_parallel == 6
+        assert create_llm(LLMConfig(backend="ollama", options={"host": server.url})).footprint().server_parallel == 6
 
 
 def test_fake_footprint_takes_a_size_and_refuses_a_bad_one() -> None:
-    assert model_footprint(LLMConfig(backend="fake", options={"model_mb": 500})).instance_bytes == 500_000_000
-    assert model_footprint(LLMConfig(backend="fake")).instance_bytes == 0
+    assert create_llm(LLMConfig(backend="fake", options={"model_mb": 500})).footprint().instance_bytes == 500_000_000
+    assert create_llm(LLMConfig(backend="fake")).footprint().instance_bytes == 0
     with pytest.raises(ConfigError, match="model_mb: Input should be greater than or equal to 0"):
-        model_footprint(LLMConfig(backend="fake", options={"model_mb": -1}))
+        create_llm(LLMConfig(backend="fake", options={"model_mb": -1}))
 
 
 def test_an_unknown_backend_is_refused() -> None:
     with pytest.raises(ConfigError, match="unknown LLM backend 'nosuch'"):
-        model_footprint(LLMConfig(backend="nosuch"))
+        default_slots(LLMConfig(backend="nosuch"))
 
 
 def test_default_slots_for_the_fake_backend() -> None:
@@ -301,6 +311,7 @@ def test_resources_errors_are_one_line(args: list[str], message: str) -> None:
 def test_an_unreachable_ollama_server_is_one_line() -> None:
     with OllamaServer() as server:
         url = server.url
+    allow_model_requests_to(url)  # nothing answers there now
     result = runner.invoke(app, ["resources", "--llm", "ollama", "--ollama-host", url])
     assert result.exit_code == 2
     assert result.output.strip().startswith(f"error: cannot reach Ollama at {url}")

@@ -1,19 +1,45 @@
-"""LLM backends behind one protocol, chosen by name through a registry.
+"""LLM backends behind one protocol, found by name through the `metaagent_ray.backends` entry points.
 
-Backends register a factory under a name; modules are imported only when their backend is used,
-so an optional dependency (xllamacpp) costs nothing to those who do not use it.
+Every backend, the built-in ones included, is an entry point of that group in its distribution's
+metadata (pyproject.toml), naming a factory `create(config) -> LLM`. Entry points are read from the
+installed distributions, so every process finds the same backends: the driver and each Ray worker.
+The registry imports a backend's module when the backend is first created. `auto` is no backend
+but a choice between two (llm/auto.py, which the API and resources.py import, and with it the
+ollama and local modules); the optional dependencies (xllamacpp, gguf) are imported only when a
+model is loaded or its file read, so they cost nothing to those who do not use them.
+
+A third-party backend is a distribution that declares, e.g. in its pyproject.toml:
+
+    [project.entry-points."metaagent_ray.backends"]
+    mine = "my_package.backend:create"
+
+and is installed wherever the run's processes run (every node of a cluster).
 """
 
 from __future__ import annotations
 
-import importlib
 from functools import lru_cache
-from typing import Callable
+from importlib.metadata import EntryPoint, entry_points
 
 from ..errors import ConfigError
-from .base import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, Message, PromptStyle, TextCallback
+from .base import (
+    CALL_TIMEOUT_S,
+    LLM,
+    LLMConfig,
+    LLMError,
+    LLMRequest,
+    LLMResponse,
+    LLMUnavailable,
+    Message,
+    ModelFootprint,
+    ModelRequestsForbidden,
+    PromptStyle,
+    TextCallback,
+)
 
 __all__ = [
+    "BACKEND_GROUP",
+    "CALL_TIMEOUT_S",
     "LLM",
     "LLMConfig",
     "LLMError",
@@ -21,52 +47,36 @@ __all__ = [
     "LLMResponse",
     "LLMUnavailable",
     "Message",
+    "ModelFootprint",
+    "ModelRequestsForbidden",
     "PromptStyle",
     "TextCallback",
     "available_backends",
     "create_llm",
     "get_llm",
-    "register_backend",
 ]
 
-BackendFactory = Callable[[LLMConfig], LLM]
-
-# name -> "module:factory", imported on first use
-_BACKEND_PATHS: dict[str, str] = {
-    "fake": "metaagent_ray.llm.fake:create",
-    "ollama": "metaagent_ray.llm.ollama:create",
-    "local": "metaagent_ray.local_server:create",
-    "openai": "metaagent_ray.llm.openai:create",
-    "pooled": "metaagent_ray.pool:create_backend",
-}
-_FACTORIES: dict[str, BackendFactory] = {}
+BACKEND_GROUP = "metaagent_ray.backends"
 
 
-def register_backend(name: str, factory: BackendFactory | str) -> None:
-    """Make a backend available under `name` (a factory, or a "module:function" path)."""
-    if isinstance(factory, str):
-        _BACKEND_PATHS[name] = factory
-        _FACTORIES.pop(name, None)
-    else:
-        _FACTORIES[name] = factory
+def _entry_points() -> dict[str, EntryPoint]:
+    return {entry.name: entry for entry in entry_points(group=BACKEND_GROUP)}
 
 
 def available_backends() -> list[str]:
-    return sorted({*_BACKEND_PATHS, *_FACTORIES})
-
-
-def _factory(name: str) -> BackendFactory:
-    if name not in _FACTORIES:
-        if name not in _BACKEND_PATHS:
-            raise ConfigError(f"unknown LLM backend {name!r} (backends: {', '.join(available_backends())})")
-        module_name, function_name = _BACKEND_PATHS[name].split(":")
-        _FACTORIES[name] = getattr(importlib.import_module(module_name), function_name)
-    return _FACTORIES[name]
+    """The names of every installed backend."""
+    return sorted(_entry_points())
 
 
 def create_llm(config: LLMConfig) -> LLM:
     """A new backend instance; raises ConfigError for an unknown name or bad options."""
-    return _factory(config.backend)(config)
+    entry = _entry_points().get(config.backend)
+    if entry is None:
+        raise ConfigError(
+            f"unknown LLM backend {config.backend!r} (backends: {', '.join(available_backends())}; "
+            f"a backend of your own is an entry point in the group {BACKEND_GROUP!r})"
+        )
+    return entry.load()(config)
 
 
 @lru_cache(maxsize=8)

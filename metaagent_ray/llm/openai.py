@@ -14,14 +14,25 @@ import time
 from typing import Any
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import ConfigError
-from .base import LLMConfig, LLMError, LLMRequest, LLMResponse, LLMUnavailable, PromptStyle, TextCallback
+from .base import (
+    CALL_TIMEOUT_S,
+    LLMConfig,
+    LLMError,
+    LLMRequest,
+    LLMResponse,
+    LLMUnavailable,
+    ModelFootprint,
+    PromptStyle,
+    TextCallback,
+    check_model_request,
+    no_model_footprint,
+    parse_options,
+)
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # `vllm serve`'s default port
 DEFAULT_API_KEY = "none"  # local servers accept any key unless started with one
-DEFAULT_TIMEOUT = 300.0  # seconds per call
 CHECK_TIMEOUT = 5.0  # seconds for the pre-flight check
 START_HINT = "start one, e.g. `vllm serve MODEL --port 8000` or `llama-server -m MODEL.gguf --port 8000` (or set OPENAI_BASE_URL)"
 
@@ -33,21 +44,9 @@ class OpenAIOptions(BaseModel):
 
     base_url: str | None = None  # None: $OPENAI_BASE_URL, else DEFAULT_BASE_URL
     api_key: str | None = None  # None: $OPENAI_API_KEY, else DEFAULT_API_KEY
-    timeout: float = Field(default=DEFAULT_TIMEOUT, gt=0)
+    timeout: float = Field(default=CALL_TIMEOUT_S, gt=0)
     max_tokens: int | None = Field(default=None, gt=0)  # used when a request gives none
     temperature: float | None = Field(default=None, ge=0)
-
-
-def parse_options(options: dict[str, Any]) -> OpenAIOptions:
-    """Validate backend options, turning mistakes into one ConfigError line."""
-    unknown = sorted(set(options) - set(OpenAIOptions.model_fields))
-    if unknown:
-        raise ConfigError(f"openai backend: unknown options {unknown} (options: {', '.join(OpenAIOptions.model_fields)})")
-    try:
-        return OpenAIOptions.model_validate(options)
-    except ValidationError as error:
-        first = error.errors()[0]
-        raise ConfigError(f"openai backend: option {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -90,8 +89,12 @@ class OpenAILLM:
                 "start it with that model or choose one it serves"
             )
 
+    def footprint(self) -> ModelFootprint:
+        return no_model_footprint("openai", f"on the server at {self.base_url}")
+
     def _served_models(self) -> list[str]:
         where = f"an OpenAI-compatible server at {self.base_url}"
+        check_model_request("openai", self.base_url)
         try:
             response = self._client.get(f"{self.base_url}/models", timeout=min(CHECK_TIMEOUT, self.options.timeout))
         except httpx.TransportError as error:
@@ -126,6 +129,7 @@ class OpenAILLM:
         if request.json_schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "plan", "schema": request.json_schema}}
         timeout = request.timeout if request.timeout is not None else self.options.timeout
+        check_model_request("openai", self.base_url)
         started = time.perf_counter()
         if request.on_text is not None:
             body["stream"], body["stream_options"] = True, {"include_usage": True}
@@ -180,4 +184,4 @@ class OpenAILLM:
 
 
 def create(config: LLMConfig) -> OpenAILLM:
-    return OpenAILLM(model=config.model, options=parse_options(config.options))
+    return OpenAILLM(model=config.model, options=parse_options("openai", OpenAIOptions, config.options))
