@@ -14,6 +14,7 @@ from .connect import RayConnection, RayOptions, cluster_address, ensure_ray, ray
 from .coordinator import make_plan, planned_notice
 from .errors import ConfigError, PlanError
 from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
+from .executors import stop_kept_executors
 from .hub import RunLimits
 from .llm import LLM, LLMConfig, TextCallback, create_llm
 from .llm.auto import resolve_auto
@@ -147,6 +148,7 @@ class MetaAgent:
         if self._pool is not None:
             self._pool.stop()
             self._pool = None
+        stop_kept_executors()
         shutdown_ray()
 
     def _driver_llm(self) -> LLM:

@@ -80,6 +80,11 @@ def ray_started() -> bool:
     return ray.is_initialized()
 
 
+def embedded() -> bool:
+    """Whether the Ray this process uses is one it started: nothing else runs on it."""
+    return _embedded
+
+
 def cluster_address(options: RayOptions) -> str | None:
     """Ray's address rules: `--address` wins, else RAY_ADDRESS, else None (start Ray embedded)."""
     return options.address or os.environ.get(RAY_ADDRESS) or None

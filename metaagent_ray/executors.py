@@ -74,8 +74,14 @@ def start_executors(slots: int | None) -> list[Executor]:
     `slots` is split over the nodes in proportion to their `llm_slot`; each executor reserves its
     share, so concurrent runs on one cluster never exceed the cluster's slots. Returns at once:
     the executors start while the caller does other work (the coordinator plans); `wait_started`
-    waits for them.
+    waits for them. Executors an earlier run of this process kept (`release_executors`) are taken
+    when they hold the same share.
     """
+    kept = _kept.pop(ray.get_runtime_context().get_job_id(), None)
+    if kept is not None:
+        if kept[0] == slots:
+            return kept[1]
+        stop_executors(kept[1])  # another share: their slots go back first
     nodes = {node["NodeID"]: int(node["Resources"].get(SLOT_RESOURCE, 0)) for node in ray.nodes() if node["Alive"]}
     nodes = {node: count for node, count in nodes.items() if count > 0}
     if not nodes:  # a cluster that states no slots: one executor here, capped by --slots
@@ -141,6 +147,25 @@ def stop_executors(executors: list[Executor]) -> None:
     ray.wait(ends, num_returns=len(ends), timeout=EXECUTOR_STOP_TIMEOUT_S)
     for executor in executors:
         ray.kill(executor.actor, no_restart=True)
+
+
+def release_executors(executors: list[Executor], slots: int | None, *, keep: bool) -> None:
+    """After a run: with `keep`, leave the executors started for this process's next run (a Ray it
+    started is its own, so their slots wait for nobody else), else stop them."""
+    if keep:
+        _kept[ray.get_runtime_context().get_job_id()] = (slots, executors)
+    else:
+        stop_executors(executors)
+
+
+def stop_kept_executors() -> None:
+    """Stop the executors kept for a next run (before this process stops its Ray)."""
+    for _, executors in _kept.values():
+        stop_executors(executors)
+    _kept.clear()
+
+
+_kept: dict[str, tuple[int | None, list[Executor]]] = {}  # Ray job id -> a finished run's executors and the slots they hold
 
 
 class SlotPool:

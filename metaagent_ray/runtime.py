@@ -21,7 +21,7 @@ from typing import Any, Callable
 import ray
 
 from .agents import AgentResult
-from .connect import RayOptions, ensure_ray
+from .connect import RayOptions, embedded, ensure_ray
 from .coordinator import planned_notice
 from .errors import MetaAgentError
 from .events import (
@@ -36,13 +36,13 @@ from .events import (
     SubPlanReady,
     TokenCounter,
 )
-from .executors import Executor, start_executors, stop_executors, wait_started
+from .executors import Executor, release_executors, start_executors, wait_started
 from .hub import AgentDone, AgentOrder, RunLimits, Submission, agent_order, apply_result, plan_orders, run_hub, sub_run_record
 from .interrupts import exit_code, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig, TextCallback
 from .plan import ExecutionPlan
 from .plan_stream import ReadyAgent, StreamedPlan
-from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, resume_choice
+from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, resume_choice, walk_agents
 from .resources import SLOT_RESOURCE
 
 CHECKPOINT_INTERVAL_S = 1.0  # the most a run killed outright can lose of its record
@@ -165,6 +165,7 @@ class _Run:
         self.llm, self.ray_options, self.limits, self.on_event, self.stream = llm, ray_options, limits, on_event, stream
         self.hub = run_hub()
         self.executors: list[Executor] = []
+        self.abandoned_calls = False
         self._open()
 
     def _open(self) -> None:
@@ -174,15 +175,20 @@ class _Run:
         ray.get(self.hub.open_run.remote(self.submission, self.executors))
         self.follower = _Follower(self.hub, self.submission.run_id, self.on_event)
 
-    def _close(self) -> None:
+    def _close(self, *, keep: bool = False) -> None:
+        """End the run in the hub; keep its executors for the next run when `keep`, else stop them."""
         self.hub.forget.remote(self.submission.run_id)
-        stop_executors(self.executors)
+        release_executors(self.executors, self.ray_options.slots, keep=keep)
 
     def __enter__(self) -> _Run:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._close()
+    def __exit__(self, error_type: type[BaseException] | None, *exc_info: object) -> None:
+        # A run that ended cleanly on a Ray of this process's own leaves its executors started for the
+        # next one, unless a call it gave up on (a timeout) may still hold a thread. A further Ctrl-C
+        # cannot cut this short: the run's end is already decided.
+        with stop_signals_ignored():
+            self._close(keep=error_type is None and embedded() and not self.abandoned_calls)
 
     def executors_started(self) -> None:
         """Wait until the executors hold their slots: a run that cannot get them stops before anything is written."""
@@ -314,6 +320,7 @@ class _Run:
             _finish(record, run_dir, "failed")
             raise RunBroken(f"{_what_died(error)}; the agents that finished are saved{saved}", record, 1) from None
         _finish(record, run_dir, "ok" if not record.failed_agents() else "failed")
+        self.abandoned_calls = any((agent.error or "").startswith("timed out") for agent in walk_agents(record.agents))
         self.on_event(RunFinished(record=record))
         return record
 

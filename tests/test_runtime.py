@@ -134,3 +134,25 @@ def test_a_failed_agent_is_recorded_and_its_dependents_still_run(tmp_path: Path)
     assert record.agents[3].status == "ok" and record.agents[3].inputs_from == [0, 2]
     saved = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
     assert [agent.status for agent in saved.agents] == ["ok", "failed", "ok", "ok", "ok"]
+
+
+KEPT_EXECUTORS_SCRIPT = """
+from metaagent_ray import AgentStarted, MetaAgent
+pids = []
+with MetaAgent(llm="fake", slots=2, on_event=lambda e: isinstance(e, AgentStarted) and pids.append((e.path, e.pid))) as meta:
+    for _ in range(2):
+        meta.execute({"agents": [{"role": "RESEARCHER", "task": "t", "depends_on": []}]}, save=False)
+print(pids)
+"""
+
+
+def test_a_process_that_started_its_ray_keeps_its_executors_for_its_next_run():
+    """Embedded Ray is the process's own: the second run finds the first run's executor started (same process)."""
+    import ast
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", KEPT_EXECUTORS_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    (first, first_pid), (second, second_pid) = ast.literal_eval(result.stdout.strip().splitlines()[-1])
+    assert first == second == "0" and first_pid == second_pid != 0
