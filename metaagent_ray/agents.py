@@ -10,15 +10,15 @@ from __future__ import annotations
 import random
 import re
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 from .coordinator import make_plan
 from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, PromptStyle, TextCallback, get_llm
-from .plan import AgentSpec, ExecutionPlan
+from .plan import AgentSpec
 from .prompts import load_prompt
+from .record import AgentRecord, SubRunRecord
 
-AgentStatus = Literal["ok", "failed", "skipped", "delegated"]
 FailurePolicy = Literal["continue", "stop"]
 DELEGATE = "DELEGATE"
 # A base model's answer budget per role when --max-tokens is not given: a paragraph, the length of
@@ -75,41 +75,14 @@ class AgentContext:
         return self.delegation_allowed and self.depth < self.limits.max_depth
 
 
-@dataclass
-class AgentResult:
-    """What an agent produced, with the times measured around its LLM call."""
-
-    agent_id: int
-    role: str
-    status: AgentStatus
-    output: str = ""
-    error: str | None = None
-    submitted_at: float | None = None
-    started_at: float | None = None
-    finished_at: float | None = None
-    inputs_from: list[int] = field(default_factory=list)
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    llm_ms: float | None = None
-    node: str | None = None
-    attempts: int = 0  # LLM calls tried, across Ray's re-executions of the task
-    reused: bool = False  # taken from an earlier run by `resume`, no LLM call
-    repetition_cut: bool = False  # the answer repeated itself and ends before its first repeat
-    sub_plan: ExecutionPlan | None = None  # set when the agent delegated: what the runtime runs for it
-    sub_query: str = ""  # the request the sub-plan's agents work on
-    sub_results: list[AgentResult] = field(default_factory=list)  # the sub-plan's agents, once run
-    sub_resume: dict[int, AgentResult] = field(default_factory=dict)  # resume: sub-plan agents kept from the earlier run
-    warnings: list[str] = field(default_factory=list)
-
-
-def format_inputs(inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) -> str:
+def format_inputs(inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec]) -> str:
     """The dependencies' outputs, each labelled with the agent id and role that produced it."""
     if not inputs:
         return "You have no inputs from other agents."
     blocks = ["Outputs of the agents you depend on:"]
     for result in inputs:
-        spec = specs.get(result.agent_id)
-        label = f"### Agent {result.agent_id} ({result.role})" + (f": {spec.task}" if spec else "")
+        spec = specs.get(result.id)
+        label = f"### Agent {result.id} ({result.role})" + (f": {spec.task}" if spec else "")
         if result.status == "ok":
             blocks.append(f"{label}\n{result.output}")
         else:
@@ -118,14 +91,14 @@ def format_inputs(inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) ->
     return "\n\n".join(blocks)
 
 
-def document_inputs(inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) -> str:
+def document_inputs(inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec]) -> str:
     """The dependencies' outputs as the document prompt's bullet list, one line each."""
     if not inputs:
         return "(none)"
     lines = []
     for result in inputs:
-        spec = specs.get(result.agent_id)
-        label = spec.task if spec else f"{result.role} {result.agent_id}"
+        spec = specs.get(result.id)
+        label = spec.task if spec else f"{result.role} {result.id}"
         text = " ".join(result.output.split()) if result.status == "ok" else "(missing: this agent did not finish)"
         lines.append(f"- {label}: {text}")
     return "\n".join(lines)
@@ -133,7 +106,7 @@ def document_inputs(inputs: Sequence[AgentResult], specs: dict[int, AgentSpec]) 
 
 def build_messages(
     context: AgentContext,
-    inputs: Sequence[AgentResult],
+    inputs: Sequence[AgentRecord],
     specs: dict[int, AgentSpec],
     *,
     may_delegate: bool = False,
@@ -181,18 +154,31 @@ def call_with_retries(llm: LLM, request: LLMRequest, retries: int) -> tuple[LLMR
         attempt += 1
 
 
+def agent_record(context: AgentContext, **fields: object) -> AgentRecord:
+    """The agent's record, as far as its context tells it, with `fields` set."""
+    spec = context.spec
+    return AgentRecord(
+        id=context.agent_id,
+        path=context.label,
+        role=spec.role.value,
+        task=spec.task,
+        depends_on=spec.depends_on,
+        layer=context.layer,
+        submitted_at=context.submitted_at,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
 def run_agent(
-    context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec], on_text: TextCallback | None = None
-) -> AgentResult:
-    """Do this agent's work; a failed call becomes a `failed` result, never an exception.
+    context: AgentContext, inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec], on_text: TextCallback | None = None
+) -> AgentRecord:
+    """Do this agent's work; a failed call becomes a `failed` record, never an exception.
 
     `on_text` receives the answer as it streams, where the backend streams.
     """
-    received = [result.agent_id for result in inputs if result.status == "ok"]
-    missing = [result.agent_id for result in inputs if result.status != "ok"]
-    result = AgentResult(
-        agent_id=context.agent_id, role=context.spec.role.value, status="ok", inputs_from=received, submitted_at=context.submitted_at
-    )
+    received = [result.id for result in inputs if result.status == "ok"]
+    missing = [result.id for result in inputs if result.status != "ok"]
+    result = agent_record(context, status="ok", inputs_from=received)
     if missing and context.limits.on_failure == "stop":
         result.status, result.error = "skipped", f"skipped: input from agent(s) {missing} is missing (--on-failure stop)"
         return result
@@ -216,11 +202,9 @@ def run_agent(
     try:
         response, result.attempts = call_with_retries(llm, request, context.limits.retries)
         result.output, result.repetition_cut = cut_repetition(response.text)
-        result.prompt_tokens, result.completion_tokens, result.llm_ms = (
-            response.prompt_tokens,
-            response.completion_tokens,
-            response.llm_ms,
-        )
+        result.llm_ms = response.llm_ms
+        if response.prompt_tokens is not None or response.completion_tokens is not None:
+            result.tokens = {"prompt": response.prompt_tokens or 0, "completion": response.completion_tokens or 0}
         if may_delegate and response.text.strip().upper().startswith(DELEGATE):
             _delegate(context, inputs, specs, llm, result)
     except CallFailed as failure:
@@ -255,10 +239,10 @@ def cut_repetition(text: str) -> tuple[str, bool]:
     return text, False
 
 
-def _delegate(context: AgentContext, inputs: Sequence[AgentResult], specs: dict[int, AgentSpec], llm: LLM, result: AgentResult) -> None:
+def _delegate(context: AgentContext, inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec], llm: LLM, result: AgentRecord) -> None:
     """The agent asked for a team: plan its task as a sub-plan one level deeper, for the runtime to run."""
     sub_query = load_prompt("sub_query").format(task=context.spec.task, query=context.query, inputs=format_inputs(inputs, specs))
     plan, coordinator = make_plan(sub_query, llm, max_agents=context.limits.max_agents, depth=context.depth + 1)
-    result.status, result.output, result.sub_plan, result.sub_query = "delegated", "", plan, sub_query
+    result.status, result.output, result.sub_run = "delegated", "", SubRunRecord.start(context.label, sub_query, plan)
     if coordinator.fallback:
         result.warnings.append(f"Agent {context.label}: the coordinator's sub-plan fell back: {coordinator.errors[-1]}")

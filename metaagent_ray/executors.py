@@ -25,10 +25,11 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .agents import AgentContext, AgentResult, run_agent
+from .agents import AgentContext, run_agent
 from .errors import ConfigError
 from .events import TokenCounter
 from .plan import AgentSpec
+from .record import AgentRecord
 from .resources import MAX_SLOTS, SLOT_RESOURCE
 
 EXECUTOR_START_TIMEOUT_S = 30.0
@@ -44,8 +45,8 @@ class AgentExecutor:
         return ray.get_runtime_context().get_node_id()
 
     def run(
-        self, context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, stream: bool, *inputs: AgentResult
-    ) -> AgentResult:
+        self, context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, stream: bool, *inputs: AgentRecord
+    ) -> AgentRecord:
         """One agent's work. Ray passes the dependencies' results in place of their ObjectRefs.
 
         With `stream`, the answer's tokens go to the hub as they arrive (a few events a second, not awaited).

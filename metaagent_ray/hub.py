@@ -22,12 +22,12 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, AgentResult
+from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, agent_record
 from .events import AgentStarted, Event, Notice, SubPlanReady
 from .executors import Executor, SlotPool
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
-from .record import AgentRecord, SubRunRecord, agent_records, compose_final_output
+from .record import AgentRecord, compose_final_output, kept_agents
 
 # The executor running an agent died (its process, and Ray restarts it) or cannot come back (its node is gone).
 EXECUTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
@@ -68,7 +68,7 @@ class AgentOrder:
     context: AgentContext
     dependency_specs: dict[int, AgentSpec]
     priority: int  # its remaining path: under a slot cap, the longest goes first
-    kept: AgentResult | None = None  # what a resume keeps of it: an `ok` result is passed on, a `delegated` one continues
+    kept: AgentRecord | None = None  # what a resume keeps of it: an `ok` one is passed on, a `delegated` one's sub-plan continues
 
 
 def plan_orders(
@@ -78,7 +78,7 @@ def plan_orders(
     limits: AgentLimits,
     *,
     prefix: str = "",
-    kept: dict[int, AgentResult] | None = None,
+    kept: dict[int, AgentRecord] | None = None,
     only: set[int] | None = None,
 ) -> list[AgentOrder]:
     """The orders for a plan's agents (`only` those, when given), each after its dependencies."""
@@ -116,7 +116,7 @@ def agent_order(
     prefix: str,
     layer: int,
     priority: int,
-    kept: AgentResult | None = None,
+    kept: AgentRecord | None = None,
 ) -> AgentOrder:
     """One agent's order, stamped with the time it is handed to the hub."""
     context = AgentContext(
@@ -138,7 +138,7 @@ class AgentDone:
     """Hub to driver: an agent (of the plan or of a sub-plan) has its final result; the driver records it."""
 
     path: str
-    result: AgentResult
+    result: AgentRecord
 
 
 @dataclass
@@ -232,7 +232,7 @@ class RunHub:
         if run is not None:
             run.events.put_nowait(None)
 
-    async def supervise(self, run_id: str, order: AgentOrder, inputs: list[ray.ObjectRef]) -> AgentResult:
+    async def supervise(self, run_id: str, order: AgentOrder, inputs: list[ray.ObjectRef]) -> AgentRecord:
         """The agent's final result: its work's once its inputs are ready, or its sub-plan's when it delegated.
 
         Whatever happens, the driver hears of it: a fault here fails this agent, never hangs the run.
@@ -245,15 +245,18 @@ class RunHub:
                 result = order.kept
             else:
                 result = await self._execute(run, order, inputs)
-            if result.status == "delegated" and result.sub_plan is not None:
+            if result.status == "delegated" and result.sub_run is not None:
                 result = await self._delegate(run, order, inputs, result)
         except Exception as error:  # noqa: BLE001 - reported as the agent's error
             log.exception("supervising agent %s failed", order.context.label)
             result = _failure(run, order.context, f"the agent's supervision failed: {type(error).__name__}: {error}")
+        for warning in result.warnings:  # the one way warnings reach the driver: as events
+            run.publish(Notice(warning, warning=True))
+        result.warnings = []
         run.publish(AgentDone(order.context.label, result))
         return result
 
-    async def _execute(self, run: _Run, order: AgentOrder, inputs: list[ray.ObjectRef]) -> AgentResult:
+    async def _execute(self, run: _Run, order: AgentOrder, inputs: list[ray.ObjectRef]) -> AgentRecord:
         """Run the agent on an executor with a free slot; an execution lost with its executor is tried again."""
         submission, context, slots = run.submission, order.context, run.slots
         me = ray.get_runtime_context().current_actor
@@ -278,7 +281,7 @@ class RunHub:
                 slots.release(index)
             return result
 
-    async def _await_work(self, run: _Run, context: AgentContext, work: ray.ObjectRef) -> AgentResult:
+    async def _await_work(self, run: _Run, context: AgentContext, work: ray.ObjectRef) -> AgentRecord:
         """Wait for the work; once it has started, give it `deadline` seconds before giving up on it."""
         done = asyncio.ensure_future(asyncio.wrap_future(work.future()))
         deadline = run.submission.limits.deadline()
@@ -298,47 +301,43 @@ class RunHub:
             detail = next(iter(str(error).splitlines()), "")
             return _failure(run, context, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
 
-    async def _delegate(self, run: _Run, order: AgentOrder, inputs: list[ray.ObjectRef], parent: AgentResult) -> AgentResult:
-        """Run the agent's sub-plan as agents like any other; its final output becomes the agent's."""
-        plan, context, submission = parent.sub_plan, order.context, run.submission
-        assert plan is not None
-        limit = submission.limits.max_total_agents
+    async def _delegate(self, run: _Run, order: AgentOrder, inputs: list[ray.ObjectRef], parent: AgentRecord) -> AgentRecord:
+        """Run the agent's sub-plan as agents like any other; its final output becomes the agent's.
+
+        The sub-plan's agents that already finished (a resumed run) are kept as they are.
+        """
+        sub_run, context, submission = parent.sub_run, order.context, run.submission
+        assert sub_run is not None
+        plan, limit = sub_run.plan, submission.limits.max_total_agents
         if run.total_agents + len(plan.agents) > limit:
             warning = f"⚠️ Agent {context.label}: not delegating to {len(plan.agents)} more agents, the run would exceed --max-total-agents {limit}; it answers itself"
             run.publish(Notice(warning, warning=True))
             alone = replace(order, context=replace(context, delegation_allowed=False))
             result = await self._execute(run, alone, inputs)
-            result.warnings = [*parent.warnings, warning]
+            result.warnings = [*parent.warnings, *result.warnings]  # the fallback of its sub-plan, if it had one
             return result
-        run.publish(SubPlanReady(path=context.label, query=parent.sub_query, plan=plan, layers=plan.get_execution_layers()))
+        run.publish(SubPlanReady(path=context.label, query=sub_run.query, plan=plan, layers=sub_run.layers))
         prefix = f"{context.label}."
-        orders = plan_orders(plan, parent.sub_query, submission.llm, submission.limits.agent, prefix=prefix, kept=parent.sub_resume)
-        self._submit(run, orders, prefix)
+        kept = kept_agents(plan, sub_run.agents)
+        self._submit(run, plan_orders(plan, sub_run.query, submission.llm, submission.limits.agent, prefix=prefix, kept=kept), prefix)
         sub_refs = [run.results[f"{prefix}{index}"] for index in range(len(plan.agents))]
-        sub_results = list(await asyncio.gather(*(asyncio.wrap_future(ref.future()) for ref in sub_refs)))
-        records = agent_records(plan, prefix=prefix)
-        for record, result in zip(records, sub_results):
-            apply_result(record, result)
-        sinks_ok = all(sub_results[index].status == "ok" for index in plan.sinks())
+        sub_run.agents = list(await asyncio.gather(*(asyncio.wrap_future(ref.future()) for ref in sub_refs)))
+        sinks_ok = all(sub_run.agents[index].status == "ok" for index in plan.sinks())
         parent.status = "ok" if sinks_ok else "failed"
         parent.error = None if sinks_ok else "its sub-plan's final agent did not succeed"
-        parent.output = compose_final_output(plan, records)
-        parent.sub_results = sub_results
-        parent.sub_resume = {}
+        parent.output = compose_final_output(plan, sub_run.agents)
         parent.warnings = [*parent.warnings, *plan.warnings]
         parent.finished_at = time.time()
         return parent
 
 
-def _failure(run: _Run, context: AgentContext, error: str) -> AgentResult:
+def _failure(run: _Run, context: AgentContext, error: str) -> AgentRecord:
     """A work task that never returned: each execution Ray made counts as a try."""
-    return AgentResult(
-        agent_id=context.agent_id,
-        role=context.spec.role.value,
+    return agent_record(
+        context,
         status="failed",
         error=error,
         attempts=max(1, run.executions.get(context.label, 0)),
-        submitted_at=context.submitted_at,
         started_at=run.started_at.get(context.label),
         finished_at=time.time(),
     )
@@ -366,30 +365,3 @@ async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -
 
 def _node_alive(node: str) -> bool:
     return any(entry["NodeID"] == node and entry["Alive"] for entry in ray.nodes())
-
-
-def apply_result(agent: AgentRecord, result: AgentResult) -> None:
-    """Copy what the agent's task measured into its record; sub-agents a resume kept stay as they were."""
-    agent.status = result.status  # type: ignore[assignment]
-    agent.output, agent.error = result.output, result.error
-    agent.submitted_at, agent.started_at, agent.finished_at = result.submitted_at, result.started_at, result.finished_at
-    agent.inputs_from = result.inputs_from
-    agent.node, agent.attempts, agent.llm_ms, agent.reused = result.node, result.attempts, result.llm_ms, result.reused
-    agent.repetition_cut = result.repetition_cut
-    if result.prompt_tokens is not None or result.completion_tokens is not None:
-        agent.tokens = {"prompt": result.prompt_tokens or 0, "completion": result.completion_tokens or 0}
-    if result.sub_plan is not None and result.sub_results:
-        if agent.sub_run is None:
-            agent.sub_run = sub_run_record(agent.path, result.sub_query, result.sub_plan)
-        for sub_record, sub_result in zip(agent.sub_run.agents, result.sub_results):
-            if sub_result.reused:
-                sub_record.reused = True
-            else:
-                apply_result(sub_record, sub_result)
-
-
-def sub_run_record(path: str, query: str, plan: ExecutionPlan) -> SubRunRecord:
-    """The record of a sub-plan about to run: every agent pending."""
-    return SubRunRecord(
-        query=query, plan=plan, layers=plan.get_execution_layers(), warnings=plan.warnings, agents=agent_records(plan, prefix=f"{path}.")
-    )

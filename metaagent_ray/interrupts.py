@@ -24,12 +24,22 @@ class StopSignal(KeyboardInterrupt):
         self.signum = signum
 
 
+_last_stop: list[int] = []  # the stop signal that arrived while the current run executed, if one did
+
+
 def exit_code(interrupt: KeyboardInterrupt) -> int:
-    """The shell's code for a process ended by this signal: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP."""
-    return 128 + (interrupt.signum if isinstance(interrupt, StopSignal) else signal.SIGINT)
+    """The shell's code for a process ended by this signal: 130 for SIGINT, 143 for SIGTERM, 129 for SIGHUP.
+
+    Ray turns an exception raised while it waits into a plain KeyboardInterrupt, so the signal that
+    arrived is also kept aside.
+    """
+    if isinstance(interrupt, StopSignal):
+        return 128 + interrupt.signum
+    return 128 + (_last_stop[-1] if _last_stop else signal.SIGINT)
 
 
 def _raise_stop(signum: int, frame: Any) -> None:
+    _last_stop.append(signum)
     raise StopSignal(signum)
 
 
@@ -51,6 +61,7 @@ def _handlers(handler: Any) -> Iterator[None]:
 
 def stop_signals_interrupt() -> contextlib.AbstractContextManager[None]:
     """While a run executes: SIGINT, SIGTERM and SIGHUP raise StopSignal in the main thread."""
+    _last_stop.clear()
     return _handlers(_raise_stop)
 
 

@@ -25,7 +25,8 @@ from .errors import ConfigError
 from .plan import ExecutionPlan
 
 RECORD_VERSION = 1
-AgentState = Literal["pending", "ok", "failed", "skipped"]
+# "delegated": the agent's task went to a sub-plan still running; the runtime ends it as ok or failed.
+AgentState = Literal["pending", "ok", "failed", "skipped", "delegated"]
 RunState = Literal["running", "ok", "failed", "interrupted"]
 
 
@@ -53,6 +54,9 @@ class AgentRecord(BaseModel):
     reused: bool = False  # taken from the run being resumed, without an LLM call
     repetition_cut: bool = False  # the answer repeated a sentence or paragraph and was cut before the repeat
     sub_run: SubRunRecord | None = None  # the sub-plan this agent delegated its task to
+    # What the run should warn about this agent (its sub-plan fell back, a budget was reached): carried to
+    # the hub, which publishes each as a warning event for the run's `warnings`; not saved here.
+    warnings: list[str] = Field(default_factory=list, exclude=True)
 
 
 class SubRunRecord(BaseModel):
@@ -68,6 +72,11 @@ class SubRunRecord(BaseModel):
     def _agents_match_plan(self) -> SubRunRecord:
         _check_agents_match(self.plan, self.agents)
         return self
+
+    @classmethod
+    def start(cls, path: str, query: str, plan: ExecutionPlan) -> SubRunRecord:
+        """The record of the sub-plan agent `path` delegated to, about to run: every agent pending."""
+        return cls(query=query, plan=plan, layers=plan.get_execution_layers(), warnings=plan.warnings, agents=agent_records(plan, prefix=f"{path}."))
 
 
 def _check_agents_match(plan: ExecutionPlan, agents: list[AgentRecord]) -> None:
@@ -180,6 +189,15 @@ def agent_records(plan: ExecutionPlan, prefix: str = "") -> list[AgentRecord]:
         )
         for index, spec in enumerate(plan.agents)
     ]
+
+
+def kept_agents(plan: ExecutionPlan, agents: list[AgentRecord]) -> dict[int, AgentRecord]:
+    """What a resume hands the runtime of these agents (see `resume_choice`): reused ones as `ok` and
+    `reused`, the ones whose sub-plan continues as `delegated`, with their sub-plan's agents as they were."""
+    reuse, resume = resume_choice(plan, agents)
+    kept = {index: agents[index].model_copy(update={"reused": True}, deep=True) for index in reuse}
+    kept.update({index: agents[index].model_copy(update={"status": "delegated"}, deep=True) for index in resume})
+    return kept
 
 
 def resume_choice(plan: ExecutionPlan, agents: list[AgentRecord]) -> tuple[set[int], set[int]]:

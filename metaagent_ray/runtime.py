@@ -20,7 +20,6 @@ from typing import Any, Callable
 
 import ray
 
-from .agents import AgentResult
 from .connect import RayOptions, embedded, ensure_ray
 from .coordinator import planned_notice
 from .errors import MetaAgentError
@@ -37,12 +36,12 @@ from .events import (
     TokenCounter,
 )
 from .executors import Executor, release_executors, start_executors, wait_started
-from .hub import AgentDone, AgentOrder, RunLimits, Submission, agent_order, apply_result, plan_orders, run_hub, sub_run_record
+from .hub import AgentDone, AgentOrder, RunLimits, Submission, agent_order, plan_orders, run_hub
 from .interrupts import exit_code, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig, TextCallback
 from .plan import ExecutionPlan
 from .plan_stream import ReadyAgent, StreamedPlan
-from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, resume_choice, walk_agents
+from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, SubRunRecord, kept_agents, walk_agents
 from .resources import SLOT_RESOURCE
 
 CHECKPOINT_INTERVAL_S = 1.0  # the most a run killed outright can lose of its record
@@ -75,29 +74,6 @@ class PlanningInterrupted(MetaAgentError):
     def __init__(self, code: int) -> None:
         super().__init__("interrupted while the coordinator planned; nothing was saved (no plan yet)")
         self.exit_code = code
-
-
-def kept_results(plan: ExecutionPlan, agents: list[AgentRecord]) -> dict[int, AgentResult]:
-    """What a resume keeps of these agents (see `resume_choice`), as results the runtime submits."""
-    reuse, resume = resume_choice(plan, agents)
-    kept = {
-        index: AgentResult(agent_id=index, role=agents[index].role, status="ok", output=agents[index].output, reused=True)
-        for index in reuse
-    }
-    for index in resume:
-        agent, sub_run = agents[index], agents[index].sub_run
-        assert sub_run is not None
-        kept[index] = AgentResult(
-            agent_id=index,
-            role=agent.role,
-            status="delegated",
-            started_at=agent.started_at,
-            attempts=agent.attempts,
-            sub_plan=sub_run.plan,
-            sub_query=sub_run.query,
-            sub_resume=kept_results(sub_run.plan, sub_run.agents),
-        )
-    return kept
 
 
 @dataclass(frozen=True)
@@ -294,15 +270,15 @@ class _Run:
             ray_started_at=self.connection.started_at,
             ray_ready_at=self.connection.ready_at,
         )
-        kept: dict[int, AgentResult] = {}
+        kept: dict[int, AgentRecord] = {}
         if earlier is not None:
-            kept = kept_results(plan, earlier.agents)
-            for agent_id, result in kept.items():
-                record.agents[agent_id] = earlier.agents[agent_id].model_copy(update={"reused": result.status == "ok"}, deep=True)
+            kept = kept_agents(plan, earlier.agents)
+            for agent_id, agent in kept.items():
+                record.agents[agent_id] = earlier.agents[agent_id].model_copy(update={"reused": agent.reused}, deep=True)
         if run_dir is not None:
             run_dir.write_plan(plan)
             run_dir.write_record(record)
-        reused = tuple(sorted(index for index, result in kept.items() if result.status == "ok"))
+        reused = tuple(sorted(index for index, agent in kept.items() if agent.reused))
         self.on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir, slots=record.slots, reused=reused))
 
         saved = f" in {run_dir.path}; resume with: metaagent resume {run_dir.path}" if run_dir else ""
@@ -406,22 +382,20 @@ class _Follower:
         if isinstance(event, SubPlanReady):
             parent = _agent_at(record, event.path)
             if parent.sub_run is None:  # a resumed sub-plan keeps what it had
-                parent.sub_run = sub_run_record(event.path, event.query, event.plan)
+                parent.sub_run = SubRunRecord.start(event.path, event.query, event.plan)
             checkpoints.changed()
         elif isinstance(event, AgentDone):
-            agent, result = _agent_at(record, event.path), event.result
-            if agent.path not in self.announced and result.started_at is not None:
+            agents, index = record.find(event.path)
+            agent = agents[index] = event.result
+            if agent.path not in self.announced and agent.started_at is not None:
                 self._report(AgentStarted(path=agent.path, role=agent.role, attempt=1, pid=0))
-            apply_result(agent, result)
-            if event.path in waiting:  # a top-level agent: its sub-plans' warnings come with it
-                waiting.discard(event.path)
-                record.warnings.extend(warning for warning in result.warnings if warning not in record.warnings)
+            waiting.discard(event.path)
             if run_dir is not None:
                 _write_outputs(run_dir, agent)
             checkpoints.changed()
             self.on_event(AgentFinished(agent=agent))
             return
-        elif isinstance(event, Notice) and event.warning:
+        elif isinstance(event, Notice) and event.warning and event.text not in record.warnings:
             record.warnings.append(event.text)
         if not isinstance(event, _Planned):
             self._report(event)

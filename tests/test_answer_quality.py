@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from metaagent_ray.agents import DOCUMENT_ANSWER_TOKENS, AgentContext, AgentResult, cut_repetition, run_agent
+from metaagent_ray.agents import DOCUMENT_ANSWER_TOKENS, AgentContext, cut_repetition, run_agent
 from metaagent_ray.api import run_limits
 from metaagent_ray.coordinator import coordinator_request
 from metaagent_ray.llm import LLMConfig, LLMRequest
 from metaagent_ray.plan import AgentSpec, Role
 from metaagent_ray.prompts import load_prompt
+from metaagent_ray.record import AgentRecord
 from metaagent_ray.settings import RunSettings
 from metaagent_ray.subjects import enumerated_subjects
 
@@ -95,7 +96,7 @@ def test_a_base_model_gets_its_roles_worked_example_as_one_document_and_a_paragr
     spec = AgentSpec(role=Role.ANALYZER, task="Compare Python and Rust", depends_on=[0])
     llm = recorder(delegates=False, prompt_style="document")
     context = AgentContext(agent_id=1, spec=spec, query="Compare Python and Rust", llm=llm, limits=LIMITS)
-    research = AgentResult(agent_id=0, role="RESEARCHER", status="ok", output="Python is  easy.\nIt has Django.")
+    research = AgentRecord(id=0, role="RESEARCHER", task="Research Python", depends_on=[], layer=0, status="ok", output="Python is  easy.\nIt has Django.")
     run_agent(context, [research], {0: AgentSpec(role=Role.RESEARCHER, task="Research Python", depends_on=[])})
     request = REQUESTS[-1]
     (message,) = request.messages
