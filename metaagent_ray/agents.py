@@ -1,8 +1,10 @@
 """What one agent does: turn its role, task, the query and its dependencies' outputs into an LLM call.
 
-Plain Python with no Ray in it: the runtime wraps `run_agent` in a Ray task, and tests can call it
-directly. Transient LLM errors are retried here with exponential backoff and jitter; an agent that
-may delegate can answer DELEGATE, and then gets a sub-plan from the coordinator for the runtime to run.
+Plain Python with no Ray in it: an executor (executors.py) runs `run_agent` in one of its threads,
+and tests can call it directly. The result is the agent's `AgentRecord`, the one type for it from
+the executor to the record. Transient LLM errors are retried here with exponential backoff and
+jitter; an agent that may delegate can answer DELEGATE, and then gets a sub-plan from the
+coordinator for the runtime to run.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where a run's Ray is: embedded on this machine, or a cluster found by Ray's own address rules.
 
-Apart from runtime.py (which submits agents) because connecting is about the user's environment
+Apart from runtime.py (a run's driver) because connecting is about the user's environment
 (addresses, tokens, heads that are down) and must finish, bounded and with one clear line when it
 fails, before a run writes anything to disk. Ray's own connect retries for minutes.
 """

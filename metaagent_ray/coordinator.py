@@ -3,6 +3,7 @@
 The coordinator LLM answers under the plan's JSON schema (structured output); its answer is still
 validated here, since a model may ignore the schema. An invalid answer gets one retry with the
 validation error fed back; a second failure gets a safe fallback plan and a warning, never a crash.
+The answer can be streamed to the caller as it is written (the runtime starts agents from it).
 """
 
 from __future__ import annotations

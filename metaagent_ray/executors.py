@@ -8,6 +8,9 @@ with LLM slots gets, per run, one threaded actor that reserves the node's share 
 once, each in one of the actor's threads. Agents still receive their dependencies' results as
 ObjectRef arguments that Ray resolves.
 
+A process that started its own Ray keeps a finished run's executors for its next run
+(`release_executors`), so warm runs do not wait for Ray to start an actor's process.
+
 The run's `SlotPool` hands the executors' threads out: an agent whose inputs are ready waits for
 a free slot on any node, and when several wait, the one with the longest remaining path goes first
 (a priority queue of futures: no polling).
