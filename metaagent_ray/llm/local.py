@@ -38,9 +38,9 @@ INSTALL_HINT = "install the local extra: pip install 'metaagent-ray[local]'"
 # prompt; the answer ends where the model starts a new section of that document on its own.
 _SECTION = {"system": "### Instructions", "user": "### Request", "assistant": "### Response"}
 PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
-# An agent's "document" prompt (its role's worked examples, then its notes and task) ends at the next
-# example's first line or paragraph.
-DOCUMENT_STOP = ["\nNotes received:", "\nTask:", "\n\n", "\n###"]
+# An agent's "document" prompt (its role's worked examples, then its notes and task) ends where the
+# model starts the next example, a note of its own ("- ...") or a new paragraph.
+DOCUMENT_STOP = ["\nNotes received:", "\nTask:", "\n- ", "\n\n", "\n###"]
 # JSON answers on one line with fixed separators (LLGuidance's options for the schema): given free
 # whitespace, the small model drifts into newlines and endless lists of numbers, and runs out of tokens.
 ONE_LINE_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
