@@ -12,7 +12,7 @@ otherwise) and reports, per query and in total:
 - off topic: answers that never mention a content word of their task;
 - tokens and wall time.
 
-Run:  python benchmarks/quality.py [--queries N] [--model FILE.gguf]
+Run:  python benchmarks/quality.py [--queries N] [--model FILE.gguf] [--show]
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def prompt_shingles(folders: tuple[str, ...] = ("", "roles")) -> set[tuple[str, 
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9']+", text.lower())
+    """Lower-case words; a hyphenated word is one word ("back-end" is "backend")."""
+    return re.findall(r"[a-z0-9']+", text.lower().replace("-", ""))
 
 
 def copies_prompt(answer: str, shingles: set[tuple[str, ...]]) -> bool:
@@ -74,10 +75,14 @@ def copies_prompt(answer: str, shingles: set[tuple[str, ...]]) -> bool:
 
 
 def off_topic(agent: AgentRecord) -> bool:
-    """The answer mentions none of its task's content words."""
-    subject = [word for word in _words(agent.task) if word not in GENERIC and len(word) > 2]
-    answer = set(_words(agent.output))
-    return bool(subject) and not any(word in answer for word in subject)
+    """The answer mentions none of its task's content words, in the singular or the plural ("cats": "cat")."""
+    subject = {_singular(word) for word in _words(agent.task) if word not in GENERIC and len(word) > 2}
+    answer = {_singular(word) for word in _words(agent.output)}
+    return bool(subject) and not subject & answer
+
+
+def _singular(word: str) -> str:
+    return word[:-1] if word.endswith("s") and not word.endswith("ss") else word
 
 
 def coverage(query: str, tasks: list[str]) -> tuple[int, int]:
@@ -91,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=len(QUERIES), help="run the first N queries")
     parser.add_argument("--model", default=None, help="a GGUF file instead of the default Gemma 3 270M")
+    parser.add_argument("--show", action="store_true", help="print every answer that is off topic or copies a prompt or an example")
     args = parser.parse_args()
     print("$ python " + shlex.join(["benchmarks/quality.py", *sys.argv[1:]]) + "\n")
     shingles, examples = prompt_shingles(), prompt_shingles(("document",))
@@ -101,6 +107,12 @@ def main() -> None:
             record = meta.run(query, save=False)
             wall = time.perf_counter() - start
             answers = [agent for agent in record.agents if agent.status == "ok"]
+            if args.show:
+                for agent in answers:
+                    flags = [name for name, bad in (("off topic", off_topic(agent)), ("copies a prompt", copies_prompt(agent.output, shingles)),
+                                                     ("copies an example", copies_prompt(agent.output, examples))) if bad]
+                    if flags:
+                        print(f"  [{', '.join(flags)}] {agent.role} {agent.task!r}: {agent.output!r}", file=sys.stderr)
             covered, enumerated = coverage(query, [agent.task for agent in record.agents])
             rows.append(
                 {

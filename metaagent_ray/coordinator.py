@@ -71,7 +71,9 @@ def coordinator_request(query: str) -> str:
     request = load_prompt("coordinator_user").format(query=query)
     subjects, _ = enumerated_subjects(query)
     if subjects:
-        request += "\n" + load_prompt("coordinator_subjects").format(subjects="; ".join(subjects))
+        request += "\n" + load_prompt("coordinator_subjects").format(
+            subjects="; ".join(subjects), researchers=", ".join(f'"Research {subject}"' for subject in subjects)
+        )
     return request
 
 

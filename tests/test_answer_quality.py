@@ -7,8 +7,9 @@ import pytest
 
 from metaagent_ray.agents import DOCUMENT_ANSWER_TOKENS, AgentContext, cut_repetition, run_agent
 from metaagent_ray.api import run_limits
-from metaagent_ray.coordinator import coordinator_request
-from metaagent_ray.llm import LLMConfig, LLMRequest
+from metaagent_ray.coordinator import coordinator_request, make_plan
+from metaagent_ray.llm import LLMConfig, LLMRequest, get_llm
+from metaagent_ray.llm.local import LocalOptions, request_body
 from metaagent_ray.plan import AgentSpec, Role
 from metaagent_ray.prompts import load_prompt
 from metaagent_ray.record import AgentRecord
@@ -60,11 +61,27 @@ def test_the_coordinator_is_told_the_subjects_and_only_when_there_are_some():
     assert coordinator_request("Compare Python, Rust, and Go for web development").splitlines() == [
         "Compare Python, Rust, and Go for web development",
         "Subjects: Python; Rust; Go",
+        'One RESEARCHER each: "Research Python", "Research Rust", "Research Go"',
     ]
     assert coordinator_request("Read the file, analyze it, then write a report") == "Read the file, analyze it, then write a report"
 
 
 REQUESTS: list[LLMRequest] = []  # what the scripted backend was asked, in this process
+
+
+@pytest.mark.parametrize("chat_template", [True, False])
+def test_instruct_and_base_models_get_the_same_subject_hint(chat_template: bool):
+    """The hint is part of the coordinator's prompt whichever way the model is prompted: the chat
+    messages an instruct model gets (Ollama and OpenAI send the same messages) or a base model's document."""
+    query = "Compare Python, Rust, Go, and JavaScript for backend development"
+    first = len(REQUESTS)
+    make_plan(query, get_llm(recorder()), max_agents=8)
+    request = REQUESTS[first]  # the first try (the scripted answer is no plan, so a retry follows)
+    assert request.messages[-1].content == coordinator_request(query)
+    _, body = request_body(request, LocalOptions(), chat_template, 1.0)
+    prompt = body["messages"][-1]["content"] if chat_template else body["prompt"]
+    assert 'One RESEARCHER each: "Research Python", "Research Rust", "Research Go", "Research JavaScript"' in prompt
+    assert "json_schema" in body  # the plan's schema still constrains the answer
 
 
 def answer_twice(request: LLMRequest) -> str:
@@ -101,8 +118,9 @@ def test_a_base_model_gets_its_roles_worked_example_as_one_document_and_a_paragr
     request = REQUESTS[-1]
     (message,) = request.messages
     assert message.role == "document"
-    assert message.content.endswith("Task: Compare Python and Rust\nNotes received:\n- Research Python: Python is easy. It has Django.\nAnalysis:")
-    assert "Task: Compare Java and Kotlin for Android apps" in message.content  # the worked example
+    # the task comes last, right before the answer starts, after the notes it works from
+    assert message.content.endswith("Notes received:\n- Research Python: Python is easy. It has Django.\n\nTask: Compare Python and Rust\nAnalysis:")
+    assert "Task: Compare honeybees and bumblebees as pollinators" in message.content  # a worked example
     assert request.max_tokens == DOCUMENT_ANSWER_TOKENS["ANALYZER"] and not request.may_delegate
 
 
@@ -111,15 +129,16 @@ def test_a_base_model_gets_its_roles_worked_example_as_one_document_and_a_paragr
 @pytest.mark.parametrize("query", ["Compare Python and Rust for web development", "Evaluate PostgreSQL, MySQL and SQLite"])
 def test_the_embedded_model_neither_loops_nor_parrots_its_prompt(query: str):
     """The real Gemma 270M, end to end: every answer is there, none repeats itself, none copies a prompt
-    instruction (copies of a role's worked example are counted by benchmarks/quality.py, and do happen)."""
+    instruction or a role's worked example."""
     pytest.importorskip("xllamacpp")
     from benchmarks.quality import copies_prompt, prompt_shingles
     from metaagent_ray import MetaAgent
 
     record = MetaAgent(llm="local").run(query, save=False)
-    shingles = prompt_shingles()
+    shingles, examples = prompt_shingles(), prompt_shingles(("document",))
     assert record.status == "ok"
     for agent in record.agents:
         assert agent.output.strip(), agent.path
         assert not cut_repetition(agent.output)[1], agent.output
         assert not copies_prompt(agent.output, shingles), agent.output
+        assert not copies_prompt(agent.output, examples), agent.output

@@ -51,8 +51,9 @@ INSTALL_HINT = "install the local extra: pip install 'metaagent-ray[local]'"
 # prompt; the answer ends where the model starts a new section of that document on its own.
 _SECTION = {"system": "### Instructions", "user": "### Request", "assistant": "### Response"}
 PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
-# An agent's "document" prompt (its role's worked example, then its task) ends at the next task or paragraph.
-DOCUMENT_STOP = ["\nTask:", "\n\n", "\n###"]
+# An agent's "document" prompt (its role's worked examples, then its notes and task) ends where the
+# model starts the next example, a note of its own ("- ...") or a new paragraph.
+DOCUMENT_STOP = ["\nNotes received:", "\nTask:", "\n- ", "\n\n", "\n###"]
 # Measured on 2026-11-29 with xllamacpp 2026.10 and Gemma 3 270M Q4_K_M on the 2-core machine
 # (`python benchmarks/local_engines.py`): the server's anonymous memory after a plain and a
 # schema-constrained call per slot, the weights being file pages. 271 MiB with 1 slot, 633 MiB with
