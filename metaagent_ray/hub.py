@@ -212,7 +212,11 @@ class RunHub:
             run.publish(event)
 
     async def next_batch(self, run_id: str) -> list[Event | AgentDone]:
-        queue = self._runs[run_id].events
+        """The run's events since the last batch, waiting for one; none once the run is over."""
+        run = self._runs.get(run_id)
+        if run is None:
+            return []
+        queue = run.events
         events = [await queue.get()]
         while not queue.empty():
             events.append(queue.get_nowait())
