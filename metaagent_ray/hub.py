@@ -150,6 +150,8 @@ class _Run:
     slots: SlotPool
     events: asyncio.Queue[Event | AgentDone | None] = field(default_factory=asyncio.Queue)  # None ends the stream
     results: dict[str, ray.ObjectRef] = field(default_factory=dict)  # agent path -> its supervised result
+    # The same results as they arrive in this process: what dependents and parents wait on (no Ray round trip).
+    finished: dict[str, asyncio.Future[AgentRecord]] = field(default_factory=dict)
     work: list[ray.ObjectRef] = field(default_factory=list)
     executions: dict[str, int] = field(default_factory=dict)
     started: dict[str, asyncio.Event] = field(default_factory=dict)
@@ -186,12 +188,15 @@ class RunHub:
         run.total_agents += len(orders)
         for order in orders:
             label = order.context.label
+            run.finished[label] = asyncio.get_running_loop().create_future()
             if order.kept is not None and order.kept.status == "ok":
                 run.results[label] = ray.put(order.kept)
+                run.finished[label].set_result(order.kept)
                 continue
-            # Refs inside a list are passed as refs, not awaited: `supervise` waits for them itself.
-            inputs = [run.results[f"{prefix}{dep}"] for dep in order.context.spec.depends_on]
-            run.results[label] = me.supervise.remote(run.submission.run_id, order, inputs)
+            dependencies = [f"{prefix}{dep}" for dep in order.context.spec.depends_on]
+            # Refs inside a list are passed as refs, not awaited: `supervise` waits for the results itself.
+            inputs = [run.results[dependency] for dependency in dependencies]
+            run.results[label] = me.supervise.remote(run.submission.run_id, order, inputs, dependencies)
 
     async def started(self, run_id: str, path: str, role: str, pid: int, node: str) -> int:
         """An agent's work began (again, if Ray retried it); returns which execution this is."""
@@ -236,15 +241,15 @@ class RunHub:
         if run is not None:
             run.events.put_nowait(None)
 
-    async def supervise(self, run_id: str, order: AgentOrder, inputs: list[ray.ObjectRef]) -> AgentRecord:
+    async def supervise(self, run_id: str, order: AgentOrder, inputs: list[ray.ObjectRef], dependencies: list[str]) -> AgentRecord:
         """The agent's final result: its work's once its inputs are ready, or its sub-plan's when it delegated.
 
         Whatever happens, the driver hears of it: a fault here fails this agent, never hangs the run.
         """
         run = self._runs[run_id]
         try:
-            if inputs:
-                await asyncio.wait([asyncio.wrap_future(ref.future()) for ref in inputs])
+            if dependencies:
+                await asyncio.wait([run.finished[dependency] for dependency in dependencies])
             if order.kept is not None:  # a resumed agent continues its unfinished sub-plan
                 result = order.kept
             else:
@@ -258,6 +263,7 @@ class RunHub:
             run.publish(Notice(warning, warning=True))
         result.warnings = []
         run.publish(AgentDone(order.context.label, result))
+        run.finished[order.context.label].set_result(result)
         return result
 
     async def _execute(self, run: _Run, order: AgentOrder, inputs: list[ray.ObjectRef]) -> AgentRecord:
@@ -324,8 +330,7 @@ class RunHub:
         prefix = f"{context.label}."
         kept = kept_agents(plan, sub_run.agents)
         self._submit(run, plan_orders(plan, sub_run.query, submission.llm, submission.limits.agent, prefix=prefix, kept=kept), prefix)
-        sub_refs = [run.results[f"{prefix}{index}"] for index in range(len(plan.agents))]
-        sub_run.agents = list(await asyncio.gather(*(asyncio.wrap_future(ref.future()) for ref in sub_refs)))
+        sub_run.agents = list(await asyncio.gather(*(run.finished[f"{prefix}{index}"] for index in range(len(plan.agents)))))
         sinks_ok = all(sub_run.agents[index].status == "ok" for index in plan.sinks())
         parent.status = "ok" if sinks_ok else "failed"
         parent.error = None if sinks_ok else "its sub-plan's final agent did not succeed"
