@@ -137,8 +137,8 @@ def exec_section(directory: Path, repeat: int) -> None:
 
 def local_section(directory: Path, repeat: int) -> None:
     print(f"\n## The README's main command on the embedded model, {repeat} alternating runs each\n")
-    print("| run | plan complete after (s) | first agent started after (s) | end-to-end (s) | whole command (s) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| run | plan complete after (s) | first agent started after (s) | end-to-end (s) | whole command (s) | started early | set aside |")
+    print("|---|---:|---:|---:|---:|---|---|")
     for attempt in range(repeat):
         for streamed in (True, False):
             record_file = directory / f"local-{attempt}-{streamed}.json"
@@ -161,7 +161,7 @@ def local_section(directory: Path, repeat: int) -> None:
             label = "streamed" if streamed else "whole (--no-stream-plan)"
             print(
                 f"| {label} | {coordinator.finished_at - coordinator.started_at:.1f} | {first - coordinator.started_at:.1f} "
-                f"| {end_to_end(record):.1f} | {wall:.1f} |"
+                f"| {end_to_end(record):.1f} | {wall:.1f} | {coordinator.started_early or '-'} | {coordinator.set_aside or '-'} |"
             )
 
 
