@@ -20,9 +20,12 @@ from .llm import LLM, LLMError, LLMRequest, Message, TextCallback
 from .plan import ExecutionPlan, explain, plan_json_schema
 from .prompts import load_prompt
 from .record import CoordinatorRecord
-from .subjects import enumerated_subjects
+from .subjects import enumerated_subjects, sequential
 
 COORDINATOR_TRIES = 2
+# The worked example shown last, by the request's shape: a small model copies the nearest example's
+# shape (how many researchers, what each later agent depends on) more than any instruction.
+LARGEST_EXAMPLE = 5  # subjects in the largest shaped example; longer lists get it
 
 
 class CoordinatorError(MetaAgentError):
@@ -69,12 +72,26 @@ def coordinator_request(query: str) -> str:
     are the same whether or not the request enumerates any.
     """
     request = load_prompt("coordinator_user").format(query=query)
-    subjects, _ = enumerated_subjects(query)
+    subjects, purpose = enumerated_subjects(query)
     if subjects:
+        focus = f" {purpose}" if purpose else ""  # "Research Rust for web development": not rust on steel
         request += "\n" + load_prompt("coordinator_subjects").format(
-            subjects="; ".join(subjects), researchers=", ".join(f'"Research {subject}"' for subject in subjects)
+            subjects="; ".join(subjects), researchers=", ".join(f'"Research {subject}{focus}"' for subject in subjects)
         )
     return request
+
+
+def nearest_example(query: str) -> str:
+    """The worked example shaped like `query`: as many subjects as it enumerates, or steps, or one subject.
+
+    With all the general examples before it, the last example is the one a small model copies:
+    given only those, two-subject requests copied the four-subject example's dependencies (the
+    analyzer depending on agents after it: a cycle) and longer lists lost researchers.
+    """
+    subjects, _ = enumerated_subjects(query)
+    if len(subjects) >= 2:
+        return load_prompt(f"coordinator_example/{min(len(subjects), LARGEST_EXAMPLE)}_subjects")
+    return load_prompt("coordinator_example/steps" if sequential(query) else "coordinator_example/one_subject")
 
 
 def make_plan(
@@ -93,14 +110,22 @@ def make_plan(
     """
     messages = [
         Message("system", load_prompt("coordinator").format(max_agents=max_agents)),
+        Message("system", nearest_example(query)),
         Message("user", coordinator_request(query)),
     ]
     schema = plan_json_schema(max_agents)
     record = CoordinatorRecord(attempts=0, started_at=time.time())
-    llm_ms, prompt_tokens, completion_tokens = 0.0, 0, 0
+    llm_ms = 0.0
+    tokens: dict[str, int] = {}
     for attempt in range(1, COORDINATOR_TRIES + 1):
         request = LLMRequest(
-            messages=list(messages), caller="coordinator", query=query, json_schema=schema, attempt=attempt, on_text=on_text
+            messages=list(messages),
+            caller="coordinator",
+            query=query,
+            json_schema=schema,
+            attempt=attempt,
+            on_text=on_text,
+            cache_messages=1,
         )
         try:
             response = llm.complete(request)
@@ -108,9 +133,11 @@ def make_plan(
             raise CoordinatorError(f"the coordinator's LLM call failed: {error}") from None
         record.attempts = attempt
         llm_ms += response.llm_ms or 0.0
-        prompt_tokens += response.prompt_tokens or 0
-        completion_tokens += response.completion_tokens or 0
-        record.llm_ms, record.tokens = llm_ms, {"prompt": prompt_tokens, "completion": completion_tokens}
+        tokens["prompt"] = tokens.get("prompt", 0) + (response.prompt_tokens or 0)
+        tokens["completion"] = tokens.get("completion", 0) + (response.completion_tokens or 0)
+        if response.cached_prompt_tokens is not None:  # only backends that say so
+            tokens["cached_prompt"] = tokens.get("cached_prompt", 0) + response.cached_prompt_tokens
+        record.llm_ms, record.tokens = llm_ms, dict(tokens)
         record.finished_at = time.time()
         try:
             return _parse(response.text, max_agents, depth), record

@@ -14,16 +14,21 @@ _INTRO = re.compile(
     re.IGNORECASE,
 )
 _SEQUENTIAL = re.compile(r"\b(?:then|use (?:that|this|it)|based on|after that|afterwards)\b", re.IGNORECASE)
-_TOPIC_TAIL = re.compile(r"\s+(?:for|in|on|as|to|across|when)\s+(.+)$", re.IGNORECASE)
+_TOPIC_TAIL = re.compile(r"\s+((?:for|in|on|as|to|across|when)\s+.+)$", re.IGNORECASE)
 _SEPARATORS = re.compile(r",|;|&|\band\b|\bor\b|\bvs\.?|\bversus\b", re.IGNORECASE)
 _ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
 MAX_SUBJECT_WORDS = 5
 
 
+def sequential(query: str) -> bool:
+    """Whether the request asks for steps in order ("X, then Y"), which enumerate no subjects."""
+    return bool(_SEQUENTIAL.search(query))
+
+
 def enumerated_subjects(query: str) -> tuple[list[str], str]:
-    """The subjects a request lists, in order, and what they are for ("web development"), or ([], "")."""
+    """The subjects a request lists, in order, and what they are for ("for web development"), or ([], "")."""
     text = " ".join(query.split()).rstrip(" .?!")
-    if _SEQUENTIAL.search(text):
+    if sequential(text):
         return [], ""
     if ":" in text:
         body = text.split(":", 1)[1]

@@ -7,7 +7,7 @@ import pytest
 
 from metaagent_ray.agents import DOCUMENT_ANSWER_TOKENS, AgentContext, cut_repetition, run_agent
 from metaagent_ray.api import run_limits
-from metaagent_ray.coordinator import coordinator_request, make_plan
+from metaagent_ray.coordinator import coordinator_request, make_plan, nearest_example
 from metaagent_ray.llm import LLMConfig, LLMRequest, get_llm
 from metaagent_ray.llm.local import LocalOptions, request_body
 from metaagent_ray.plan import AgentSpec, Role
@@ -61,9 +61,28 @@ def test_the_coordinator_is_told_the_subjects_and_only_when_there_are_some():
     assert coordinator_request("Compare Python, Rust, and Go for web development").splitlines() == [
         "Compare Python, Rust, and Go for web development",
         "Subjects: Python; Rust; Go",
-        'One RESEARCHER each: "Research Python", "Research Rust", "Research Go"',
+        'One RESEARCHER each: "Research Python for web development", "Research Rust for web development", "Research Go for web development"',
     ]
+    assert coordinator_request("Evaluate PostgreSQL, MySQL and SQLite").splitlines()[-1] == (
+        'One RESEARCHER each: "Research PostgreSQL", "Research MySQL", "Research SQLite"'
+    )
     assert coordinator_request("Read the file, analyze it, then write a report") == "Read the file, analyze it, then write a report"
+
+
+@pytest.mark.parametrize(
+    ("query", "example"),
+    [
+        ("Compare Python and Rust for web development", "Compare guitar and drums"),
+        ("Evaluate PostgreSQL, MySQL and SQLite", "Compare bread, rice, and pasta"),
+        ("Compare Python, Rust, Go, and JavaScript for backend development", "Evaluate walking, cycling, running, and swimming"),
+        ("Compare trains, planes, buses, cars, bicycles, and ferries", "Compare oak, pine, maple, birch, and cedar"),
+        ("Study the French Revolution, then use that to write a lesson plan", "Research the history of chess, then write a beginner's guide"),
+        ("Explain how vaccines work", "Explain how tides work"),
+    ],
+)
+def test_the_last_worked_example_has_the_requests_shape(query: str, example: str):
+    """Subjects counted (five or more get the five-subject example), steps, or one subject."""
+    assert nearest_example(query).splitlines()[1] == example
 
 
 REQUESTS: list[LLMRequest] = []  # what the scripted backend was asked, in this process
@@ -80,7 +99,7 @@ def test_instruct_and_base_models_get_the_same_subject_hint(chat_template: bool)
     assert request.messages[-1].content == coordinator_request(query)
     _, body = request_body(request, LocalOptions(), chat_template, 1.0)
     prompt = body["messages"][-1]["content"] if chat_template else body["prompt"]
-    assert 'One RESEARCHER each: "Research Python", "Research Rust", "Research Go", "Research JavaScript"' in prompt
+    assert 'One RESEARCHER each: "Research Python for backend development", "Research Rust for backend development"' in prompt
     assert "json_schema" in body  # the plan's schema still constrains the answer
 
 

@@ -19,6 +19,7 @@ from metaagent_ray.llm.local import (
     local_backend_available,
     plain_prompt,
     request_body,
+    shared_prefix,
 )
 from metaagent_ray.plan import ExecutionPlan, plan_json_schema
 
@@ -84,6 +85,16 @@ def test_system_prompt_is_folded_into_the_first_user_turn() -> None:
 def test_plain_prompt_ends_where_the_answer_starts() -> None:
     prompt = plain_prompt([Message("system", "Be brief."), Message("user", "Hi")])
     assert prompt == "### Instructions\nBe brief.\n\n### Request\nHi\n\n### Response\n"
+
+
+def test_system_messages_in_a_row_share_one_section_and_the_shared_ones_are_the_prompts_start() -> None:
+    messages = [Message("system", "Rules."), Message("system", "Example."), Message("user", "Hi")]
+    prompt = plain_prompt(messages)
+    assert prompt == "### Instructions\nRules.\n\nExample.\n\n### Request\nHi\n\n### Response\n"
+    request = LLMRequest(messages=messages, caller="coordinator", cache_messages=1)
+    assert shared_prefix(request, chat_template=False) == "### Instructions\nRules.\n\n" and prompt.startswith("### Instructions\nRules.\n\n")
+    assert shared_prefix(request, chat_template=True) is None  # the server renders chat templates: nothing to match
+    assert shared_prefix(LLMRequest(messages=messages, caller="agent"), chat_template=False) is None
 
 
 def test_objects_in_a_schema_admit_only_their_own_keys() -> None:
@@ -152,6 +163,26 @@ def test_schema_constrained_completion_is_a_valid_plan(gemma: LLM, schema: dict[
     )
     plan = ExecutionPlan.model_validate_json(gemma.complete(request).text)
     assert plan.agents
+
+
+@pytest.mark.model
+def test_shared_leading_messages_are_read_once_per_machine_and_restored_by_later_servers(tmp_path, monkeypatch) -> None:
+    """The first server reads the shared messages and saves the state; a later one (a later run) restores it."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    shared = Message("system", "\n".join([PLANNER_SYSTEM] * 4))
+
+    def ask(query: str) -> Any:
+        server = LocalServer(None, LocalOptions(), parallel=2)
+        llm = LocalLLM(None, LocalOptions(), lambda: server.info)
+        return llm.complete(LLMRequest(messages=[shared, Message("user", query)], caller="coordinator", max_tokens=8, cache_messages=1))
+
+    first = ask("Compare Python and Rust")
+    [saved] = (tmp_path / "metaagent-ray" / "prompt-states").glob("*.bin")
+    written = saved.stat().st_mtime_ns
+    later = ask("Compare cats and dogs")
+    assert [saved] == list(saved.parent.glob("*.bin")) and saved.stat().st_mtime_ns == written  # restored, not read and saved again
+    for response in (first, later):  # all but the request's own tokens came from the saved state
+        assert response.text and response.prompt_tokens - 20 < response.cached_prompt_tokens < response.prompt_tokens
 
 
 @pytest.mark.model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Protocol, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError
@@ -48,6 +49,9 @@ class LLMRequest:
     timeout: float | None = None  # seconds this call may take; backends bound their own waits by it
     may_delegate: bool = False  # the prompt offers the agent to answer DELEGATE
     on_text: TextCallback | None = None  # when set, the backend streams: each piece of the answer as it arrives
+    # Leading messages that are the same in every call of this kind (the coordinator's instructions):
+    # a backend may keep the model's state for them across calls and runs instead of reading them again.
+    cache_messages: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ class LLMResponse:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     llm_ms: float | None = None
+    cached_prompt_tokens: int | None = None  # prompt tokens the model did not have to read again
 
 
 class LLMError(Exception):
@@ -94,6 +99,11 @@ def parse_options(backend: str, model: type[Options], options: Mapping[str, Any]
             raise ConfigError(f"{backend} backend: unknown option {where!r} (options: {', '.join(model.model_fields)})") from None
         message = first["msg"].removeprefix("Value error, ")
         raise ConfigError(f"{backend} backend: {f'option {where}: ' if where else ''}{message}") from None
+
+
+def user_cache_dir(name: str) -> Path:
+    """`~/.cache/metaagent-ray/<name>` (or under $XDG_CACHE_HOME): what backends keep between runs."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metaagent-ray" / name
 
 
 def size(value: float) -> str:

@@ -196,7 +196,7 @@ def answer_for(request: LLMRequest) -> str:
 def plan_for_query(query: str) -> dict:
     """A sensible plan shape: parallel researchers for enumerated items, else a short chain."""
     items, topic = enumerated_subjects(query)
-    focus = f" for {topic}" if topic else ""
+    focus = f" {topic}" if topic else ""
     if len(items) >= 2:
         agents = [{"role": "RESEARCHER", "task": f"Research {item}{focus}", "depends_on": []} for item in items]
         researchers = list(range(len(items)))

@@ -18,12 +18,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .base import user_cache_dir
+
 CACHE_VERSION = 1
 LONG_ARRAY = 1024  # arrays longer than this (vocabulary, scores, merges) are left out: no caller needs them
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "metaagent-ray" / "gguf-metadata"
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -49,7 +47,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     for a file that cannot be read or is not GGUF."""
     stat = path.stat()
     key = hashlib.sha256(f"{CACHE_VERSION}:{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:32]
-    cached = cache_dir() / f"{key}.json"
+    cached = user_cache_dir("gguf-metadata") / f"{key}.json"
     try:
         return json.loads(cached.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -16,6 +16,8 @@ once per node, and each parallel slot's context cache, from the model's GGUF met
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -39,6 +41,7 @@ from .base import (
     check_model_request,
     parse_options,
     size,
+    user_cache_dir,
 )
 from .gguf_metadata import read_metadata
 
@@ -67,6 +70,12 @@ KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type is f16
 # JSON answers on one line with fixed separators (LLGuidance's options for the schema): given free
 # whitespace, the small model drifts into newlines and endless lists of numbers, and runs out of tokens.
 ONE_LINE_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# A request's shared leading messages (the coordinator's instructions and worked examples, ~1,270
+# tokens: 4.5 s of prompt reading on 2 cores) are read once per machine: the server saves that
+# slot state (27 MiB) under the user's cache and later runs restore it in 15 ms. The newest files
+# are kept: one per model, engine version and prompt (the prompt names the run's agent limit).
+PREFIX_SLOT = 0
+KEPT_PREFIX_FILES = 8
 
 
 class LocalOptions(BaseModel):
@@ -94,6 +103,8 @@ class ServerInfo(BaseModel):
     chat_template: bool  # the model has a chat template: chat requests; else the plain document prompt
     parallel: int  # requests it decodes at once
     threads: int
+    prefix_cache: str  # the directory the server saves and restores slot states in (on this node)
+    prefix_key: str  # what the saved states depend on besides the prompt: the model file and the engine
 
 
 def local_backend_available() -> bool:
@@ -204,11 +215,31 @@ class LocalServer:
         params.fit_params = False  # keep n_ctx as asked instead of shrinking it to fit
         params.warmup = False
         params.verbosity = 0
+        prefix_cache = prepare_prefix_cache()
+        params.slot_save_path = f"{prefix_cache}/"  # the server joins it to file names as text
         try:
             self._server = xllamacpp.Server(params)
         except Exception as error:  # xllamacpp raises RuntimeError or ValueError for a model it cannot load
             raise LLMUnavailable(f"local backend: cannot load {path}: {error}") from None
-        self.info = ServerInfo(address=self._server.listening_address, chat_template=has_template, parallel=parallel, threads=threads)
+        stat = path.stat()
+        self.info = ServerInfo(
+            address=self._server.listening_address,
+            chat_template=has_template,
+            parallel=parallel,
+            threads=threads,
+            prefix_cache=str(prefix_cache),
+            prefix_key=f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:xllamacpp {importlib.metadata.version(ENGINE_PACKAGE)}",
+        )
+
+
+def prepare_prefix_cache() -> Path:
+    """The directory of saved prompt states, made if missing and trimmed to the newest files."""
+    directory = user_cache_dir("prompt-states")
+    directory.mkdir(parents=True, exist_ok=True)
+    saved = sorted(directory.glob("*.bin"), key=lambda file: file.stat().st_mtime, reverse=True)
+    for stale in saved[KEPT_PREFIX_FILES:]:
+        stale.unlink(missing_ok=True)
+    return directory
 
 
 class LocalLLM:
@@ -294,24 +325,35 @@ class LocalLLM:
             else [1.0 if json_answer else self.options.repeat_penalty]
         )
         start = time.perf_counter()
-        prompt_tokens = completion_tokens = 0
+        prompt_tokens = completion_tokens = cached_tokens = 0
         text = ""
         for penalty in penalties:
-            text, finish, used_prompt, used_completion = await self._decode(server, request, penalty, on_text)
-            prompt_tokens, completion_tokens = prompt_tokens + used_prompt, completion_tokens + used_completion
+            text, finish, usage = await self._decode(server, request, penalty, on_text)
+            prompt_tokens += usage.get("prompt_tokens", 0)
+            completion_tokens += usage.get("completion_tokens", 0)
+            cached_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
             if finish != "length":
                 break
         elapsed_ms = (time.perf_counter() - start) * 1000
-        return LLMResponse(text=text.strip(), prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, llm_ms=elapsed_ms)
+        return LLMResponse(
+            text=text.strip(),
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            llm_ms=elapsed_ms,
+            cached_prompt_tokens=cached_tokens,
+        )
 
     async def _decode(
         self, server: ServerInfo, request: LLMRequest, repeat_penalty: float, on_text: Callable[[str], Awaitable[None] | None] | None
-    ) -> tuple[str, str | None, int, int]:
-        """One streamed decode: the text, why it stopped ("stop" or "length"), and the prompt and answer token counts."""
+    ) -> tuple[str, str | None, dict[str, Any]]:
+        """One streamed decode: the text, why it stopped ("stop" or "length"), and the server's token usage."""
         path, body = request_body(request, self.options, server.chat_template, repeat_penalty)
         text, finish, usage = "", None, {}
         try:
             async with httpx.AsyncClient(base_url=server.address, timeout=request.timeout) as client:
+                prefix = shared_prefix(request, server.chat_template)
+                if prefix is not None and await _hold_prefix(client, server, prefix):
+                    body["id_slot"] = PREFIX_SLOT
                 async with client.stream("POST", path, json=body) as response:
                     if response.status_code >= 400:
                         detail = (await response.aread()).decode(errors="replace")[:300]
@@ -333,7 +375,26 @@ class LocalLLM:
         except httpx.TransportError as error:
             self._server = None  # the server may be gone: find (or start) it again on the next try
             raise LLMError(f"local backend: the model server at {server.address} did not answer: {error}", transient=True) from error
-        return text, finish, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        return text, finish, usage
+
+
+async def _hold_prefix(client: httpx.AsyncClient, server: ServerInfo, prefix: str) -> bool:
+    """Whether the prefix slot now holds the model's state after `prefix`: restored from the node's
+    saved states, or read now and saved for later runs. Any refusal (the slot busy with another
+    request, a state from another build) only means the prompt is read in full, as without it."""
+    name = hashlib.sha256(f"{server.prefix_key}\n{prefix}".encode()).hexdigest()[:32] + ".bin"
+    directory = Path(server.prefix_cache)
+    if (directory / name).is_file():
+        restored = await client.post(f"/slots/{PREFIX_SLOT}?action=restore", json={"filename": name})
+        return restored.status_code == 200
+    read = await client.post("/v1/completions", json={"prompt": prefix, "max_tokens": 0, "id_slot": PREFIX_SLOT, "cache_prompt": True})
+    if read.status_code != 200:
+        return False
+    partial = f"{name}.{os.getpid()}.partial"  # renamed into place whole: another run may restore it at any time
+    saved = await client.post(f"/slots/{PREFIX_SLOT}?action=save", json={"filename": partial})
+    if saved.status_code == 200:
+        os.replace(directory / partial, directory / name)
+    return True
 
 
 def request_body(request: LLMRequest, options: LocalOptions, chat_template: bool, repeat_penalty: float) -> tuple[str, dict[str, Any]]:
@@ -407,5 +468,23 @@ def chat_messages(messages: list[Message]) -> list[dict[str, str]]:
 
 def plain_prompt(messages: list[Message]) -> str:
     """A document prompt for models without a chat template, ending where the answer starts."""
-    sections = [f"{_SECTION.get(message.role, _SECTION['user'])}\n{message.content.strip()}" for message in messages]
-    return "\n\n".join([*sections, _SECTION["assistant"]]) + "\n"
+    return "\n\n".join([*_plain_sections(messages), _SECTION["assistant"]]) + "\n"
+
+
+def shared_prefix(request: LLMRequest, chat_template: bool) -> str | None:
+    """The prompt text of the request's shared leading messages (`cache_messages`), which every such
+    prompt starts with; None when there are none or the server renders the prompt (chat templates)."""
+    if not request.cache_messages or chat_template or request.messages[0].role == "document":
+        return None
+    return "\n\n".join(_plain_sections(request.messages[: request.cache_messages])) + "\n\n"
+
+
+def _plain_sections(messages: list[Message]) -> list[str]:
+    """One section per message under its header; system messages in a row share one section."""
+    sections: list[str] = []
+    for index, message in enumerate(messages):
+        if message.role == "system" and index > 0 and messages[index - 1].role == "system":
+            sections[-1] += f"\n\n{message.content.strip()}"
+        else:
+            sections.append(f"{_SECTION.get(message.role, _SECTION['user'])}\n{message.content.strip()}")
+    return sections
