@@ -75,8 +75,12 @@ def copies_prompt(answer: str, shingles: set[tuple[str, ...]]) -> bool:
 
 
 def off_topic(agent: AgentRecord) -> bool:
-    """The answer mentions none of its task's content words, in the singular or the plural ("cats": "cat")."""
-    subject = {_singular(word) for word in _words(agent.task) if word not in GENERIC and len(word) > 2}
+    """The answer mentions none of its task's content words, in the singular or the plural ("cats": "cat").
+
+    Words of one or two letters count only as names (capitalised in the task: Go, C), never as "in" or "it".
+    """
+    names = {name.lower() for name in re.findall(r"\b[A-Z][A-Za-z]?\b", agent.task)}
+    subject = {_singular(word) for word in _words(agent.task) if word not in GENERIC and (len(word) > 2 or word in names)}
     answer = {_singular(word) for word in _words(agent.output)}
     return bool(subject) and not subject & answer
 

@@ -26,6 +26,7 @@ COORDINATOR_TRIES = 2
 # The worked example shown last, by the request's shape: a small model copies the nearest example's
 # shape (how many researchers, what each later agent depends on) more than any instruction.
 LARGEST_EXAMPLE = 5  # subjects in the largest shaped example; longer lists get it
+FOCUSED_SUBJECTS = 4  # lists up to this long get the request's purpose in each researcher's task
 
 
 class CoordinatorError(MetaAgentError):
@@ -74,7 +75,9 @@ def coordinator_request(query: str) -> str:
     request = load_prompt("coordinator_user").format(query=query)
     subjects, purpose = enumerated_subjects(query)
     if subjects:
-        focus = f" {purpose}" if purpose else ""  # "Research Rust for web development": not rust on steel
+        # "Research Rust for web development", not rust on steel; in longer lists the repeated purpose
+        # made the small model chain and drop researchers (five modes of transport: three researchers)
+        focus = f" {purpose}" if purpose and len(subjects) <= FOCUSED_SUBJECTS else ""
         request += "\n" + load_prompt("coordinator_subjects").format(
             subjects="; ".join(subjects), researchers=", ".join(f'"Research {subject}{focus}"' for subject in subjects)
         )

@@ -64,7 +64,10 @@ def test_the_coordinator_is_told_the_subjects_and_only_when_there_are_some():
         'One RESEARCHER each: "Research Python for web development", "Research Rust for web development", "Research Go for web development"',
     ]
     assert coordinator_request("Evaluate PostgreSQL, MySQL and SQLite").splitlines()[-1] == (
-        'One RESEARCHER each: "Research PostgreSQL", "Research MySQL", "Research SQLite"'
+        'One RESEARCHER each: "Research PostgreSQL", "Research MySQL", "Research SQLite"'  # no purpose to add
+    )
+    assert coordinator_request("Compare trains, planes, buses, cars, and bicycles for travel").splitlines()[-1].startswith(
+        'One RESEARCHER each: "Research trains", "Research planes"'  # a long list: the purpose once, in the request
     )
     assert coordinator_request("Read the file, analyze it, then write a report") == "Read the file, analyze it, then write a report"
 
