@@ -23,7 +23,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -352,7 +352,8 @@ class LocalLLM:
         try:
             async with httpx.AsyncClient(base_url=server.address, timeout=request.timeout) as client:
                 prefix = shared_prefix(request, server.chat_template)
-                if prefix is not None and await _hold_prefix(client, server, prefix):
+                held = await _hold_prefix(client, server, prefix) if prefix is not None else None
+                if held is not None:
                     body["id_slot"] = PREFIX_SLOT
                 async with client.stream("POST", path, json=body) as response:
                     if response.status_code >= 400:
@@ -375,26 +376,28 @@ class LocalLLM:
         except httpx.TransportError as error:
             self._server = None  # the server may be gone: find (or start) it again on the next try
             raise LLMError(f"local backend: the model server at {server.address} did not answer: {error}", transient=True) from error
+        if held == "read":  # the server reused what the priming call read just now: nothing was saved this time
+            usage = {**usage, "prompt_tokens_details": {"cached_tokens": 0}}
         return text, finish, usage
 
 
-async def _hold_prefix(client: httpx.AsyncClient, server: ServerInfo, prefix: str) -> bool:
-    """Whether the prefix slot now holds the model's state after `prefix`: restored from the node's
-    saved states, or read now and saved for later runs. Any refusal (the slot busy with another
-    request, a state from another build) only means the prompt is read in full, as without it."""
+async def _hold_prefix(client: httpx.AsyncClient, server: ServerInfo, prefix: str) -> Literal["restored", "read"] | None:
+    """Put the model's state after `prefix` into the prefix slot: "restored" from the node's saved
+    states, or "read" now and saved for later runs; None if the server refused (the slot busy with
+    another request, a state from another build), and the prompt is read in full, as without it."""
     name = hashlib.sha256(f"{server.prefix_key}\n{prefix}".encode()).hexdigest()[:32] + ".bin"
     directory = Path(server.prefix_cache)
     if (directory / name).is_file():
         restored = await client.post(f"/slots/{PREFIX_SLOT}?action=restore", json={"filename": name})
-        return restored.status_code == 200
+        return "restored" if restored.status_code == 200 else None
     read = await client.post("/v1/completions", json={"prompt": prefix, "max_tokens": 0, "id_slot": PREFIX_SLOT, "cache_prompt": True})
     if read.status_code != 200:
-        return False
+        return None
     partial = f"{name}.{os.getpid()}.partial"  # renamed into place whole: another run may restore it at any time
     saved = await client.post(f"/slots/{PREFIX_SLOT}?action=save", json={"filename": partial})
     if saved.status_code == 200:
         os.replace(directory / partial, directory / name)
-    return True
+    return "read"
 
 
 def request_body(request: LLMRequest, options: LocalOptions, chat_template: bool, repeat_penalty: float) -> tuple[str, dict[str, Any]]:
