@@ -184,6 +184,25 @@ def test_repeated_ctrl_c_on_an_embedded_run_is_clean_and_leaves_no_ray_process(t
     assert not alive, [child.cmdline() for child in alive]
 
 
+def test_ctrl_c_while_the_streamed_coordinator_writes_is_one_line_and_leaves_no_ray_process(tmp_path: Path, latency_file):
+    """Agents already started from the half-written plan are cancelled with it; there is no plan to resume."""
+    run_dir = tmp_path / "run"
+    latency = latency_file({"default": 60.0, "coordinator": 60.0})  # the plan streams over a minute
+    query = "Compare Python, Rust, and Go for web development"
+    process = start("run", query, "--llm", "fake", "--fake-latency", latency, "--run-dir", str(run_dir), session=True)
+    wait_for_line(process, "Agent 0: RESEARCHER")  # started while the plan is still being written
+    ray_processes = descendants(process.pid)
+    started = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)
+    output, errors = process.communicate(timeout=60)
+    assert process.returncode == 130 and time.monotonic() - started < 30
+    assert "Traceback" not in output + errors
+    assert errors.strip().splitlines() == ["error: interrupted while the coordinator planned; nothing was saved (no plan yet)"]
+    assert not (run_dir / "record.json").exists()
+    alive = [child for child in ray_processes if child.is_running() and child.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [child.cmdline() for child in alive]
+
+
 # --- item 6: embedded Ray listens on loopback only -----------------------------------------------
 
 
