@@ -43,10 +43,10 @@ from typing import Any
 
 from metaagent_ray.agents import AgentContext, build_messages
 from metaagent_ray.api import run_limits
-from metaagent_ray.llm import LLMConfig, LLMRequest, Message
+from metaagent_ray.coordinator import coordinator_messages
+from metaagent_ray.llm import LLMConfig, LLMRequest
 from metaagent_ray.llm.local import PLAIN_STOP, LocalLLM, LocalOptions, LocalServer, kv_bytes_per_token, model_path, plain_prompt
 from metaagent_ray.plan import AgentSpec, ExecutionPlan, Role, plan_json_schema
-from metaagent_ray.prompts import load_prompt
 from metaagent_ray.settings import RunSettings
 
 QUERY = "Compare Python, Rust, Go, Java, C#, Ruby, Elixir and Kotlin for web development"
@@ -94,15 +94,7 @@ def plan_requests(count: int) -> list[LLMRequest]:
     """Coordinator calls for `count` queries, with the coordinator's prompts and plan schema."""
     schema = plan_json_schema(MAX_AGENTS)
     return [
-        LLMRequest(
-            messages=[
-                Message("system", load_prompt("coordinator").format(max_agents=MAX_AGENTS)),
-                Message("user", load_prompt("coordinator_user").format(query=query)),
-            ],
-            caller="coordinator",
-            query=query,
-            json_schema=schema,
-        )
+        LLMRequest(messages=coordinator_messages(query, MAX_AGENTS), caller="coordinator", query=query, json_schema=schema)
         for query in (PLAN_QUERIES * 4)[:count]
     ]
 

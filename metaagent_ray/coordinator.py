@@ -97,6 +97,15 @@ def nearest_example(query: str) -> str:
     return load_prompt("coordinator_example/steps" if sequential(query) else "coordinator_example/one_subject")
 
 
+def coordinator_messages(query: str, max_agents: int) -> list[Message]:
+    """The instructions and general examples (the same in every call: `cache_messages=1`), the nearest example, the request."""
+    return [
+        Message("system", load_prompt("coordinator").format(max_agents=max_agents)),
+        Message("system", nearest_example(query)),
+        Message("user", coordinator_request(query)),
+    ]
+
+
 def make_plan(
     query: str,
     llm: LLM,
@@ -111,11 +120,7 @@ def make_plan(
     `on_text` receives the answer as it streams, where the backend streams; `on_rejected` hears why
     an answer was rejected (before the retry or the fallback).
     """
-    messages = [
-        Message("system", load_prompt("coordinator").format(max_agents=max_agents)),
-        Message("system", nearest_example(query)),
-        Message("user", coordinator_request(query)),
-    ]
+    messages = coordinator_messages(query, max_agents)
     schema = plan_json_schema(max_agents)
     record = CoordinatorRecord(attempts=0, started_at=time.time())
     llm_ms = 0.0
