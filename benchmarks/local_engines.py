@@ -67,6 +67,7 @@ MAX_AGENTS = 8
 ENGINES = ["llama-cpp-python", "xllamacpp"]
 PACKAGES = {"llama-cpp-python": "llama-cpp-python>=0.3", "xllamacpp": "xllamacpp"}
 MiB = 1024**2
+REPEAT_PENALTY_BEFORE = 1.15  # the local backend's answers before DRY replaced the repeat penalty
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def _llama_answer(job: tuple[float, LLMRequest]) -> Answer:
         stop=PLAIN_STOP,
         max_tokens=request.max_tokens or options.max_tokens,
         temperature=options.temperature,
-        repeat_penalty=1.0 if grammar is not None else options.repeat_penalty,
+        repeat_penalty=1.0 if grammar is not None else REPEAT_PENALTY_BEFORE,
         seed=options.seed,
         grammar=grammar,
         stream=True,

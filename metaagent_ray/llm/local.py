@@ -70,6 +70,7 @@ KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type is f16
 # JSON answers on one line with fixed separators (LLGuidance's options for the schema): given free
 # whitespace, the small model drifts into newlines and endless lists of numbers, and runs out of tokens.
 ONE_LINE_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+JSON_REDO_PENALTY = 1.15  # the repeat penalty of the second decode of a JSON answer that looped
 # A request's shared leading messages (the coordinator's instructions and worked examples, ~1,270
 # tokens: 4.5 s of prompt reading on 2 cores) are read once per machine: the server saves that
 # slot state (27 MiB) under the user's cache and later runs restore it in 15 ms. The newest files
@@ -89,9 +90,13 @@ class LocalOptions(BaseModel):
     n_threads: int | None = Field(default=None, ge=1, description="the server's threads (default: every core this process may use)")
     n_ctx: int = Field(default=4096, ge=256, description="context window of each parallel slot, in tokens (prompt + answer)")
     max_tokens: int = Field(default=384, ge=1, description="answer length when the request sets none")
-    repeat_penalty: float = Field(
-        default=1.15, ge=1.0, description="above 1 stops the loops tiny models fall into (JSON uses it only to redo an answer that looped)"
-    )
+    # No repeat penalty by default: it counts the last 64 tokens, the prompt's task line among them,
+    # and at 1.15 the default model avoided its own subject's name ("The database was developed..."
+    # for "Research MySQL"): 39/49 answers named their subject, 46/49 with DRY instead
+    # (benchmarks/quality.py). DRY penalises only extending a run of tokens already seen, so it breaks
+    # loops and copied runs but lets an answer name its subject.
+    repeat_penalty: float = Field(default=1.0, ge=1.0, description="above 1 penalises every token of the last 64, the prompt's included")
+    dry_multiplier: float = Field(default=0.8, ge=0.0, description="DRY: penalises extending a run of tokens already seen (0 turns it off)")
     temperature: float = Field(default=0.2, ge=0.0)
     seed: int = Field(default=0, description="sampling seed")
 
@@ -309,21 +314,16 @@ class LocalLLM:
         """Decode `request`, handing the answer so far to `on_text` as tokens arrive.
 
         A JSON answer that runs into the token limit is a loop (a string or a list that never ends):
-        it is decoded once more with the repeat penalty, which breaks it; the text so far then
-        starts again from the beginning.
+        it is decoded once more with a repeat penalty, which breaks it; the text so far then starts
+        again from the beginning.
         """
         check_model_request("local")
         if self._server is None:  # once per process: finding (or starting) the server blocks, so not on the event loop
             self._server = await asyncio.to_thread(self._locate)
         server = self._server
-        json_answer = request.json_schema is not None
         # JSON repeats its keys, roles and subjects by design: a repeat penalty pushes a small model
         # off the pattern (e.g. away from a second RESEARCHER), so JSON decodes without one first.
-        penalties = (
-            [1.0, self.options.repeat_penalty]
-            if json_answer and self.options.repeat_penalty > 1.0
-            else [1.0 if json_answer else self.options.repeat_penalty]
-        )
+        penalties = [1.0, JSON_REDO_PENALTY] if request.json_schema is not None else [self.options.repeat_penalty]
         start = time.perf_counter()
         prompt_tokens = completion_tokens = cached_tokens = 0
         text = ""
@@ -413,6 +413,8 @@ def request_body(request: LLMRequest, options: LocalOptions, chat_template: bool
     }
     if request.json_schema is not None:
         body["json_schema"] = {**closed_objects(request.json_schema), "x-guidance": ONE_LINE_JSON}
+    else:  # JSON repeats its keys by design
+        body["dry_multiplier"] = options.dry_multiplier
     if chat_template:
         return "/v1/chat/completions", {**body, "messages": chat_messages(request.messages)}
     if len(request.messages) == 1 and request.messages[0].role == "document":
