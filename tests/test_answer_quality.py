@@ -144,6 +144,8 @@ def test_a_base_model_gets_its_roles_worked_example_as_one_document_and_a_paragr
     assert message.content.endswith("Notes received:\n- Research Python: Python is easy. It has Django.\n\nTask: Compare Python and Rust\nAnalysis:")
     assert "Task: Compare honeybees and bumblebees as pollinators" in message.content  # a worked example
     assert request.max_tokens == DOCUMENT_ANSWER_TOKENS["ANALYZER"] and not request.may_delegate
+    _, body = request_body(request, LocalOptions(), chat_template=False, repeat_penalty=1.0)
+    assert "\nAnalysis:" in body["stop"] and "\nNotes received:" in body["stop"]  # a second answer, or the next example, ends it
 
 
 @pytest.mark.model

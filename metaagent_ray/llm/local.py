@@ -55,7 +55,8 @@ INSTALL_HINT = "install the local extra: pip install 'metaagent-ray[local]'"
 _SECTION = {"system": "### Instructions", "user": "### Request", "assistant": "### Response"}
 PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
 # An agent's "document" prompt (its role's worked examples, then its notes and task) ends where the
-# model starts the next example, a note of its own ("- ...") or a new paragraph.
+# model starts the next example, a note of its own ("- ..."), a new paragraph, or a second answer
+# under the document's own answer label (request_body adds it).
 DOCUMENT_STOP = ["\nNotes received:", "\nTask:", "\n- ", "\n\n", "\n###"]
 # Measured on 2026-11-29 with xllamacpp 2026.10 and Gemma 3 270M Q4_K_M on the 2-core machine
 # (`python benchmarks/local_engines.py`): the server's anonymous memory after a plain and a
@@ -418,7 +419,9 @@ def request_body(request: LLMRequest, options: LocalOptions, chat_template: bool
     if chat_template:
         return "/v1/chat/completions", {**body, "messages": chat_messages(request.messages)}
     if len(request.messages) == 1 and request.messages[0].role == "document":
-        return "/v1/completions", {**body, "prompt": request.messages[0].content, "stop": DOCUMENT_STOP}
+        document = request.messages[0].content
+        answer_label = document.rsplit("\n", 1)[-1]  # "Final answer:": a second one starts another answer
+        return "/v1/completions", {**body, "prompt": document, "stop": [*DOCUMENT_STOP, f"\n{answer_label}"]}
     return "/v1/completions", {**body, "prompt": plain_prompt(request.messages), "stop": PLAIN_STOP}
 
 
