@@ -47,6 +47,10 @@ def _free_range(size: int) -> int:
     raise RuntimeError("no free port range")
 
 
+class NodeExited(RuntimeError):
+    """A `ray start` process ended while the cluster was coming up."""
+
+
 @dataclass
 class RealCluster:
     """Nodes started by `ray start`, each a process this object owns."""
@@ -103,6 +107,21 @@ class RealCluster:
     def add_node(self, slots: int) -> subprocess.Popen:
         return self._start([f"--address={self.address}"], slots, f"node{len(self.nodes)}")
 
+    def start(self, head_slots: int, node_slots: int, tries: int = 3) -> None:
+        """A head, then one more node once the head is up; a node that exits while it joins (a port
+        taken between choosing and binding it, a loaded machine) is started again on fresh ports."""
+        self.start_head(head_slots)
+        self.wait_for(nodes=1, slots=head_slots)
+        for attempt in range(1, tries + 1):
+            node = self.add_node(node_slots)
+            try:
+                self.wait_for(nodes=2, slots=head_slots + node_slots)
+                return
+            except NodeExited:
+                if node.poll() is None or attempt == tries:
+                    raise
+                self.nodes.remove(node)
+
     def wait_for(self, nodes: int, slots: int) -> None:
         """Until `nodes` nodes with `slots` llm_slot in all are up and the job API answers."""
         probe = (
@@ -111,9 +130,10 @@ class RealCluster:
         ) % self.address
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            for process in self.nodes:
+            for index, process in enumerate(self.nodes):
                 if process.poll() is not None:
-                    raise RuntimeError(f"a node exited: {process.args}; see {self.temp_dir}")
+                    log = (self.temp_dir / ("head.log" if index == 0 else f"node{index}.log")).read_text(errors="replace")
+                    raise NodeExited(f"a node exited: {process.args}; its log ends: {log[-1500:]}")
             result = subprocess.run([sys.executable, "-c", probe], env=self.env(), capture_output=True, text=True, timeout=60)
             if result.returncode == 0 and json.loads(result.stdout.splitlines()[-1]) == [nodes, slots] and self._jobs_ready():
                 return

@@ -29,9 +29,7 @@ METAAGENT = [sys.executable, "-m", "metaagent_ray"]
 def cluster():
     cluster = RealCluster()
     try:
-        cluster.start_head(HEAD_SLOTS)
-        cluster.add_node(NODE_SLOTS)
-        cluster.wait_for(nodes=2, slots=HEAD_SLOTS + NODE_SLOTS)
+        cluster.start(HEAD_SLOTS, NODE_SLOTS)
         yield cluster
     finally:
         cluster.stop()
