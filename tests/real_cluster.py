@@ -7,6 +7,7 @@ instances on this machine are untouched) and token authentication on, with a tok
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -60,6 +61,7 @@ class RealCluster:
     gcs_port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     nodes: list[subprocess.Popen] = field(default_factory=list)
+    logs: dict[int, Path] = field(default_factory=dict)  # each node's output, by its process id
 
     @property
     def address(self) -> str:
@@ -95,6 +97,7 @@ class RealCluster:
         log = open(self.temp_dir / f"{name}.log", "wb")
         process = subprocess.Popen(command, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes.append(process)
+        self.logs[process.pid] = Path(log.name)
         return process
 
     def start_head(self, slots: int) -> subprocess.Popen:
@@ -121,6 +124,8 @@ class RealCluster:
                 if node.poll() is None or attempt == tries:
                     raise
                 self.nodes.remove(node)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(node.pid, signal.SIGKILL)  # whatever it left behind in its own group
 
     def wait_for(self, nodes: int, slots: int) -> None:
         """Until `nodes` nodes with `slots` llm_slot in all are up and the job API answers."""
@@ -130,9 +135,9 @@ class RealCluster:
         ) % self.address
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
-            for index, process in enumerate(self.nodes):
+            for process in self.nodes:
                 if process.poll() is not None:
-                    log = (self.temp_dir / ("head.log" if index == 0 else f"node{index}.log")).read_text(errors="replace")
+                    log = self.logs[process.pid].read_text(errors="replace")
                     raise NodeExited(f"a node exited: {process.args}; its log ends: {log[-1500:]}")
             result = subprocess.run([sys.executable, "-c", probe], env=self.env(), capture_output=True, text=True, timeout=60)
             if result.returncode == 0 and json.loads(result.stdout.splitlines()[-1]) == [nodes, slots] and self._jobs_ready():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from typing import Any
 
@@ -18,6 +19,7 @@ from metaagent_ray.llm.local import (
     closed_objects,
     local_backend_available,
     plain_prompt,
+    prepare_prefix_cache,
     request_body,
     shared_prefix,
 )
@@ -95,6 +97,20 @@ def test_system_messages_in_a_row_share_one_section_and_the_shared_ones_are_the_
     assert shared_prefix(request, chat_template=False) == "### Instructions\nRules.\n\n" and prompt.startswith("### Instructions\nRules.\n\n")
     assert shared_prefix(request, chat_template=True) is None  # the server renders chat templates: nothing to match
     assert shared_prefix(LLMRequest(messages=messages, caller="agent"), chat_template=False) is None
+
+
+def test_saved_prompt_states_keep_the_newest_files_and_an_unwritable_cache_only_turns_them_off(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    directory = tmp_path / "metaagent-ray" / "prompt-states"
+    directory.mkdir(parents=True)
+    for age in range(10):
+        (directory / f"{age}.bin").write_bytes(b"state")
+        os.utime(directory / f"{age}.bin", (1000 - age, 1000 - age))
+    assert prepare_prefix_cache() == directory
+    assert sorted(file.name for file in directory.glob("*.bin")) == [f"{age}.bin" for age in range(8)]  # the two oldest went
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))  # no directory can be made under a file
+    assert prepare_prefix_cache() is None
 
 
 def test_objects_in_a_schema_admit_only_their_own_keys() -> None:

@@ -16,6 +16,7 @@ once per node, and each parallel slot's context cache, from the model's GGUF met
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -109,7 +110,7 @@ class ServerInfo(BaseModel):
     chat_template: bool  # the model has a chat template: chat requests; else the plain document prompt
     parallel: int  # requests it decodes at once
     threads: int
-    prefix_cache: str  # the directory the server saves and restores slot states in (on this node)
+    prefix_cache: str | None  # the directory the server saves and restores slot states in (on this node); None: none
     prefix_key: str  # what the saved states depend on besides the prompt: the model file and the engine
 
 
@@ -222,7 +223,8 @@ class LocalServer:
         params.warmup = False
         params.verbosity = 0
         prefix_cache = prepare_prefix_cache()
-        params.slot_save_path = f"{prefix_cache}/"  # the server joins it to file names as text
+        if prefix_cache is not None:
+            params.slot_save_path = f"{prefix_cache}/"  # the server joins it to file names as text
         try:
             self._server = xllamacpp.Server(params)
         except Exception as error:  # xllamacpp raises RuntimeError or ValueError for a model it cannot load
@@ -233,18 +235,22 @@ class LocalServer:
             chat_template=has_template,
             parallel=parallel,
             threads=threads,
-            prefix_cache=str(prefix_cache),
+            prefix_cache=str(prefix_cache) if prefix_cache is not None else None,
             prefix_key=f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:xllamacpp {importlib.metadata.version(ENGINE_PACKAGE)}",
         )
 
 
-def prepare_prefix_cache() -> Path:
-    """The directory of saved prompt states, made if missing and trimmed to the newest files."""
+def prepare_prefix_cache() -> Path | None:
+    """The directory of saved prompt states, made if missing and trimmed to the newest files; None
+    where it cannot be written (a read-only home): prompts are then read whole, as without it."""
     directory = user_cache_dir("prompt-states")
-    directory.mkdir(parents=True, exist_ok=True)
-    saved = sorted(directory.glob("*.bin"), key=lambda file: file.stat().st_mtime, reverse=True)
-    for stale in saved[KEPT_PREFIX_FILES:]:
-        stale.unlink(missing_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        saved = sorted(directory.glob("*.bin"), key=lambda file: file.stat().st_mtime, reverse=True)
+        for stale in saved[KEPT_PREFIX_FILES:]:
+            stale.unlink(missing_ok=True)
+    except OSError:
+        return None
     return directory
 
 
@@ -352,8 +358,8 @@ class LocalLLM:
         text, finish, usage = "", None, {}
         try:
             async with httpx.AsyncClient(base_url=server.address, timeout=request.timeout) as client:
-                prefix = shared_prefix(request, server.chat_template)
-                held = await _hold_prefix(client, server, prefix) if prefix is not None else None
+                prefix = shared_prefix(request, server.chat_template) if server.prefix_cache is not None else None
+                held = await _hold_prefix(client, server.prefix_cache, server.prefix_key, prefix) if prefix is not None else None
                 if held is not None:
                     body["id_slot"] = PREFIX_SLOT
                 async with client.stream("POST", path, json=body) as response:
@@ -382,12 +388,12 @@ class LocalLLM:
         return text, finish, usage
 
 
-async def _hold_prefix(client: httpx.AsyncClient, server: ServerInfo, prefix: str) -> Literal["restored", "read"] | None:
+async def _hold_prefix(client: httpx.AsyncClient, cache: str, key: str, prefix: str) -> Literal["restored", "read"] | None:
     """Put the model's state after `prefix` into the prefix slot: "restored" from the node's saved
     states, or "read" now and saved for later runs; None if the server refused (the slot busy with
     another request, a state from another build), and the prompt is read in full, as without it."""
-    name = hashlib.sha256(f"{server.prefix_key}\n{prefix}".encode()).hexdigest()[:32] + ".bin"
-    directory = Path(server.prefix_cache)
+    name = hashlib.sha256(f"{key}\n{prefix}".encode()).hexdigest()[:32] + ".bin"
+    directory = Path(cache)
     if (directory / name).is_file():
         restored = await client.post(f"/slots/{PREFIX_SLOT}?action=restore", json={"filename": name})
         return "restored" if restored.status_code == 200 else None
@@ -397,7 +403,8 @@ async def _hold_prefix(client: httpx.AsyncClient, server: ServerInfo, prefix: st
     partial = f"{name}.{os.getpid()}.partial"  # renamed into place whole: another run may restore it at any time
     saved = await client.post(f"/slots/{PREFIX_SLOT}?action=save", json={"filename": partial})
     if saved.status_code == 200:
-        os.replace(directory / partial, directory / name)
+        with contextlib.suppress(OSError):  # not saved: a later run reads the prompt again, nothing worse
+            os.replace(directory / partial, directory / name)
     return "read"
 
 
