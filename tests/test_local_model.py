@@ -223,6 +223,19 @@ def test_concurrent_answers_stream_from_one_server(gemma: LocalLLM) -> None:
 
 
 @pytest.mark.model
+def test_the_slots_share_one_context_cache_so_a_long_prompt_fits_while_others_idle() -> None:
+    """Each slot's share is n_ctx tokens, but the cache is one (so requests in any slots batch together):
+    a prompt longer than a share is answered while the other slot is idle."""
+    pytest.importorskip("xllamacpp")
+    options = LocalOptions(n_ctx=256)
+    server = LocalServer(None, options, parallel=2)
+    llm = LocalLLM(None, options, lambda: server.info)
+    long_prompt = " ".join(f"Note {number}: Rust is a systems language." for number in range(40))
+    response = llm.complete(LLMRequest(messages=[Message("user", long_prompt)], caller="agent", max_tokens=8))
+    assert (response.prompt_tokens or 0) > 256 and response.completion_tokens
+
+
+@pytest.mark.model
 @pytest.mark.usefixtures("ray_session")
 def test_the_readme_query_runs_end_to_end_on_the_embedded_model(tmp_path) -> None:
     """The README's main command: `metaagent run "Compare Python and Rust for web development"`, no server."""

@@ -3,7 +3,7 @@
 No external server and no network: the default model, Gemma 3 270M (Q4_K_M, ~253 MB), ships as a
 pip package and is assembled once into a cache file. One `LocalServer` holds the weights once and
 answers `parallel` requests at a time, batching their tokens into shared decode steps (llama.cpp's
-continuous batching); each parallel slot has its own context (KV) cache. Which process owns the
+continuous batching); each parallel slot adds its share of one context (KV) cache. Which process owns the
 server, one per node, is local_server.py's business: this module knows the model, the prompts and
 the HTTP requests, and `LocalLLM` is a cheap client of a server it is told how to find.
 
@@ -59,20 +59,26 @@ PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
 # model starts the next example, a note of its own ("- ..."), a new paragraph, or a second answer
 # under the document's own answer label (request_body adds it).
 DOCUMENT_STOP = ["\nNotes received:", "\nTask:", "\n- ", "\n\n", "\n###"]
-# Measured on 2026-11-29 with xllamacpp 2026.10 and Gemma 3 270M Q4_K_M on the 2-core machine
+# Measured on 2026-11-30 with xllamacpp 2026.10 and Gemma 3 270M Q4_K_M on the 2-core machine
 # (`python benchmarks/local_engines.py`): the server's anonymous memory after a plain and a
-# schema-constrained call per slot, the weights being file pages. 271 MiB with 1 slot, 633 MiB with
-# 8: 52 MiB per further slot, less than the 72 MiB the KV formula gives at n_ctx 4096 (Gemma 3's
+# schema-constrained call per slot, the weights being file pages. 278 MiB with 1 slot, 616 MiB with
+# 8: 48 MiB per further slot, less than the 72 MiB the KV formula gives at n_ctx 4096 (Gemma 3's
 # sliding-window layers keep fewer tokens), so a slot counts as its KV cache.
-SERVER_BYTES = 219 * 1024**2  # the server's own buffers: 271 MiB with one slot, minus that slot
+SERVER_BYTES = 230 * 1024**2  # the server's own buffers: 278 MiB with one slot, minus that slot
 # Parallel slots one core serves: the server's throughput still grew from 4 to 8 agents on 2 cores
-# (5.8 to 16.3 tokens/s on the loaded machine, README), while each slot costs only its KV cache.
+# (72.7 to 78.3 tokens/s, README's engine table), while each slot costs only its KV cache.
 SLOTS_PER_CORE = 4
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type is f16
 # JSON answers on one line with fixed separators (LLGuidance's options for the schema): given free
 # whitespace, the small model drifts into newlines and endless lists of numbers, and runs out of tokens.
 ONE_LINE_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 JSON_REDO_PENALTY = 1.15  # the repeat penalty of the second decode of a JSON answer that looped
+# DRY's sequence breakers: llama.cpp matches each against every token of the vocabulary when a
+# request's sampler is made, in the server's one decode loop, which stalls every slot meanwhile:
+# with its four default breakers ("\n", ":", '"', "*") that took ~150 ms per request for Gemma's 262k
+# tokens (the first token of 4 agents came ~0.6 s later than without DRY); "\n" alone takes ~40 ms.
+# An answer is a paragraph, so a new line is the one boundary a repeat must not be matched across.
+DRY_SEQUENCE_BREAKERS = ["\n"]
 # A request's shared leading messages (the coordinator's instructions and worked examples, ~1,270
 # tokens: 4.5 s of prompt reading on 2 cores) are read once per machine: the server saves that
 # slot state (27 MiB) under the user's cache and later runs restore it in 15 ms. The newest files
@@ -87,10 +93,14 @@ class LocalOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     # Every core by default: the parallel slots decode in one batch per step, and on the quiet 2-core
-    # machine 2 threads gave 1.5-1.6 x the tokens per second of 1 (benchmarks/local_engines.py). On a
+    # machine 2 threads gave 1.5-1.8 x the tokens per second of 1 (benchmarks/local_engines.py). On a
     # machine busy with other work, 1 thread is steadier: llama.cpp's threads wait for each other.
     n_threads: int | None = Field(default=None, ge=1, description="the server's threads (default: every core this process may use)")
-    n_ctx: int = Field(default=4096, ge=256, description="context window of each parallel slot, in tokens (prompt + answer)")
+    n_ctx: int = Field(
+        default=4096,
+        ge=256,
+        description="context cache of each parallel slot, in tokens (prompt + answer); the slots share theirs, so one request may use more",
+    )
     max_tokens: int = Field(default=384, ge=1, description="answer length when the request sets none")
     # No repeat penalty by default: it counts the last 64 tokens, the prompt's task line among them,
     # and at 1.15 the default model avoided its own subject's name ("The database was developed..."
@@ -214,7 +224,12 @@ class LocalServer:
         params = xllamacpp.CommonParams()
         params.model.path = str(path)
         params.n_parallel = parallel
-        params.n_ctx = options.n_ctx * parallel  # the server splits its context evenly between the slots
+        params.n_ctx = options.n_ctx * parallel
+        # One context cache shared by the slots. Split into a cache per slot, llama.cpp batches only
+        # requests in adjacent slots (slots 0, 2, 5, 7 decoded one after another: 100-150 ms a step
+        # for 4 agents against 60-70 in slots 0-3); shared, any requests batch, and one may use more
+        # than its share while others use less.
+        params.kv_unified = True
         params.cpuparams.n_threads = threads
         params.cpuparams_batch.n_threads = threads
         params.sampling.seed = options.seed
@@ -423,6 +438,7 @@ def request_body(request: LLMRequest, options: LocalOptions, chat_template: bool
         body["json_schema"] = {**closed_objects(request.json_schema), "x-guidance": ONE_LINE_JSON}
     else:  # JSON repeats its keys by design
         body["dry_multiplier"] = options.dry_multiplier
+        body["dry_sequence_breakers"] = DRY_SEQUENCE_BREAKERS
     if chat_template:
         return "/v1/chat/completions", {**body, "messages": chat_messages(request.messages)}
     if len(request.messages) == 1 and request.messages[0].role == "document":
