@@ -121,7 +121,7 @@ class ServerInfo(BaseModel):
     parallel: int  # requests it decodes at once
     threads: int
     prefix_cache: str | None  # the directory the server saves and restores slot states in (on this node); None: none
-    prefix_key: str  # what the saved states depend on besides the prompt: the model file and the engine
+    prefix_key: str  # what the saved states depend on besides the prompt: the model file, the engine, the cache layout
 
 
 def local_backend_available() -> bool:
@@ -251,7 +251,8 @@ class LocalServer:
             parallel=parallel,
             threads=threads,
             prefix_cache=str(prefix_cache) if prefix_cache is not None else None,
-            prefix_key=f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:xllamacpp {importlib.metadata.version(ENGINE_PACKAGE)}",
+            # a state saved from a cache per slot does not restore into a shared one (seen: HTTP 400)
+            prefix_key=f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:xllamacpp {importlib.metadata.version(ENGINE_PACKAGE)}:kv_unified",
         )
 
 
