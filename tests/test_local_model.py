@@ -127,7 +127,9 @@ def test_base_models_get_the_document_prompt_and_chat_models_their_template() ->
     path, body = request_body(request, LocalOptions(), chat_template=False, repeat_penalty=1.0)
     assert path == "/v1/completions" and body["prompt"].endswith("### Response\n") and "\n### Request" in body["stop"]
     assert body["json_schema"]["additionalProperties"] is False and body["json_schema"]["x-guidance"]["whitespace_flexible"] is False
-    assert body["stream"] is True
+    assert body["stream"] is True and "dry_multiplier" not in body  # JSON repeats its keys by design
+    _, plain = request_body(LLMRequest(messages=[Message("user", "Hi")], caller="agent"), LocalOptions(), chat_template=False, repeat_penalty=1.0)
+    assert plain["dry_multiplier"] == 0.8 and plain["dry_sequence_breakers"] == ["\n"]  # one breaker: each costs a pass over the vocabulary
     path, body = request_body(request, LocalOptions(), chat_template=True, repeat_penalty=1.0)
     assert path == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": "Be brief.\n\nHi"}] and "stop" not in body
 
