@@ -191,6 +191,12 @@ class OllamaServer(BackgroundServer):
         with self._lock:
             return self._in_flight
 
+    def wait_until_idle(self, timeout: float = 5.0) -> bool:
+        """Whether every chat call is over within `timeout` s: a client has its answer a moment before
+        the handler that sent it counts itself out."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self._in_flight == 0, timeout)
+
     @property
     def max_in_flight(self) -> int:
         """The most chat calls ever handled at once (since the last reset)."""

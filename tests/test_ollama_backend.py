@@ -69,7 +69,7 @@ def test_calls_from_many_threads_overlap(server: OllamaServer) -> None:
 
     assert texts == ["Answer to: A", "Answer to: B", "Answer to: C"]
     assert server.max_in_flight == 3
-    assert server.in_flight == 0
+    assert server.wait_until_idle()
 
 
 def test_server_error_is_transient(server: OllamaServer) -> None:
