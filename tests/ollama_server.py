@@ -184,16 +184,10 @@ class OllamaServer(BackgroundServer):
         """The JSON bodies of the /api/chat requests so far."""
         return [request.body or {} for request in self.requests if request.path == "/api/chat"]
 
-    @property
-    def in_flight(self) -> int:
-        """Chat calls being handled now; a stalled call counts until `stall_seconds` pass or the server stops,
-        even after its client gave up."""
-        with self._lock:
-            return self._in_flight
-
     def wait_until_idle(self, timeout: float = 5.0) -> bool:
         """Whether every chat call is over within `timeout` s: a client has its answer a moment before
-        the handler that sent it counts itself out."""
+        the handler that sent it counts itself out, and a stalled call counts until `stall_seconds`
+        pass or the server stops, even after its client gave up."""
         with self._lock:
             return self._lock.wait_for(lambda: self._in_flight == 0, timeout)
 
