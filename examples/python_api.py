@@ -21,7 +21,7 @@ def show(event: Event) -> None:
 
 def main() -> None:
     llm = sys.argv[1] if len(sys.argv) > 1 else "fake"
-    meta = MetaAgent(llm=llm, llm_options={"latency": 0.2} if llm == "fake" else None, slots=4, on_event=show)
+    meta = MetaAgent(llm=llm, llm_options={"latency": 0.2} if llm == "fake" else {}, slots=4, on_event=show)
 
     plan = meta.plan("Compare Python, Rust, and Go for web development")
     print("planned layers:", plan.get_execution_layers())

@@ -19,6 +19,7 @@ from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan, Role
 from .record import AgentRecord, RunRecord
 from .runtime import RunInterrupted
+from .version import __version__
 
 __all__ = [
     "AgentFinished",
@@ -42,6 +43,7 @@ __all__ = [
     "RunRecord",
     "SubPlanReady",
     "TokensArrived",
+    "__version__",
     "load_plan",
     "parse_plan",
 ]

@@ -31,6 +31,7 @@ from .report import write_report
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
 from .runtime import RunStopped
 from .settings import RunSettings
+from .version import __version__
 from .viz import write_pictures
 
 DEFAULTS = {name: RunSettings.default(name) for name in RunSettings.model_fields}  # the help's [default: ...]
@@ -38,8 +39,18 @@ POOL_DEFAULTS = {name: field.default for name, field in PoolSpec.model_fields.it
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        print(f"metaagent-ray {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _commands() -> None:
+def _commands(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the installed version and exit.")
+    ] = False,
+) -> None:
     """Plan a task as a graph of role-based agents and run each agent on Ray as soon as its dependencies finish."""
 
 

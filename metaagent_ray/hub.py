@@ -352,18 +352,20 @@ def _failure(run: _Run, context: AgentContext, error: str) -> AgentRecord:
     )
 
 
-_hubs: dict[str, Any] = {}  # Ray job id -> its hub; holding the handle keeps the actor alive
+# (the driver's node, its Ray job) -> its hub; holding the handle keeps the actor alive. The node's id
+# tells Ray instances apart: one process may stop its Ray and start another, whose first job has the same id.
+_hubs: dict[tuple[str, str], Any] = {}
 
 
 def run_hub() -> Any:
     """This driver's hub, created on first use."""
     context = ray.get_runtime_context()
-    job = context.get_job_id()
-    if job not in _hubs:
+    key = (context.get_node_id(), context.get_job_id())
+    if key not in _hubs:
         # On the driver's node: losing another node must not lose the run's supervision.
-        here = NodeAffinitySchedulingStrategy(node_id=context.get_node_id(), soft=False)
-        _hubs[job] = RunHub.options(scheduling_strategy=here).remote()
-    return _hubs[job]
+        here = NodeAffinitySchedulingStrategy(node_id=key[0], soft=False)
+        _hubs[key] = RunHub.options(scheduling_strategy=here).remote()
+    return _hubs[key]
 
 
 async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -> None:

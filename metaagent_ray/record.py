@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from .errors import ConfigError
 from .plan import ExecutionPlan
+from .version import __version__
 
 RECORD_VERSION = 1
 # "delegated": the agent's task went to a sub-plan still running; the runtime ends it as ok or failed.
@@ -107,6 +108,7 @@ class RunRecord(BaseModel):
     """Everything a run did. Other tools read this: add fields, never rename or remove them."""
 
     version: int = RECORD_VERSION
+    metaagent_version: str | None = None  # the metaagent-ray release that last ran it (None in records before 0.1.0)
     query: str
     plan: ExecutionPlan
     layers: list[list[int]]
@@ -131,7 +133,15 @@ class RunRecord(BaseModel):
 
     @classmethod
     def start(cls, plan: ExecutionPlan, query: str, **fields: Any) -> RunRecord:
-        return cls(query=query, plan=plan, layers=plan.get_execution_layers(), warnings=plan.warnings, agents=agent_records(plan), **fields)
+        return cls(
+            query=query,
+            plan=plan,
+            layers=plan.get_execution_layers(),
+            warnings=plan.warnings,
+            agents=agent_records(plan),
+            metaagent_version=__version__,
+            **fields,
+        )
 
     def compose_final_output(self) -> str:
         return compose_final_output(self.plan, self.agents)

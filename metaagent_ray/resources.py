@@ -4,8 +4,10 @@ The count comes from what the node has (free RAM, CPU cores, GPUs) and what one 
 there, which each backend states itself (`LLM.footprint()`: llm/local.py, llm/ollama.py, ...), and
 every step of the reasoning is kept as a line a person can check:
 
-- every slot is a Ray worker process (WORKER_BYTES) plus what the model needs per slot; RAM bound =
-  (free RAM - headroom - memory shared by all slots) / (worker + per slot);
+- a run's agents on a node are threads of one executor actor (executors.py): the executor's process
+  (EXECUTOR_BYTES) is needed once, and each slot adds one agent in flight (AGENT_BYTES) plus what the
+  model needs per slot; RAM bound = (free RAM - headroom - memory shared by all slots - executor) /
+  (agent + model per slot);
 - a CPU-bound backend (`local`) serves a number of slots per core: cores x that bound the slots;
 - a server that answers at most N requests at once (`ollama`) bounds the slots at N: further
   requests only queue there. The model's size and the GPUs are reported, since they decide where
@@ -28,7 +30,7 @@ from pydantic import BaseModel
 
 from .llm import LLMConfig, ModelFootprint, create_llm
 from .llm.auto import resolve_auto
-from .llm.base import GiB, MiB, size
+from .llm.base import GiB, KiB, MiB, size
 from .settings import RunSettings
 
 SLOT_RESOURCE = "llm_slot"
@@ -36,9 +38,10 @@ MAX_SLOTS = RunSettings.default("max_agents")  # more slots than one plan has ag
 HEADROOM_MIN_BYTES = 2 * GiB  # RAM left to the OS, Ray's own processes and the driver ...
 HEADROOM_FRACTION = 0.10  # ... or this share of all RAM, whichever is larger
 
-# Measured on 2026-11-29 with `python benchmarks/memory.py` (Ray 2.60, llama-cpp-python 0.3.36,
-# Gemma 3 270M Q4_K_M, 1 thread, 2-core x86 machine); the README holds the table.
-WORKER_BYTES = 68 * MiB  # anonymous memory (RssAnon) of an idle Ray worker with metaagent_ray imported
+# Measured on 2026-12-06 with `python benchmarks/agent_cost.py` (Ray 2.60, 64 agents in flight through
+# the openai backend, 2-core x86 machine); benchmarks/README.md holds the table.
+EXECUTOR_BYTES = 74 * MiB  # anonymous memory (RssAnon) of a node's executor actor process, once per run
+AGENT_BYTES = 160 * KiB  # what one more agent waiting on its LLM call adds to it: a thread, an HTTP client, buffers
 
 NVIDIA_SMI_QUERY = ["--query-gpu=index,name,memory.total,memory.free", "--format=csv,noheader,nounits"]
 CGROUP_ROOT = Path("/sys/fs/cgroup")  # cgroup v2 as a container sees it (Docker, Kubernetes)
@@ -168,13 +171,14 @@ def plan_slots(capacity: NodeCapacity, footprint: ModelFootprint, *, cap: int = 
         f"Model: {footprint.source}",
     ]
     headroom = max(HEADROOM_MIN_BYTES, int(capacity.total_ram_bytes * HEADROOM_FRACTION))
-    usable = capacity.free_ram_bytes - headroom - footprint.shared_bytes
-    per_slot = WORKER_BYTES + footprint.instance_bytes
+    usable = capacity.free_ram_bytes - headroom - footprint.shared_bytes - EXECUTOR_BYTES
+    per_slot = AGENT_BYTES + footprint.instance_bytes
     bounds = {"RAM": max(0, usable // per_slot)}
     shared = f" - {size(footprint.shared_bytes)} shared by all slots" if footprint.shared_bytes else ""
     reasons.append(
-        f"RAM: {size(capacity.free_ram_bytes)} free - {size(headroom)} headroom{shared} = {size(usable)} / "
-        f"{size(per_slot)} per slot (Ray worker {size(WORKER_BYTES)} + model {size(footprint.instance_bytes)}) = {bounds['RAM']}"
+        f"RAM: {size(capacity.free_ram_bytes)} free - {size(headroom)} headroom{shared} - {size(EXECUTOR_BYTES)} executor "
+        f"= {size(usable)} / {size(per_slot)} per slot (agent thread {size(AGENT_BYTES)} + model {size(footprint.instance_bytes)}) "
+        f"= {bounds['RAM']}"
     )
     if footprint.slots_per_core:
         bounds["CPU"] = capacity.cpu_count * footprint.slots_per_core

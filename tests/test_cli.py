@@ -117,3 +117,11 @@ def test_quiet_prints_only_the_final_output(tmp_path: Path):
     result = CliRunner().invoke(app, ["exec", str(EXAMPLES / "parallel_research.json"), "-q", "--llm", "fake", "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0
     assert "PARALLEL" not in result.output and "Inputs from agents: 3" in result.output
+
+
+def test_version_names_the_installed_distribution() -> None:
+    from importlib.metadata import version
+
+    result = metaagent("--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"metaagent-ray {version('metaagent-ray')}"

@@ -17,9 +17,10 @@ from metaagent_ray.llm import LLMConfig, ModelFootprint, create_llm, gguf_metada
 from metaagent_ray.llm.base import GiB, MiB
 from metaagent_ray.llm.local import kv_bytes_per_token
 from metaagent_ray.resources import (
+    AGENT_BYTES,
+    EXECUTOR_BYTES,
     GPU,
     MAX_SLOTS,
-    WORKER_BYTES,
     NodeCapacity,
     default_slots,
     node_capacity,
@@ -58,18 +59,18 @@ def test_local_slots_are_bounded_by_cores_when_ram_is_plenty() -> None:
 
 
 def test_local_slots_are_bounded_by_ram_after_headroom_and_shared_weights() -> None:
-    # 8 GiB free - 3.2 GiB headroom (10% of 32) - 1 GiB weights = 3.8 GiB; / (1 GiB + worker) -> 3
+    # 8 GiB free - 3.2 GiB headroom (10% of 32) - 1 GiB weights - the executor = 3.7 GiB; / (1 GiB + an agent) -> 3
     model = local_model(instance_mib=1024, weights_mib=1024)
     plan = plan_slots(node(free_gib=8, total_gib=32, cpus=16), model)
-    expected = int((8 * GiB - int(32 * GiB * 0.1) - 1024 * MiB) // (WORKER_BYTES + 1024 * MiB))
+    expected = int((8 * GiB - int(32 * GiB * 0.1) - 1024 * MiB - EXECUTOR_BYTES) // (AGENT_BYTES + 1024 * MiB))
     assert plan.slots == expected == 3
     ram_line = next(line for line in plan.reasons if line.startswith("RAM:"))
-    assert "- 3.2 GiB headroom - 1.0 GiB shared by all slots = 3.8 GiB" in ram_line and ram_line.endswith("= 3")
+    assert "- 3.2 GiB headroom - 1.0 GiB shared by all slots - 74 MiB executor = 3.7 GiB" in ram_line and ram_line.endswith("= 3")
 
 
 def test_headroom_is_at_least_two_gib_on_a_small_node() -> None:
     plan = plan_slots(node(free_gib=3, total_gib=8, cpus=8), local_model(instance_mib=200, weights_mib=0))
-    assert plan.slots == int(1 * GiB // (WORKER_BYTES + 200 * MiB))
+    assert plan.slots == int((1 * GiB - EXECUTOR_BYTES) // (AGENT_BYTES + 200 * MiB))
     assert any("3.0 GiB free - 2.0 GiB headroom" in line for line in plan.reasons)
 
 
@@ -258,7 +259,7 @@ def test_an_unknown_backend_is_refused() -> None:
 
 def test_default_slots_for_the_fake_backend() -> None:
     plan = default_slots(LLMConfig(backend="fake", options={"model_mb": 1000}), node(free_gib=12, total_gib=16))
-    assert plan.slots == int((12 * GiB - 2 * GiB) // (WORKER_BYTES + 1000 * 1000**2)) == 10
+    assert plan.slots == int((12 * GiB - 2 * GiB - EXECUTOR_BYTES) // (AGENT_BYTES + 1000 * 1000**2)) == 10
 
 
 # --- the commands --------------------------------------------------------------------------------

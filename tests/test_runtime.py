@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -156,3 +159,17 @@ def test_a_process_that_started_its_ray_keeps_its_executors_for_its_next_run():
     assert result.returncode == 0, result.stderr
     (first, first_pid), (second, second_pid) = ast.literal_eval(result.stdout.strip().splitlines()[-1])
     assert first == second == "0" and first_pid == second_pid != 0
+
+
+def test_one_process_can_stop_its_ray_and_run_again_on_a_new_one() -> None:
+    """`with MetaAgent(...)` twice in one script: the second Ray instance gets its own hub."""
+    script = (
+        "import sys\nfrom metaagent_ray import MetaAgent, load_plan\n"
+        "for _ in range(2):\n"
+        "    with MetaAgent(llm='fake', slots=2) as meta:\n"
+        "        print(meta.execute(load_plan(sys.argv[1]), 'q', save=False).status)\n"
+    )
+    plan = str(EXAMPLES / "parallel_research.json")
+    result = subprocess.run([sys.executable, "-c", script, plan], capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", "ok"]

@@ -15,6 +15,7 @@ from ..errors import ConfigError, MetaAgentError
 PromptStyle = Literal["chat", "document"]
 CALL_TIMEOUT_S = 300.0  # seconds one LLM call may take unless told otherwise: a small model on a CPU can take minutes
 MODEL_REQUESTS_ENV = "METAAGENT_ALLOW_MODEL_REQUESTS"
+KiB = 1024
 MiB = 1024**2
 GiB = 1024**3
 MB = 1000**2
@@ -107,7 +108,9 @@ def user_cache_dir(name: str) -> Path:
 
 
 def size(value: float) -> str:
-    """Bytes as MiB below 1 GiB, else GiB."""
+    """Bytes as KiB below 1 MiB, MiB below 1 GiB, else GiB."""
+    if abs(value) < MiB:
+        return f"{value / KiB:.0f} KiB"
     return f"{value / MiB:.0f} MiB" if abs(value) < GiB else f"{value / GiB:.1f} GiB"
 
 
@@ -141,7 +144,7 @@ class ModelFootprint(BaseModel):
     """What one instance of a backend costs on a node, as the backend states it for the slot formula (resources.py)."""
 
     source: str  # where the figures come from, in words
-    instance_bytes: int  # RAM each instance adds inside its Ray worker
+    instance_bytes: int  # RAM the model adds per parallel slot (a server's per-slot context cache); 0 when it runs elsewhere
     shared_bytes: int = 0  # RAM needed once for all instances (memory-mapped weights)
     slots_per_core: int | None = None  # CPU-bound backends: cores x this bound the slots
     server_parallel: int | None = None  # a server that answers at most this many requests at once
@@ -151,9 +154,9 @@ class ModelFootprint(BaseModel):
 
 
 def no_model_footprint(backend: str, where: str) -> ModelFootprint:
-    """The footprint of a backend whose model lives elsewhere (`where`): only its Ray workers count."""
+    """The footprint of a backend whose model lives elsewhere (`where`): only the agents that wait on it count."""
     return ModelFootprint(
-        source=f"{backend}: the model runs {where}; only the Ray workers that wait on it are counted",
+        source=f"{backend}: the model runs {where}; only the agents' threads that wait on it are counted",
         instance_bytes=0,
         gpu_unused_reason=f"the model runs {where}",
     )

@@ -178,8 +178,9 @@ def kv_bytes_per_token(path: Path) -> tuple[int, str] | None:
     """The context (KV) cache one token takes, from the model's GGUF metadata, and how it was computed.
 
     llama.cpp keeps a key and a value vector per layer and KV head: layers x KV heads x (key length +
-    value length) x 2 bytes (f16). benchmarks/memory.py confirms it for Gemma 3 270M (18 KiB per
-    token). None when the metadata does not describe an attention cache.
+    value length) x 2 bytes (f16). benchmarks/local_engines.py sets it against the server's measured
+    memory per slot (18 KiB per token for Gemma 3 270M). None when the metadata does not describe an
+    attention cache.
     """
     try:
         metadata = read_metadata(path)
