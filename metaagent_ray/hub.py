@@ -1,14 +1,16 @@
 """The run hub: the Ray actor that submits a run's agents, supervises them and streams their events.
 
-Each agent is an async call on the hub (`supervise`) whose inputs are the ObjectRefs of its
-dependencies' supervised results. Because the hub submits those calls itself, it owns every ref of
-the run: an agent's dependencies resolve inside the hub and its inputs travel to its executor in the
-call, without a round trip to the driver. Once the inputs are ready the hub takes a free slot on one
-of the run's executors (executors.py), longest remaining path first, bounds the call by a deadline,
-runs the agent again when its executor died and, when the agent delegated, submits the sub-plan the
-same way and waits for it. Dependents take the supervised result, so an agent never holds an LLM
-slot while it waits for others. Everything that happens is published on the run's event stream,
-which the driver follows (runtime.py).
+Each agent is an async actor task on the hub (`supervise`) whose top-level arguments are the
+ObjectRefs of its dependencies' supervised results, so Ray starts it when they exist and hands it
+their values: Ray resolves the graph. Because the hub submits those calls itself, it owns every ref
+of the run, and a result goes from its executor to the hub and on into its dependents' calls without
+a round trip to the driver. What Ray cannot do is the hub's, and small: once an agent's inputs are
+there it takes a free slot on one of the run's executors (executors.py), longest remaining path
+first (Ray's queues are first come, first served), bounds the call by a deadline, runs the agent
+again when its executor died and, when the agent delegated, submits the sub-plan the same way and
+awaits its refs. Dependents take the supervised result, so an agent never holds an LLM slot while it
+waits for others. Everything that happens is published on the run's event stream, which the driver
+follows (runtime.py).
 """
 
 from __future__ import annotations
@@ -150,8 +152,6 @@ class _Run:
     slots: SlotPool
     events: asyncio.Queue[Event | AgentDone | None] = field(default_factory=asyncio.Queue)  # None ends the stream
     results: dict[str, ray.ObjectRef] = field(default_factory=dict)  # agent path -> its supervised result
-    # The same results as they arrive in this process: what dependents and parents wait on (no Ray round trip).
-    finished: dict[str, asyncio.Future[AgentRecord]] = field(default_factory=dict)
     work: list[ray.ObjectRef] = field(default_factory=list)
     executions: dict[str, int] = field(default_factory=dict)
     started: dict[str, asyncio.Event] = field(default_factory=dict)
@@ -188,15 +188,12 @@ class RunHub:
         run.total_agents += len(orders)
         for order in orders:
             label = order.context.label
-            run.finished[label] = asyncio.get_running_loop().create_future()
             if order.kept is not None and order.kept.status == "ok":
                 run.results[label] = ray.put(order.kept)
-                run.finished[label].set_result(order.kept)
                 continue
-            dependencies = [f"{prefix}{dep}" for dep in order.context.spec.depends_on]
-            # Refs inside a list are passed as refs, not awaited: `supervise` waits for the results itself.
-            inputs = [run.results[dependency] for dependency in dependencies]
-            run.results[label] = me.supervise.remote(run.submission.run_id, order, inputs, dependencies)
+            # Top-level ObjectRefs: Ray starts `supervise` once every dependency's result exists, and passes the results.
+            inputs = [run.results[f"{prefix}{dep}"] for dep in order.context.spec.depends_on]
+            run.results[label] = me.supervise.remote(run.submission.run_id, order, *inputs)
 
     async def started(self, run_id: str, path: str, role: str, pid: int, node: str) -> int:
         """An agent's work began (again, if Ray retried it); returns which execution this is."""
@@ -241,15 +238,14 @@ class RunHub:
         if run is not None:
             run.events.put_nowait(None)
 
-    async def supervise(self, run_id: str, order: AgentOrder, inputs: list[ray.ObjectRef], dependencies: list[str]) -> AgentRecord:
-        """The agent's final result: its work's once its inputs are ready, or its sub-plan's when it delegated.
+    async def supervise(self, run_id: str, order: AgentOrder, *inputs: AgentRecord) -> AgentRecord:
+        """The agent's final result: its work's, or its sub-plan's when it delegated. Ray calls it with its
+        dependencies' results once they all exist.
 
         Whatever happens, the driver hears of it: a fault here fails this agent, never hangs the run.
         """
         run = self._runs[run_id]
         try:
-            if dependencies:
-                await asyncio.wait([run.finished[dependency] for dependency in dependencies])
             if order.kept is not None:  # a resumed agent continues its unfinished sub-plan
                 result = order.kept
             else:
@@ -263,10 +259,9 @@ class RunHub:
             run.publish(Notice(warning, warning=True))
         result.warnings = []
         run.publish(AgentDone(order.context.label, result))
-        run.finished[order.context.label].set_result(result)
         return result
 
-    async def _execute(self, run: _Run, order: AgentOrder, inputs: list[ray.ObjectRef]) -> AgentRecord:
+    async def _execute(self, run: _Run, order: AgentOrder, inputs: tuple[AgentRecord, ...]) -> AgentRecord:
         """Run the agent on an executor with a free slot; an execution lost with its executor is tried again."""
         submission, context, slots = run.submission, order.context, run.slots
         me = ray.get_runtime_context().current_actor
@@ -311,7 +306,7 @@ class RunHub:
             detail = next(iter(str(error).splitlines()), "")
             return _failure(run, context, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
 
-    async def _delegate(self, run: _Run, order: AgentOrder, inputs: list[ray.ObjectRef], parent: AgentRecord) -> AgentRecord:
+    async def _delegate(self, run: _Run, order: AgentOrder, inputs: tuple[AgentRecord, ...], parent: AgentRecord) -> AgentRecord:
         """Run the agent's sub-plan as agents like any other; its final output becomes the agent's.
 
         The sub-plan's agents that already finished (a resumed run) are kept as they are.
@@ -330,7 +325,7 @@ class RunHub:
         prefix = f"{context.label}."
         kept = kept_agents(plan, sub_run.agents)
         self._submit(run, plan_orders(plan, sub_run.query, submission.llm, submission.limits.agent, prefix=prefix, kept=kept), prefix)
-        sub_run.agents = list(await asyncio.gather(*(run.finished[f"{prefix}{index}"] for index in range(len(plan.agents)))))
+        sub_run.agents = list(await asyncio.gather(*(run.results[f"{prefix}{index}"] for index in range(len(plan.agents)))))
         sinks_ok = all(sub_run.agents[index].status == "ok" for index in plan.sinks())
         parent.status = "ok" if sinks_ok else "failed"
         parent.error = None if sinks_ok else "its sub-plan's final agent did not succeed"

@@ -6,9 +6,11 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from metaagent_ray import AgentFinished, AgentStarted, MetaAgent, Notice, PlanReady, RunFinished, load_plan, parse_plan
 from metaagent_ray.record import RunRecord
@@ -73,6 +75,36 @@ def test_the_agent_after_the_fast_branch_does_not_wait_for_the_slow_branch(laten
     slow, after_fast = record.agents[1], record.agents[4]
     assert after_fast.finished_at < slow.finished_at  # finished while the slow branch was still running
     assert record.agents[5].inputs_from == [3, 4]
+
+
+def supervise_spans(since: float, count: int) -> list[tuple[float, float]]:
+    """(start, end) of the hub's `supervise` actor tasks that Ray ran since `since`, from Ray's own timeline.
+
+    Ray reports task events about once a second: wait (bounded) until `count` of them are there."""
+    deadline = time.time() + 30
+    while True:
+        spans = sorted(
+            (event["ts"] / 1e6, (event["ts"] + event["dur"]) / 1e6)
+            for event in ray.timeline()
+            if event.get("cat") == "task::RunHub.supervise" and event["ts"] / 1e6 >= since
+        )
+        if len(spans) >= count or time.time() > deadline:
+            return spans
+        time.sleep(0.5)
+
+
+def test_ray_starts_an_agent_only_once_its_dependencies_results_exist():
+    """The design card: each agent's Ray call takes its dependencies' ObjectRefs as arguments, so Ray
+    resolves the graph. The second agent's `supervise` task begins after the first one's has ended:
+    nothing of ours waited inside it."""
+    chain = parse_plan({"agents": [{"role": "RESEARCHER", "task": "first"}, {"role": "WRITER", "task": "second", "depends_on": [0]}]})
+    since = time.time()
+    record = MetaAgent(llm="fake", llm_options={"latency": 1.0}).execute(chain, "chain", save=False)
+    assert record.status == "ok"
+    spans = supervise_spans(since, 2)
+    assert len(spans) == 2, spans
+    (_, first_ended), (second_began, _) = spans
+    assert second_began >= first_ended
 
 
 def test_slots_cap_concurrent_agents(latency_file):
