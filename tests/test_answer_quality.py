@@ -155,7 +155,7 @@ def test_the_embedded_model_neither_loops_nor_parrots_its_prompt(query: str):
     """The real Gemma 270M, end to end: every answer is there, none repeats itself, none copies a prompt
     instruction, and at most one of them borrows a run of a role's worked example.
 
-    Borrowing is the residue the README states: a synthesizer whose notes say little may take an
+    Borrowing is the residue benchmarks/README.md states: a synthesizer whose notes say little may take an
     example's subject (benchmarks/quality.py: 0-1 of 49 answers). Which one does depends on which calls
     the server batches together, so it is not the same from run to run; a prompt that invites copying
     shows in many answers at once (16 of 45 with an example on Java and Kotlin)."""

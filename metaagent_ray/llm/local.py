@@ -66,7 +66,7 @@ DOCUMENT_STOP = ["\nNotes received:", "\nTask:", "\n- ", "\n\n", "\n###"]
 # sliding-window layers keep fewer tokens), so a slot counts as its KV cache.
 SERVER_BYTES = 230 * 1024**2  # the server's own buffers: 278 MiB with one slot, minus that slot
 # Parallel slots one core serves: the server's throughput still grew from 4 to 8 agents on 2 cores
-# (72.7 to 78.3 tokens/s, README's engine table), while each slot costs only its KV cache.
+# (72.7 to 78.3 tokens/s, benchmarks/README.md's engine table), while each slot costs only its KV cache.
 SLOTS_PER_CORE = 4
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type is f16
 # JSON answers on one line with fixed separators (LLGuidance's options for the schema): given free
@@ -292,7 +292,7 @@ class LocalLLM:
     @property
     def delegates(self) -> bool:
         """Only instruct models are offered DELEGATE: the default base model answered the offer by
-        copying it into its answer instead of using it (README, "Answers from the embedded model")."""
+        copying it into its answer instead of using it (benchmarks/README.md, `quality.py`)."""
         return self._info().chat_template
 
     def _info(self) -> ServerInfo:
