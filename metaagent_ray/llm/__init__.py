@@ -18,6 +18,7 @@ and is installed wherever the run's processes run (every node of a cluster).
 
 from __future__ import annotations
 
+import threading
 from functools import lru_cache
 from importlib.metadata import EntryPoint, entry_points
 
@@ -84,6 +85,10 @@ def _cached(key: str) -> LLM:
     return create_llm(LLMConfig.model_validate_json(key))
 
 
+_creating = threading.Lock()  # an executor's first agents all ask at once: one of them creates it, the rest wait
+
+
 def get_llm(config: LLMConfig) -> LLM:
     """The backend for this config, created once per process (a Ray worker loads a model once)."""
-    return _cached(config.cache_key())
+    with _creating:
+        return _cached(config.cache_key())
