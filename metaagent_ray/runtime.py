@@ -171,7 +171,8 @@ class _Run:
         wait_started(self.executors)
 
     def _submit(self, orders: list[AgentOrder]) -> None:
-        self.hub.submit.remote(self.submission.run_id, orders)
+        """Hand the hub these agents; waited for, so a fault in submitting them ends the run instead of leaving it waiting."""
+        ray.get(self.hub.submit.remote(self.submission.run_id, orders))
 
     def plan_streamed(self, query: str, planner: Planner, max_agents: int) -> tuple[ExecutionPlan, CoordinatorRecord, set[int]]:
         """Let the coordinator plan in a thread while agents start from its answer; returns the plan and who started."""
