@@ -70,7 +70,7 @@ def measure_agent_worker(config: dict) -> list[tuple[str, dict[str, int]]]:
     llm = get_llm(LLMConfig.model_validate(config))
     llm.complete(researcher_request())
     steps.append(("after a plain call (128 tokens)", status_bytes()))
-    make_plan(QUERY, llm, max_agents=64)
+    make_plan(QUERY, llm, max_agents=64, answer_tokens=RunSettings().answer_tokens)
     steps.append(("after a schema-constrained call (coordinator plan)", status_bytes()))
     return steps
 
