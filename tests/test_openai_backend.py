@@ -150,7 +150,7 @@ def test_the_budget_and_stops_reach_the_server_and_why_the_answer_ended_comes_ba
         ({"chat_template": CHATML_FALLBACK, "total_slots": 4}, "document"),  # llama-server, a model without a template
         ({"chat_template": ""}, "document"),
         ({"chat_template": "{% for message in messages %}<start_of_turn>{{ message.content }}{% endfor %}"}, "chat"),
-        ({"total_slots": 4}, "document"),  # a llama-server that names no template has none
+        ({"total_slots": 4}, "chat"),  # not llama-server's /props: it always names the template
         (None, "chat"),  # no /props (vLLM, Ollama, the stand-in by default): chat
     ],
 )

@@ -80,7 +80,7 @@ class AnswerBudgets(BaseModel):
 
 def strip_markers(text: str) -> str:
     """The answer up to the first chat-template marker after its text; markers before any text are
-    dropped, with the role name of the turn they open ("<start_of_turn>model\n...")."""
+    dropped, with the role name on the line of the turn they open ("<start_of_turn>model")."""
     for index, piece in enumerate(_MARKER.split(text)):
         answer = _TURN_ROLE.sub("", piece, count=1) if index > 0 and _TURN_ROLE.match(piece) else piece
         if answer.strip():

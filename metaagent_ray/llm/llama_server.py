@@ -33,10 +33,11 @@ CHATML_FALLBACK = (
 )
 
 
-def has_chat_template(props: Any) -> bool:
-    """Whether the model of a llama.cpp server whose `/props` answered `props` has a chat template of its own."""
+def lacks_chat_template(props: Any) -> bool:
+    """Whether `props`, a server's answer to `GET /props`, is llama.cpp's for a model without a chat
+    template of its own: its `chat_template` empty, or llama.cpp's fallback."""
     template = props.get("chat_template") if isinstance(props, dict) else None
-    return isinstance(template, str) and "".join(template.split()) not in ("", "".join(CHATML_FALLBACK.split()))
+    return isinstance(template, str) and "".join(template.split()) in ("", "".join(CHATML_FALLBACK.split()))
 
 
 def completion_prompt(request: LLMRequest) -> tuple[str, tuple[str, ...]]:

@@ -37,7 +37,7 @@ from .base import (
     no_model_footprint,
     parse_options,
 )
-from .llama_server import completion_prompt, has_chat_template, json_schema_field
+from .llama_server import completion_prompt, json_schema_field, lacks_chat_template
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # `vllm serve`'s default port
 DEFAULT_API_KEY = "none"  # local servers accept any key unless started with one
@@ -101,19 +101,18 @@ class OpenAILLM:
 
     def _detect_style(self) -> PromptStyle | None:
         """The style the server shows: "document" when it is llama.cpp's and its model has no chat template of its
-        own; "chat" for any other answer to `/props` (a server without it: vLLM, Ollama); None when it did not answer."""
+        own; "chat" for any other answer to `/props` (a server without it: vLLM, Ollama; a model with one); None
+        when it did not answer."""
         check_model_request("openai", self.base_url)
         try:
             response = self._client.get(f"{self.base_url.removesuffix('/v1')}/props", timeout=min(CHECK_TIMEOUT, self.options.timeout))
         except httpx.TransportError:
             return None
-        if response.status_code != 200:
-            return "chat"
         try:
-            props = response.json()
+            props = response.json() if response.status_code == 200 else None
         except ValueError:
-            return "chat"
-        return "chat" if has_chat_template(props) else "document"
+            props = None
+        return "document" if lacks_chat_template(props) else "chat"
 
     def describe(self) -> str:
         return f"openai {self._model or '(the served model)'} at {self.base_url}"
