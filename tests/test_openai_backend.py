@@ -166,7 +166,9 @@ def test_a_model_without_a_chat_template_gets_documents_over_completions() -> No
         plan = llm.complete(agent_request(json_schema=PLAN_SCHEMA, max_tokens=512))
         streamed: list[str] = []
         answer = llm.complete(agent_request("Research A", max_tokens=2, on_text=streamed.append))
-        document = llm.complete(LLMRequest(messages=[Message("document", "Notes received:\n(none)\n\nTask: Research B\nNote:")], caller="agent"))
+        document = llm.complete(
+            LLMRequest(messages=[Message("document", "Notes received:\n(none)\n\nTask: Research B\nNote:")], caller="agent")
+        )
         bodies = running.chat_bodies()
 
     assert json.loads(plan.text) == DEFAULT_PLAN
@@ -204,8 +206,10 @@ def test_the_readme_query_through_llama_cpps_own_server_is_bounded(tmp_path) -> 
     from metaagent_ray.settings import RunSettings
 
     with serving(parallel=4, alias="gemma") as base_url:
-        command = ["run", "Compare Python and Rust for web development", "--llm", "openai", "--openai-base-url", base_url, "--model", "gemma"]
-        result = CliRunner().invoke(app, [*command, "--run-dir", str(tmp_path / "run")])
+        openai = ["--llm", "openai", "--openai-base-url", base_url, "--model", "gemma"]
+        result = CliRunner().invoke(
+            app, ["run", "Compare Python and Rust for web development", *openai, "--run-dir", str(tmp_path / "run")]
+        )
     assert result.exit_code == 0, result.output
     record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
     budgets = RunSettings().answer_tokens.document
