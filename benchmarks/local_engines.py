@@ -45,7 +45,8 @@ from metaagent_ray.agents import AgentContext, build_messages
 from metaagent_ray.api import run_limits
 from metaagent_ray.coordinator import coordinator_messages
 from metaagent_ray.llm import LLMConfig, LLMRequest
-from metaagent_ray.llm.local import PLAIN_STOP, LocalLLM, LocalOptions, LocalServer, kv_bytes_per_token, model_path, plain_prompt
+from metaagent_ray.llm.llama_server import PLAIN_STOP, plain_prompt
+from metaagent_ray.llm.local import LocalLLM, LocalOptions, LocalServer, kv_bytes_per_token, model_path
 from metaagent_ray.plan import AgentSpec, ExecutionPlan, Role, plan_json_schema
 from metaagent_ray.settings import RunSettings
 
@@ -127,7 +128,7 @@ def _llama_answer(job: tuple[float, LLMRequest]) -> Answer:
         grammar = LlamaGrammar.from_string(gbnf, verbose=False)
     stream = _llama.create_completion(
         plain_prompt(request.messages),
-        stop=PLAIN_STOP,
+        stop=list(PLAIN_STOP),
         max_tokens=request.max_tokens or options.max_tokens,
         temperature=options.temperature,
         repeat_penalty=1.0 if grammar is not None else REPEAT_PENALTY_BEFORE,

@@ -25,7 +25,7 @@ import time
 from importlib import resources
 
 from metaagent_ray import MetaAgent
-from metaagent_ray.agents import cut_repetition
+from metaagent_ray.llm.bounds import cut_repetition
 from metaagent_ray.record import AgentRecord
 from metaagent_ray.subjects import enumerated_subjects
 

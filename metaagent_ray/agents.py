@@ -4,36 +4,30 @@ Plain Python with no Ray in it: an executor (executors.py) runs `run_agent` in o
 and tests can call it directly. The result is the agent's `AgentRecord`, the one type for it from
 the executor to the record. Transient LLM errors are retried here with exponential backoff and
 jitter; an agent that may delegate can answer DELEGATE, and then gets a sub-plan from the
-coordinator for the runtime to run.
+coordinator for the runtime to run. Its answer is bounded as every answer is (llm/bounds.py): a
+budget by role, the stops of its prompt, and what is kept cut at template markers and repeats.
 """
 
 from __future__ import annotations
 
 import random
-import re
 import time
 from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 from .coordinator import make_plan
 from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, PromptStyle, TextCallback, get_llm
+from .llm.bounds import TEMPLATE_MARKERS, AnswerBudgets, finish_answer
 from .plan import AgentSpec
 from .prompts import load_prompt
 from .record import AgentRecord, SubRunRecord
 
 FailurePolicy = Literal["continue", "stop"]
 DELEGATE = "DELEGATE"
-# A base model's answer budget per role when --max-tokens is not given: a paragraph, the length of
-# its worked example, leaves no room for the model to run on.
-DOCUMENT_ANSWER_TOKENS = {
-    "RESEARCHER": 128,
-    "ANALYZER": 160,
-    "PLANNER": 160,
-    "WRITER": 192,
-    "CRITIC": 128,
-    "SYNTHESIZER": 192,
-    "COORDINATOR": 160,
-}
+# An agent's document prompt (its role's worked examples, then its notes and task) ends where the
+# model starts the next example, a note of its own ("- ..."), a new paragraph, or a second answer
+# under the document's own answer label (its last line, "Note:" or "Analysis:": `answer_stops` adds it).
+DOCUMENT_STOP = ("\nNotes received:", "\nTask:", "\n- ", "\n\n", "\n###")
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 8.0
 
@@ -47,7 +41,8 @@ class AgentLimits:
 
     retries: int
     call_timeout: float | None
-    max_tokens: int | None
+    max_tokens: int | None  # every answer's budget (--max-tokens); None: `answer_tokens`'s, by style and role
+    answer_tokens: AnswerBudgets
     on_failure: FailurePolicy
     max_depth: int
     max_agents: int
@@ -134,6 +129,19 @@ def build_messages(
     return [Message("system", role_prompt), Message("user", user_prompt)]
 
 
+def answer_stops(messages: list[Message]) -> tuple[str, ...]:
+    """Where an agent's answer ends: at a chat-template marker, and a document's answer where the document would go on."""
+    if len(messages) == 1 and messages[0].role == "document":
+        answer_label = messages[0].content.rsplit("\n", 1)[-1]
+        return (*TEMPLATE_MARKERS, *DOCUMENT_STOP, f"\n{answer_label}")
+    return TEMPLATE_MARKERS
+
+
+def answer_budget(limits: AgentLimits, role: str, style: PromptStyle) -> int:
+    """Most tokens the agent's answer may have: --max-tokens when given, else its role's budget for its model's prompt style."""
+    return limits.max_tokens or limits.answer_tokens.of(style).of_role(role)
+
+
 class CallFailed(Exception):
     """The LLM call failed for good, after `attempts` tries."""
 
@@ -186,16 +194,18 @@ def run_agent(
         return result
     llm = get_llm(context.llm)
     may_delegate = context.may_delegate and llm.delegates
-    document = llm.prompt_style == "document"
+    style = llm.prompt_style
+    messages = build_messages(context, inputs, specs, may_delegate=may_delegate, style=style)
     request = LLMRequest(
-        messages=build_messages(context, inputs, specs, may_delegate=may_delegate, style=llm.prompt_style),
+        messages=messages,
         caller="agent",
         query=context.query,
         agent_id=context.agent_id,
         role=context.spec.role.value,
         task=context.spec.task,
         inputs_from=received,
-        max_tokens=context.limits.max_tokens or (DOCUMENT_ANSWER_TOKENS[context.spec.role.value] if document else None),
+        max_tokens=answer_budget(context.limits, context.spec.role.value, style),
+        stop=answer_stops(messages),
         timeout=context.limits.call_timeout,
         may_delegate=may_delegate,
         on_text=on_text,
@@ -203,7 +213,8 @@ def run_agent(
     result.started_at = time.time()
     try:
         response, result.attempts = call_with_retries(llm, request, context.limits.retries)
-        result.output, result.repetition_cut = cut_repetition(response.text)
+        result.output, result.repetition_cut = finish_answer(response.text)
+        result.finish_reason = response.finish_reason
         result.llm_ms = response.llm_ms
         if response.prompt_tokens is not None or response.completion_tokens is not None:
             result.tokens = {"prompt": response.prompt_tokens or 0, "completion": response.completion_tokens or 0}
@@ -220,31 +231,12 @@ def run_agent(
     return result
 
 
-_SENTENCE = re.compile(r"[^.!?\n]+[.!?]*")
-MIN_REPEATED_WORDS = 4  # shorter repeats ("- Fast.", "Yes.") can be meant
-
-
-def cut_repetition(text: str) -> tuple[str, bool]:
-    """The answer up to its first repeated paragraph or sentence, and whether it was cut.
-
-    Small models loop: they write a paragraph or a sentence again and again until the token limit.
-    A repeat tells the reader nothing new, so the answer ends before it.
-    """
-    seen: set[str] = set()
-    for match in _SENTENCE.finditer(text):
-        sentence = " ".join(match.group().lower().split())
-        if len(sentence.split()) < MIN_REPEATED_WORDS:
-            continue
-        if sentence in seen:
-            return text[: match.start()].rstrip(), True
-        seen.add(sentence)
-    return text, False
-
-
 def _delegate(context: AgentContext, inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec], llm: LLM, result: AgentRecord) -> None:
     """The agent asked for a team: plan its task as a sub-plan one level deeper, for the runtime to run."""
     sub_query = load_prompt("sub_query").format(task=context.spec.task, query=context.query, inputs=format_inputs(inputs, specs))
-    plan, coordinator = make_plan(sub_query, llm, max_agents=context.limits.max_agents, depth=context.depth + 1)
+    plan, coordinator = make_plan(
+        sub_query, llm, max_agents=context.limits.max_agents, answer_tokens=context.limits.answer_tokens, depth=context.depth + 1
+    )
     result.status, result.output, result.sub_run = "delegated", "", SubRunRecord.start(context.label, sub_query, plan)
     if coordinator.fallback:
         result.warnings.append(f"Agent {context.label}: the coordinator's sub-plan fell back: {coordinator.errors[-1]}")

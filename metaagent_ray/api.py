@@ -223,7 +223,14 @@ class MetaAgent:
         llm = self._planning(query)
 
         def planner(on_text: TextCallback, on_rejected: Callable[[str], None]) -> tuple[ExecutionPlan, CoordinatorRecord]:
-            return make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text, on_rejected=on_rejected)
+            return make_plan(
+                query,
+                llm,
+                max_agents=self.settings.max_agents,
+                answer_tokens=self.settings.answer_tokens,
+                on_text=on_text,
+                on_rejected=on_rejected,
+            )
 
         return self._kept(
             lambda: plan_and_execute(
@@ -309,7 +316,9 @@ class MetaAgent:
         a run whose cluster is unreachable stops before the LLM plans."""
         llm = self._planning(query, connect=connect)
         on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
-        plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text)
+        plan, coordinator = make_plan(
+            query, llm, max_agents=self.settings.max_agents, answer_tokens=self.settings.answer_tokens, on_text=on_text
+        )
         self.on_event(planned_notice(plan, coordinator))
         return plan, coordinator
 
@@ -380,6 +389,7 @@ def run_limits(settings: RunSettings) -> RunLimits:
         retries=settings.retries,
         call_timeout=settings.agent_timeout,
         max_tokens=settings.max_tokens,
+        answer_tokens=settings.answer_tokens,
         on_failure=settings.on_failure,
         max_depth=settings.max_depth,
         max_agents=settings.max_agents,

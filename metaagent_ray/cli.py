@@ -116,9 +116,19 @@ class RunOptions:
             help=f"Bound on all agents of a run, sub-plans included \\[default: {DEFAULTS['max_total_agents']}].",
         ),
     ] = None
-    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Most tokens one agent's answer may have.")] = None
+    max_tokens: Annotated[
+        Optional[int],
+        typer.Option("--max-tokens", min=1, help="Most tokens one agent's answer may have \\[default: a budget per role and model kind]."),
+    ] = None
     openai_base_url: Annotated[
         Optional[str], typer.Option("--openai-base-url", help="--llm openai: the server's /v1 URL (vLLM, llama-server).")
+    ] = None
+    prompt_style: Annotated[
+        Optional[str],
+        typer.Option(
+            "--prompt-style",
+            help="--llm openai: chat, or document for a model without a chat template \\[default: auto, from llama-server's /props].",
+        ),
     ] = None
     gpu_instances: Annotated[
         Optional[int], typer.Option("--gpu-instances", min=1, help="Serve the model from N server instances, each on its GPU share.")
@@ -166,12 +176,13 @@ class RunOptions:
             raise ConfigError("--fake-latency, --fake-fail and --fake-plan apply to --llm fake only")
         if self.ollama_host is not None and self.llm not in (None, "ollama", "auto"):
             raise ConfigError("--ollama-host applies to --llm ollama or auto only")
-        if self.openai_base_url is not None and self.llm != "openai":
-            raise ConfigError("--openai-base-url applies to --llm openai only")
+        if (self.openai_base_url is not None or self.prompt_style is not None) and self.llm != "openai":
+            raise ConfigError("--openai-base-url and --prompt-style apply to --llm openai only")
         options = {
             **fake,
             **({"host": self.ollama_host} if self.ollama_host is not None else {}),
             **({"base_url": self.openai_base_url} if self.openai_base_url is not None else {}),
+            **({"prompt_style": self.prompt_style} if self.prompt_style is not None else {}),
         }
         pool = {
             key: value

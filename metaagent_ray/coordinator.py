@@ -17,6 +17,7 @@ from pydantic import ValidationError
 from .errors import MetaAgentError
 from .events import Notice
 from .llm import LLM, LLMError, LLMRequest, Message, TextCallback
+from .llm.bounds import AnswerBudgets
 from .plan import ExecutionPlan, explain, plan_json_schema
 from .prompts import load_prompt
 from .record import CoordinatorRecord
@@ -111,14 +112,16 @@ def make_plan(
     llm: LLM,
     *,
     max_agents: int,
+    answer_tokens: AnswerBudgets,
     depth: int = 0,
     on_text: TextCallback | None = None,
     on_rejected: Callable[[str], None] | None = None,
 ) -> tuple[ExecutionPlan, CoordinatorRecord]:
     """Ask the coordinator LLM for a plan that maximises parallelism; always returns a usable plan.
 
-    `on_text` receives the answer as it streams, where the backend streams; `on_rejected` hears why
-    an answer was rejected (before the retry or the fallback).
+    The plan's token budget is `answer_tokens`' for the model's prompt style. `on_text` receives the
+    answer as it streams, where the backend streams; `on_rejected` hears why an answer was rejected
+    (before the retry or the fallback).
     """
     messages = coordinator_messages(query, max_agents)
     schema = plan_json_schema(max_agents)
@@ -131,6 +134,7 @@ def make_plan(
             caller="coordinator",
             query=query,
             json_schema=schema,
+            max_tokens=answer_tokens.of(llm.prompt_style).plan,
             attempt=attempt,
             on_text=on_text,
             cache_messages=1,

@@ -54,6 +54,7 @@ class AgentRecord(BaseModel):
     output_file: str | None = None  # relative to the run directory
     reused: bool = False  # taken from the run being resumed, without an LLM call
     repetition_cut: bool = False  # the answer repeated a sentence or paragraph and was cut before the repeat
+    finish_reason: str | None = None  # why the model's answer ended, as its server said: "stop", or "length" (its token budget)
     sub_run: SubRunRecord | None = None  # the sub-plan this agent delegated its task to
     # What the run should warn about this agent (its sub-plan fell back, a budget was reached): carried to
     # the hub, which publishes each as a warning event for the run's `warnings`; not saved here.

@@ -12,9 +12,34 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .llm import CALL_TIMEOUT_S
+from .llm.bounds import AnswerBudget, AnswerBudgets
+from .plan import Role
 from .pool import PoolSpec
 
 INJECTED_FAULTS = "fail"  # the fake backend's fault-injection option: never stored for a resume
+
+
+def default_answer_tokens() -> AnswerBudgets:
+    """Every answer's token budget unless --max-tokens is given (llm/bounds.py), by prompt style.
+
+    A base model ("document") writes until it is stopped: an agent gets a paragraph, the length of
+    its role's worked example, and the plan what the default model's plans take (139 tokens for the
+    README's request's 4 agents) with room to spare. An instruct model ("chat") ends its answer on
+    its own: its budgets only stop one that runs on, at several times a concise answer.
+    """
+    document = {
+        Role.RESEARCHER: 128,
+        Role.ANALYZER: 160,
+        Role.PLANNER: 160,
+        Role.WRITER: 192,
+        Role.CRITIC: 128,
+        Role.SYNTHESIZER: 192,
+        Role.COORDINATOR: 160,
+    }
+    return AnswerBudgets(
+        chat=AnswerBudget(plan=2048, roles={role: 4 * tokens for role, tokens in document.items()}),
+        document=AnswerBudget(plan=384, roles=document),
+    )
 
 
 class RunSettings(BaseModel):
@@ -33,7 +58,8 @@ class RunSettings(BaseModel):
     max_depth: int = Field(default=2, ge=0)
     max_agents: int = Field(default=64, ge=1)
     max_total_agents: int = Field(default=200, ge=1)
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)  # every agent's answer budget; None: answer_tokens'
+    answer_tokens: AnswerBudgets = Field(default_factory=default_answer_tokens)
     pool: PoolSpec | None = None  # serve the model from this pool of server instances (GPU serving)
 
     @classmethod

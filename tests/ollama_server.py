@@ -4,7 +4,9 @@ The Ollama backend is tested through the official `ollama` client against this s
 patching the client. It records every request, counts chat calls in flight (to show that calls
 overlap, or that a cap holds), answers from the request's content rather than its arrival order,
 and can misbehave per request the ways a real server does: HTTP 500, a dropped connection, a stall
-past the client's timeout, a malformed body, a model that is not pulled.
+past the client's timeout, a malformed body, a model that is not pulled. Like a real server it answers
+within the request's `num_predict` (a token is a word here: done_reason "length" when it cut the
+answer); it applies no stop sequences, so that what a backend does with an answer past them shows.
 
     with OllamaServer() as server:
         llm = create_llm(LLMConfig(backend="ollama", options={"host": server.url}))
@@ -297,7 +299,7 @@ class OllamaServer(BackgroundServer):
 
     def _answer(self, handler: OwnedHandler, body: dict[str, Any], started: float) -> None:
         try:
-            text = self.responder(body)
+            text, finish = within_budget(self.responder(body), (body.get("options") or {}).get("num_predict"))
         except Exception as error:  # a test's responder failed: say so over HTTP rather than hang
             handler.send_json(500, {"error": f"test responder failed: {error!r}"})
             return
@@ -308,7 +310,7 @@ class OllamaServer(BackgroundServer):
             **base,
             "message": {"role": "assistant", "content": "" if body.get("stream") else text},
             "done": True,
-            "done_reason": "stop",
+            "done_reason": finish,
             "total_duration": total_ns,
             "load_duration": 0,
             "prompt_eval_count": prompt_tokens,
@@ -326,6 +328,14 @@ class OllamaServer(BackgroundServer):
 def words_of(text: str) -> list[str]:
     """A streamed answer's pieces: each word with the space before it."""
     return re.findall(r"\s*\S+", text)
+
+
+def within_budget(text: str, max_tokens: int | None) -> tuple[str, str]:
+    """The answer cut to `max_tokens` words, as a server cuts it to its budget, and why it ended."""
+    pieces = words_of(text)
+    if max_tokens is None or len(pieces) <= max_tokens:
+        return text, "stop"
+    return "".join(pieces[:max_tokens]), "length"
 
 
 def _tag(name: str, size: int) -> dict[str, Any]:

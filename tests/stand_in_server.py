@@ -1,7 +1,10 @@
-"""A stand-in LLM server: real HTTP on 127.0.0.1, speaking the Ollama API or the OpenAI chat API.
+"""A stand-in LLM server: real HTTP on 127.0.0.1, speaking the Ollama API or the OpenAI API (chat and completions).
 
 Two uses. In-process, it is the OpenAI-compatible server the `openai` backend is tested against
-(faults on demand, like tests/ollama_server.py). As a process, it stands in for `ollama serve` or
+(faults on demand, like tests/ollama_server.py). Like a real server it answers within the request's
+`max_tokens` (a token is a word here: "length" when it cut the answer), but it applies no stop
+sequences, so that what a backend does with an answer that ran past them shows; given `props`, it
+answers llama-server's `GET /props` with them (else 404, as vLLM does). As a process, it stands in for `ollama serve` or
 `vllm serve` in the GPU pool's tests, which need no GPU:
 
     python -m tests.stand_in_server --port 8001 --api ollama --delay 0.2
@@ -21,7 +24,7 @@ import threading
 import time
 from typing import Any, Callable, Literal, Sequence
 
-from tests.ollama_server import DEFAULT_PLAN, BackgroundServer, OwnedHandler, default_responder, words_of
+from tests.ollama_server import DEFAULT_PLAN, BackgroundServer, OwnedHandler, default_responder, within_budget, words_of
 
 Api = Literal["ollama", "openai"]
 Fault = Literal["http_500", "http_429", "http_400", "drop", "stall", "malformed"]
@@ -30,9 +33,13 @@ FaultFn = Callable[[dict[str, Any]], "Fault | None"]  # a chat request body -> t
 
 
 def answer(body: dict[str, Any]) -> str:
-    """A valid plan when the request asks for JSON (either API's way), else an answer naming the request."""
+    """A valid plan when the request asks for JSON (either API's way), else an answer naming the request
+    (a completion's: its document's last task)."""
     if body.get("response_format") is not None or body.get("format") is not None:
         return json.dumps(DEFAULT_PLAN)
+    if "prompt" in body:
+        tasks = [line.removeprefix("Task:").strip() for line in str(body["prompt"]).splitlines() if line.startswith("Task:")]
+        return f"Answer to: {tasks[-1] if tasks else str(body['prompt']).splitlines()[0]}"
     return default_responder(body)
 
 
@@ -54,8 +61,10 @@ class StandInServer(BackgroundServer):
         responder: Responder = answer,
         fault: FaultFn | None = None,
         stall_seconds: float = 30.0,
+        props: dict[str, Any] | None = None,
     ) -> None:
         self.api = api
+        self.props = props
         self.models = list(models)
         self.delay = delay
         self.responder = responder
@@ -74,7 +83,7 @@ class StandInServer(BackgroundServer):
         return f"{self.url}/v1"
 
     def chat_bodies(self) -> list[dict[str, Any]]:
-        """The JSON bodies of the chat calls so far, in arrival order."""
+        """The JSON bodies of the chat (and completion) calls so far, in arrival order."""
         with self._lock:
             return list(self._bodies)
 
@@ -102,7 +111,9 @@ class StandInServer(BackgroundServer):
         elif self.api == "openai" and method == "GET" and path == "/v1/models":
             data = [{"id": name, "object": "model", "created": 0, "owned_by": "stand-in"} for name in self.models]
             handler.send_json(200, {"object": "list", "data": data})
-        elif method == "POST" and path in ("/api/chat", "/v1/chat/completions"):
+        elif self.api == "openai" and method == "GET" and path == "/props" and self.props is not None:
+            handler.send_json(200, self.props)
+        elif method == "POST" and path in ("/api/chat", "/v1/chat/completions", "/v1/completions"):
             self._chat(handler, path)
         else:
             handler.send_text(404, "404 page not found")
@@ -125,7 +136,7 @@ class StandInServer(BackgroundServer):
             if path == "/api/chat":
                 self._ollama_chat(handler, body)
             else:
-                self._openai_chat(handler, body)
+                self._openai_chat(handler, body, chat=path == "/v1/chat/completions")
         finally:
             with self._lock:
                 self._in_flight -= 1
@@ -134,17 +145,18 @@ class StandInServer(BackgroundServer):
         if body.get("model") not in self.models:
             handler.send_json(404, {"error": f"model \"{body.get('model', '')}\" not found, try pulling it first"})
             return
-        text = self.responder(body)
+        text, finish = within_budget(self.responder(body), (body.get("options") or {}).get("num_predict"))
         handler.send_json(200, {
             "model": body["model"],
             "created_at": "2025-01-01T00:00:00Z",
             "message": {"role": "assistant", "content": text},
             "done": True,
+            "done_reason": finish,
             "prompt_eval_count": _words(body),
             "eval_count": len(text.split()),
         })
 
-    def _openai_chat(self, handler: OwnedHandler, body: dict[str, Any]) -> None:
+    def _openai_chat(self, handler: OwnedHandler, body: dict[str, Any], chat: bool) -> None:
         fault = self.fault(body) if self.fault is not None else None
         if fault == "stall":
             self._closing.wait(self.stall_seconds)
@@ -161,27 +173,37 @@ class StandInServer(BackgroundServer):
             message = f"The model `{body.get('model', '')}` does not exist."
             handler.send_json(404, {"object": "error", "message": message, "type": "NotFoundError", "code": 404})
         else:
-            text = self.responder(body)
+            text, finish = within_budget(self.responder(body), body.get("max_tokens"))
             prompt, completion = _words(body), len(text.split())
             usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-            if body.get("stream"):  # server-sent events: one per token (a word here), the usage, then [DONE]
-                events = [{"choices": [{"index": 0, "delta": {"content": piece}}]} for piece in words_of(text)]
+            if body.get("stream"):  # server-sent events: one per token (a word here), the last with the finish reason, the usage, [DONE]
+                pieces = words_of(text)
+                events = [
+                    {"choices": [{"index": 0, **_content(piece, chat), "finish_reason": finish if number == len(pieces) else None}]}
+                    for number, piece in enumerate(pieces, 1)
+                ]
                 events.append({"choices": [], "usage": usage})
                 handler.send_stream("text/event-stream", [f"data: {json.dumps(event)}\n\n".encode() for event in events] + [b"data: [DONE]\n\n"])
                 return
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
             handler.send_json(200, {
-                "id": "chatcmpl-stand-in",
-                "object": "chat.completion",
+                "id": "chatcmpl-stand-in" if chat else "cmpl-stand-in",
+                "object": "chat.completion" if chat else "text_completion",
                 "created": int(time.time()),
                 "model": body["model"],
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "choices": [{**choice, "finish_reason": finish}],
                 "usage": usage,
             })
 
 
+def _content(piece: str, chat: bool) -> dict[str, Any]:
+    """A streamed piece as chat (a delta) or a completion (text) carries it."""
+    return {"delta": {"content": piece}} if chat else {"text": piece}
+
+
 def _words(body: dict[str, Any]) -> int:
-    """A stand-in token count: the words of every message."""
-    return sum(len(str(message.get("content", "")).split()) for message in body.get("messages", []))
+    """A stand-in token count: the words of every message, or of the prompt."""
+    return len(str(body.get("prompt", "")).split()) + sum(len(str(message.get("content", "")).split()) for message in body.get("messages", []))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from metaagent_ray.agents import DOCUMENT_ANSWER_TOKENS, AgentContext, cut_repetition, run_agent
+from metaagent_ray.agents import AgentContext, run_agent
 from metaagent_ray.api import run_limits
 from metaagent_ray.coordinator import coordinator_request, make_plan, nearest_example
 from metaagent_ray.llm import LLMConfig, LLMRequest, get_llm
+from metaagent_ray.llm.bounds import cut_repetition
 from metaagent_ray.llm.local import LocalOptions, request_body
 from metaagent_ray.plan import AgentSpec, Role
 from metaagent_ray.prompts import load_prompt
@@ -97,7 +98,7 @@ def test_instruct_and_base_models_get_the_same_subject_hint(chat_template: bool)
     messages an instruct model gets (Ollama and OpenAI send the same messages) or a base model's document."""
     query = "Compare Python, Rust, Go, and JavaScript for backend development"
     first = len(REQUESTS)
-    make_plan(query, get_llm(recorder()), max_agents=8)
+    make_plan(query, get_llm(recorder()), max_agents=8, answer_tokens=LIMITS.answer_tokens)
     request = REQUESTS[first]  # the first try (the scripted answer is no plan, so a retry follows)
     assert request.messages[-1].content == coordinator_request(query)
     _, body = request_body(request, LocalOptions(), chat_template, 1.0)
@@ -143,7 +144,7 @@ def test_a_base_model_gets_its_roles_worked_example_as_one_document_and_a_paragr
     # the task comes last, right before the answer starts, after the notes it works from
     assert message.content.endswith("Notes received:\n- Research Python: Python is easy. It has Django.\n\nTask: Compare Python and Rust\nAnalysis:")
     assert "Task: Compare honeybees and bumblebees as pollinators" in message.content  # a worked example
-    assert request.max_tokens == DOCUMENT_ANSWER_TOKENS["ANALYZER"] and not request.may_delegate
+    assert request.max_tokens == LIMITS.answer_tokens.document.of_role("ANALYZER") == 160 and not request.may_delegate
     _, body = request_body(request, LocalOptions(), chat_template=False, repeat_penalty=1.0)
     assert "\nAnalysis:" in body["stop"] and "\nNotes received:" in body["stop"]  # a second answer, or the next example, ends it
 

@@ -1,19 +1,28 @@
 """Backends are entry points (group `metaagent_ray.backends`): the built-in ones, a third-party one and
 the scripted test backend are found by name in the driver and in every Ray worker, and real models
-are off in tests not marked `model`."""
+are off in tests not marked `model`. Every backend that reaches a server is bounded alike: budgets,
+stops, and answers cut at template markers and loops (llm/bounds.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from typing import Any
 
 import pytest
 import ray
 
 from metaagent_ray import MetaAgent
+from metaagent_ray.agents import DOCUMENT_STOP
 from metaagent_ray.errors import ConfigError
 from metaagent_ray.llm import LLMConfig, LLMRequest, ModelRequestsForbidden, available_backends, create_llm
+from metaagent_ray.llm.bounds import TEMPLATE_MARKERS
+from metaagent_ray.llm.llama_server import CHATML_FALLBACK
 from metaagent_ray.llm.local import local_backend_available
+from metaagent_ray.record import RunRecord
+from metaagent_ray.settings import RunSettings
+from tests.stand_in_server import StandInServer
 
 PLAN = {
     "description": "Two researchers, an analyzer, a writer",
@@ -93,3 +102,80 @@ def test_a_real_model_outside_a_model_test_fails_loudly():
     if local_backend_available():
         with pytest.raises(ModelRequestsForbidden, match="local backend: .*a model in this process"):
             create_llm(LLMConfig(backend="local")).check()
+
+
+# What a model that never ends its answers writes, by task: a loop, a prompt echo after a template
+# marker, a turn opened by markers; and one plain answer.
+RUNAWAY = {
+    "Research A": "A is a language for the web. " * 300,
+    "Research B": "B is fast.<|im_end|>\n<|im_start|>assistant\nThe user's request: Compare A and B",
+    "Compare A and B": "<start_of_turn>model\nA reads well; B runs fast.<end_of_turn>\n<start_of_turn>user",
+    "Write it up": "A for ease, B for speed.",
+}
+KEPT = {
+    "Research A": "A is a language for the web.",
+    "Research B": "B is fast.",
+    "Compare A and B": "A reads well; B runs fast.",
+    "Write it up": "A for ease, B for speed.",
+}
+
+
+def task_of(body: dict[str, Any]) -> str:
+    """The agent's task in a chat request ("Your task in the plan:" then the task) or a document ("Task: ..." last)."""
+    text = body["prompt"] if "prompt" in body else body["messages"][-1]["content"]
+    lines = text.splitlines()
+    if "Your task in the plan:" in lines:
+        return lines[lines.index("Your task in the plan:") + 1]
+    return [line.removeprefix("Task: ") for line in lines if line.startswith("Task: ")][-1]
+
+
+def runaway(body: dict[str, Any]) -> str:
+    if body.get("format") is not None or body.get("response_format") is not None:
+        return json.dumps(PLAN)
+    return RUNAWAY[task_of(body)]
+
+
+def bounds_of(body: dict[str, Any]) -> tuple[int, list[str]]:
+    """The budget and stop sequences a request gave, in its API's words."""
+    if "options" in body:  # Ollama
+        return body["options"]["num_predict"], body["options"]["stop"]
+    return body["max_tokens"], body["stop"]
+
+
+@pytest.mark.usefixtures("ray_session")
+@pytest.mark.parametrize(
+    ("backend", "props", "style"),
+    [("ollama", None, "chat"), ("openai", None, "chat"), ("openai", {"chat_template": CHATML_FALLBACK}, "document")],
+    ids=["ollama", "openai-chat", "openai-document"],
+)
+def test_every_server_backend_gets_the_same_bounds_and_no_answer_keeps_a_marker_or_a_loop(backend, props, style, tmp_path):
+    """A server whose model never stops (the stand-in ignores stop sequences, like a model past them):
+    every request carries its role's budget for the model's style and the stops; each answer is cut
+    at its first template marker and before its first repeat; the record says why each ended."""
+    with StandInServer(api=backend, models=["test-model"], responder=runaway, props=props) as server:
+        where = {"host": server.url} if backend == "ollama" else {"base_url": server.base_url}
+        record = MetaAgent(llm=backend, model="test-model", llm_options=where).run("Compare A and B", run_dir=tmp_path / "run")
+        bodies = server.chat_bodies()
+
+    budgets = RunSettings().answer_tokens.of(style)
+    plan_body, *agent_bodies = bodies
+    assert bounds_of(plan_body)[0] == budgets.plan
+    roles = {spec["task"]: spec["role"] for spec in PLAN["agents"]}
+    for body in agent_bodies:
+        budget, stop = bounds_of(body)
+        assert budget == budgets.of_role(roles[task_of(body)])
+        assert stop[: len(TEMPLATE_MARKERS)] == list(TEMPLATE_MARKERS)
+        assert ("prompt" in body) is (style == "document")
+        if style == "document":  # the document's own stops: the next example, a new paragraph, a second answer
+            assert set(DOCUMENT_STOP) <= set(stop)
+    assert record.status == "ok"
+    assert {agent.task: agent.output for agent in record.agents} == KEPT
+    assert not any(marker in record.final_output for marker in TEMPLATE_MARKERS)
+    saved = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    cuts = {agent.task: (agent.repetition_cut, agent.finish_reason) for agent in saved.agents}
+    assert cuts == {
+        "Research A": (True, "length"),  # looped until its budget ran out
+        "Research B": (False, "stop"),
+        "Compare A and B": (False, "stop"),
+        "Write it up": (False, "stop"),
+    }

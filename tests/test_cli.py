@@ -69,6 +69,8 @@ def test_missing_plan_file_and_bad_options(tmp_path: Path):
         (["--llm", "fake", "--fake-latency", "soon"], "--fake-latency soon: not a number and not a readable file"),
         (["--llm", "fake", "--fake-fail", "x:y"], "--fake-fail x:y: cannot read"),
         (["--llm", "ollama", "--fake-fail", "3"], "--fake-latency, --fake-fail and --fake-plan apply to --llm fake only"),
+        (["--llm", "fake", "--prompt-style", "document"], "--openai-base-url and --prompt-style apply to --llm openai only"),
+        (["--llm", "openai", "--prompt-style", "plain"], "openai backend: option prompt_style: Input should be 'auto', 'chat' or 'document'"),
     ]:
         result = metaagent("exec", plan, *args, cwd=tmp_path)
         assert result.returncode == 2, result.stderr

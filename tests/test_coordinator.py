@@ -13,6 +13,7 @@ from metaagent_ray import MetaAgent
 from metaagent_ray.coordinator import make_plan
 from metaagent_ray.llm import LLMConfig, LLMRequest, create_llm
 from metaagent_ray.plan import CYCLE_WARNING, plan_json_schema
+from metaagent_ray.settings import RunSettings
 from tests.ollama_server import DEFAULT_PLAN
 
 ANSWERS: list[str] = []  # the coordinator's answer to each attempt, the last one repeated
@@ -29,7 +30,7 @@ def plan_with(answers: list[str], max_agents: int = 64):
     """Plan with a coordinator that gives `answers` in turn (the retry is told the error)."""
     ANSWERS[:], REQUESTS[:] = answers, []
     llm = create_llm(LLMConfig(backend="scripted", options={"function": f"{__name__}:by_attempt"}))
-    return make_plan("Compare A and B", llm, max_agents=max_agents)
+    return make_plan("Compare A and B", llm, max_agents=max_agents, answer_tokens=RunSettings().answer_tokens)
 
 
 VALID = json.dumps(DEFAULT_PLAN)

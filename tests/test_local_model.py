@@ -11,17 +11,16 @@ import pytest
 
 from metaagent_ray.errors import ConfigError
 from metaagent_ray.llm import LLM, LLMConfig, LLMRequest, LLMUnavailable, Message, create_llm
+from metaagent_ray.llm.bounds import TEMPLATE_MARKERS
+from metaagent_ray.llm.llama_server import closed_objects, plain_prompt, shared_prefix
 from metaagent_ray.llm.local import (
     LocalLLM,
     LocalOptions,
     LocalServer,
     chat_messages,
-    closed_objects,
     local_backend_available,
-    plain_prompt,
     prepare_prefix_cache,
     request_body,
-    shared_prefix,
 )
 from metaagent_ray.plan import ExecutionPlan, plan_json_schema
 
@@ -131,7 +130,8 @@ def test_base_models_get_the_document_prompt_and_chat_models_their_template() ->
     _, plain = request_body(LLMRequest(messages=[Message("user", "Hi")], caller="agent"), LocalOptions(), chat_template=False, repeat_penalty=1.0)
     assert plain["dry_multiplier"] == 0.8 and plain["dry_sequence_breakers"] == ["\n"]  # one breaker: each costs a pass over the vocabulary
     path, body = request_body(request, LocalOptions(), chat_template=True, repeat_penalty=1.0)
-    assert path == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": "Be brief.\n\nHi"}] and "stop" not in body
+    assert path == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": "Be brief.\n\nHi"}]
+    assert body["stop"] == list(TEMPLATE_MARKERS)  # every request stops at the template markers, chat ones too
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import pytest
 
 from metaagent_ray.errors import ConfigError
 from metaagent_ray.llm import LLMConfig, LLMError, LLMUnavailable, create_llm
+from metaagent_ray.llm.bounds import TEMPLATE_MARKERS
 from metaagent_ray.llm.ollama import DEFAULT_MODEL, OllamaLLM, server_has_model
 from tests.conftest import agent_request, closed_port_url
 from tests.ollama_server import DEFAULT_PLAN, OllamaServer, first_calls
@@ -44,7 +45,8 @@ def test_schema_goes_as_format_and_every_call_names_the_model(server: OllamaServ
     with_schema, without_schema = server.chat_bodies()
     assert with_schema["format"] == PLAN_SCHEMA
     assert "format" not in without_schema
-    assert with_schema["options"] == {"num_predict": 512, "temperature": 0.2}
+    assert with_schema["options"] == {"num_predict": 512, "stop": list(TEMPLATE_MARKERS), "temperature": 0.2}
+    assert without_schema["options"] == {"stop": list(TEMPLATE_MARKERS), "temperature": 0.2}  # no budget given: the server's
     assert with_schema["messages"] == [
         {"role": "system", "content": "You are a RESEARCHER."},
         {"role": "user", "content": "Compare A and B"},
@@ -195,3 +197,19 @@ def test_a_streamed_answer_arrives_token_by_token_with_its_counts(server: Ollama
     assert len(pieces) == len(response.text.split())  # one JSON line per token
     assert response.completion_tokens == len(pieces) and response.prompt_tokens == len("You are a RESEARCHER. Research A".split())
     assert server.chat_bodies()[-1]["stream"] is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_budget_and_stops_go_as_model_options_and_the_done_reason_comes_back(server: OllamaServer, stream: bool) -> None:
+    server.responder = lambda body: "one two three four five six"
+    pieces: list[str] = []
+    on_text = pieces.append if stream else None
+    cut = backend(server.url).complete(agent_request(max_tokens=4, stop=("<|im_end|>", "\n\n"), on_text=on_text))
+    whole = backend(server.url).complete(agent_request(max_tokens=6))
+
+    assert [body["options"] for body in server.chat_bodies()] == [
+        {"num_predict": 4, "stop": ["<|im_end|>", "\n\n"]},
+        {"num_predict": 6, "stop": list(TEMPLATE_MARKERS)},
+    ]
+    assert (cut.text, cut.finish_reason) == ("one two three four", "length")
+    assert (whole.text, whole.finish_reason) == ("one two three four five six", "stop")

