@@ -5,8 +5,8 @@ process. A plain Ray task per agent needs a worker process per agent in flight (
 second of start-up each), so hundreds of agents in flight do not fit on a laptop. Instead each node
 with LLM slots gets, per run, one threaded actor that reserves the node's share of the run's slots
 (the Ray custom resource `llm_slot`, so Ray's accounting stays exact) and runs that many agents at
-once, each in one of the actor's threads. Agents still receive their dependencies' results as
-ObjectRef arguments that Ray resolves.
+once, each in one of the actor's threads. An agent's call carries its dependencies' results, which
+Ray resolved for the hub's `supervise` task (hub.py).
 
 A process that started its own Ray keeps a finished run's executors for its next run
 (`release_executors`), so warm runs do not wait for Ray to start an actor's process.
@@ -44,22 +44,20 @@ UNCAPPED_CONCURRENCY = MAX_SLOTS  # agents at once on a cluster whose nodes stat
 class AgentExecutor:
     """Runs agents in its threads (`max_concurrency` = its slots); restarted by Ray if its process dies."""
 
-    def node(self) -> str:
-        return ray.get_runtime_context().get_node_id()
+    def process(self) -> tuple[str, int]:
+        """Its node and process id, once it is up (again, after Ray restarted it)."""
+        return ray.get_runtime_context().get_node_id(), os.getpid()
 
     def run(
         self, context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, stream: bool, *inputs: AgentRecord
     ) -> AgentRecord:
-        """One agent's work. Ray passes the dependencies' results in place of their ObjectRefs.
+        """One agent's work, on a thread the hub's slot pool reserved for it, so it starts on arrival.
 
         With `stream`, the answer's tokens go to the hub as they arrive (a few events a second, not awaited).
         """
-        node = ray.get_runtime_context().get_node_id()
-        execution = hub.started.remote(run_id, context.label, context.spec.role.value, os.getpid(), node)  # not awaited
         on_text = TokenCounter(context.label, lambda event: hub.post.remote(run_id, event)) if stream else None
         result = run_agent(context, inputs, dependency_specs, on_text)
-        result.node = node
-        result.attempts += ray.get(execution) - 1  # each earlier execution died mid-agent: one try each
+        result.node = ray.get_runtime_context().get_node_id()
         return result
 
 
@@ -131,7 +129,7 @@ def _launched(plan: list[tuple[str, int, bool]]) -> list[Executor]:
 def wait_started(executors: list[Executor]) -> None:
     """Wait until each executor holds its slots (bounded: another run may hold them); ConfigError if they do not."""
     ready, _ = ray.wait(
-        [executor.actor.node.remote() for executor in executors], num_returns=len(executors), timeout=EXECUTOR_START_TIMEOUT_S
+        [executor.actor.process.remote() for executor in executors], num_returns=len(executors), timeout=EXECUTOR_START_TIMEOUT_S
     )
     if len(ready) < len(executors):
         stop_executors(executors)

@@ -153,16 +153,20 @@ class _Run:
     events: asyncio.Queue[Event | AgentDone | None] = field(default_factory=asyncio.Queue)  # None ends the stream
     results: dict[str, ray.ObjectRef] = field(default_factory=dict)  # agent path -> its supervised result
     work: list[ray.ObjectRef] = field(default_factory=list)
-    executions: dict[str, int] = field(default_factory=dict)
-    started: dict[str, asyncio.Event] = field(default_factory=dict)
+    executions: dict[str, int] = field(default_factory=dict)  # agent path -> how often it was handed to an executor
     started_at: dict[str, float] = field(default_factory=dict)
+    # executor index -> its (node, pid) once it is up; forgotten when it dies, so a restart is waited for anew
+    processes: dict[int, asyncio.Future[tuple[str, int]]] = field(default_factory=dict)
     total_agents: int = 0
 
     def publish(self, event: Event | AgentDone) -> None:
         self.events.put_nowait(event)
 
-    def start_signal(self, path: str) -> asyncio.Event:
-        return self.started.setdefault(path, asyncio.Event())
+    def process(self, index: int) -> asyncio.Future[tuple[str, int]]:
+        """The executor's node and process, once it is up."""
+        if index not in self.processes:
+            self.processes[index] = asyncio.ensure_future(asyncio.wrap_future(self.executors[index].actor.process.remote().future()))
+        return self.processes[index]
 
 
 @ray.remote(num_cpus=0, max_concurrency=100_000)
@@ -194,18 +198,6 @@ class RunHub:
             # Top-level ObjectRefs: Ray starts `supervise` once every dependency's result exists, and passes the results.
             inputs = [run.results[f"{prefix}{dep}"] for dep in order.context.spec.depends_on]
             run.results[label] = me.supervise.remote(run.submission.run_id, order, *inputs)
-
-    async def started(self, run_id: str, path: str, role: str, pid: int, node: str) -> int:
-        """An agent's work began (again, if Ray retried it); returns which execution this is."""
-        run = self._runs.get(run_id)
-        if run is None:  # the run is over: a late call of an abandoned agent
-            return 1
-        execution = run.executions.get(path, 0) + 1
-        run.executions[path] = execution
-        run.started_at.setdefault(path, time.time())
-        run.start_signal(path).set()
-        run.publish(AgentStarted(path=path, role=role, attempt=execution, pid=pid, node=node))
-        return execution
 
     async def post(self, run_id: str, event: Event) -> None:
         """An event from outside the hub (streamed tokens, the driver's own), in order with the hub's own."""
@@ -263,18 +255,15 @@ class RunHub:
 
     async def _execute(self, run: _Run, order: AgentOrder, inputs: tuple[AgentRecord, ...]) -> AgentRecord:
         """Run the agent on an executor with a free slot; an execution lost with its executor is tried again."""
-        submission, context, slots = run.submission, order.context, run.slots
-        me = ray.get_runtime_context().current_actor
+        context, slots = order.context, run.slots
         while True:
             index = await slots.acquire(order.priority)
-            executor = run.executors[index]
-            work = executor.actor.run.remote(context, order.dependency_specs, me, submission.run_id, submission.stream, *inputs)
-            run.work.append(work)
             try:
-                result = await self._await_work(run, context, work)
+                result, work = await self._run_on(run, order, inputs, index)
             except EXECUTOR_LOST as error:
+                run.processes.pop(index, None)  # Ray restarts it: its new process is waited for
                 slots.release(index)
-                if isinstance(error, ray.exceptions.ActorUnschedulableError) or not _node_alive(executor.node):
+                if isinstance(error, ray.exceptions.ActorUnschedulableError) or not _node_alive(run.executors[index].node):
                     slots.drop(index)  # its node is gone, and its slots with it
                 executions = run.executions.get(context.label, 1)
                 if executions > RAY_TASK_RETRIES or not slots.executors:
@@ -286,17 +275,25 @@ class RunHub:
                 slots.release(index)
             return result
 
+    async def _run_on(self, run: _Run, order: AgentOrder, inputs: tuple[AgentRecord, ...], index: int) -> tuple[AgentRecord, ray.ObjectRef]:
+        """One execution on executor `index`, whose slot the caller holds: a free thread of a process that is up,
+        so the agent starts as its call arrives, and the hub says so itself (no call back from the executor)."""
+        context, submission = order.context, run.submission
+        node, pid = await run.process(index)
+        me = ray.get_runtime_context().current_actor
+        work = run.executors[index].actor.run.remote(context, order.dependency_specs, me, submission.run_id, submission.stream, *inputs)
+        run.work.append(work)
+        execution = run.executions.get(context.label, 0) + 1
+        run.executions[context.label] = execution
+        run.started_at.setdefault(context.label, time.time())
+        run.publish(AgentStarted(path=context.label, role=context.spec.role.value, attempt=execution, pid=pid, node=node))
+        return await self._await_work(run, context, work), work
+
     async def _await_work(self, run: _Run, context: AgentContext, work: ray.ObjectRef) -> AgentRecord:
-        """Wait for the work; once it has started, give it `deadline` seconds before giving up on it."""
-        done = asyncio.ensure_future(asyncio.wrap_future(work.future()))
+        """Wait for the work, at most `deadline` seconds from its start."""
         deadline = run.submission.limits.deadline()
         try:
-            if deadline is not None:
-                started = asyncio.ensure_future(run.start_signal(context.label).wait())
-                await asyncio.wait([done, started], return_when=asyncio.FIRST_COMPLETED)
-                started.cancel()
-                await asyncio.wait_for(asyncio.shield(done), timeout=deadline)
-            return await done
+            result = await asyncio.wait_for(asyncio.wrap_future(work.future()), timeout=deadline)
         except asyncio.TimeoutError:
             ray.cancel(work)
             return _failure(run, context, f"timed out: no result within {deadline:g} s (--agent-timeout); the agent was abandoned")
@@ -305,6 +302,8 @@ class RunHub:
         except ray.exceptions.RayError as error:
             detail = next(iter(str(error).splitlines()), "")
             return _failure(run, context, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
+        result.attempts += run.executions[context.label] - 1  # each earlier execution died with its executor: one try each
+        return result
 
     async def _delegate(self, run: _Run, order: AgentOrder, inputs: tuple[AgentRecord, ...], parent: AgentRecord) -> AgentRecord:
         """Run the agent's sub-plan as agents like any other; its final output becomes the agent's.
