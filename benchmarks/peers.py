@@ -19,6 +19,8 @@ Every runner gets the same plans and the same simulated LLM latency per agent, i
 Makespan: first agent start to last agent finish, taken inside each agent (the peers) or from the
 record (metaagent-ray); the asyncio row is the executor's wall time. Bound: the longest-remaining-path-first
 list schedule on --slots slots for a capped runner (benchmarks/slots.py), the critical path otherwise.
+A second table gives each whole call: `ainvoke`, `kickoff` (CrewAI's set-up included), or the CLI
+process (Ray's start included); building the graph or the crew is outside both.
 Plans: the example plans (seeded latencies 0.3-2.0 s, as in scheduling.py) and random DAGs of --sizes
 agents in --depth layers (scale.py's generator), every agent --latency seconds.
 
