@@ -35,10 +35,10 @@ DEPTH = 20
 SEEDS = {64: 1, 500: 2, 2000: 3}
 
 
-def random_dag(size: int, seed: int) -> dict:
-    """`size` agents in DEPTH layers; each agent after layer 0 depends on 1-4 agents of the layer before."""
+def random_dag(size: int, seed: int, depth: int = DEPTH) -> dict:
+    """`size` agents in `depth` layers; each agent after layer 0 depends on 1-4 agents of the layer before."""
     generator = random.Random(seed)
-    layer_of = [index * DEPTH // size for index in range(size)]
+    layer_of = [index * depth // size for index in range(size)]
     by_layer: dict[int, list[int]] = {}
     for index, layer in enumerate(layer_of):
         by_layer.setdefault(layer, []).append(index)
@@ -50,9 +50,12 @@ def random_dag(size: int, seed: int) -> dict:
     return {"description": f"random DAG of {size} agents", "agents": agents}
 
 
-def run_cold(plan_file: Path, size: int, slots: int, run_dir: Path) -> dict:
-    """One cold CLI run, watched from outside: peak RSS and process count of its tree, driver CPU time."""
-    command = [sys.executable, "-m", "metaagent_ray", "exec", str(plan_file), "--llm", "fake", "--fake-latency", "1",
+def run_cold(plan_file: Path, size: int, slots: int, run_dir: Path, latency: str = "1") -> dict:
+    """One cold CLI run, watched from outside: peak RSS and process count of its tree, driver CPU time.
+
+    `latency` is the fake backend's --fake-latency: seconds per agent, or a JSON file of seconds by agent index.
+    """
+    command = [sys.executable, "-m", "metaagent_ray", "exec", str(plan_file), "--llm", "fake", "--fake-latency", latency,
                "--slots", str(slots), "--max-agents", str(size), "--run-dir", str(run_dir), "--progress", "plain", "-q"]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,19 +56,25 @@ def run_sequential(plan: ExecutionPlan, latencies: dict[int, float]) -> float:
     return time.perf_counter() - start
 
 
-async def _layers_with_barriers(plan: ExecutionPlan, latencies: dict[int, float]) -> None:
+async def _layers_with_barriers(plan: ExecutionPlan, latencies: dict[int, float], workers: int | None) -> None:
     """The seed's `_execute_layer_parallel`: a layer's agents in the default thread pool, then await them all."""
     loop = asyncio.get_running_loop()
+    if workers is not None:
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=workers))
     for layer in plan.get_execution_layers():
         tasks = [loop.run_in_executor(None, time.sleep, latencies[agent]) for agent in layer]
         for task in tasks:
             await task
 
 
-def run_layer_by_layer(plan: ExecutionPlan, latencies: dict[int, float]) -> float:
-    """Wall time of the seed's asyncio baseline, event loop included."""
+def run_layer_by_layer(plan: ExecutionPlan, latencies: dict[int, float], workers: int | None = None) -> float:
+    """Wall time of the seed's asyncio baseline, event loop included.
+
+    The seed's default thread pool has min(32, cores + 4) threads; `workers` threads (e.g. the widest
+    layer's agents) take the cap off.
+    """
     start = time.perf_counter()
-    asyncio.run(_layers_with_barriers(plan, latencies))
+    asyncio.run(_layers_with_barriers(plan, latencies, workers))
     return time.perf_counter() - start
 
 
