@@ -48,14 +48,13 @@ class AgentExecutor:
         """Its node and process id, once it is up (again, after Ray restarted it)."""
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    def run(
-        self, context: AgentContext, dependency_specs: dict[int, AgentSpec], hub: Any, run_id: str, stream: bool, *inputs: AgentRecord
-    ) -> AgentRecord:
+    def run(self, context: AgentContext, dependency_specs: dict[int, AgentSpec], stream_to: Any, run_id: str, *inputs: AgentRecord) -> AgentRecord:
         """One agent's work, on a thread the hub's slot pool reserved for it, so it starts on arrival.
 
-        With `stream`, the answer's tokens go to the hub as they arrive (a few events a second, not awaited).
+        With a hub to `stream_to`, the answer's tokens go there as they arrive (a few events a second, not
+        awaited); without one none is sent (an actor handle costs more to send than the rest of the call).
         """
-        on_text = TokenCounter(context.label, lambda event: hub.post.remote(run_id, event)) if stream else None
+        on_text = TokenCounter(context.label, lambda event: stream_to.post.remote(run_id, event)) if stream_to is not None else None
         result = run_agent(context, inputs, dependency_specs, on_text)
         result.node = ray.get_runtime_context().get_node_id()
         return result

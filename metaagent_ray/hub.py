@@ -178,6 +178,7 @@ class RunHub:
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
+        self._me = ray.get_runtime_context().current_actor
 
     async def open_run(self, submission: Submission, executors: list[Executor]) -> None:
         slots = SlotPool({index: executor.slots for index, executor in enumerate(executors)})
@@ -188,7 +189,6 @@ class RunHub:
         self._submit(self._runs[run_id], orders, prefix="")
 
     def _submit(self, run: _Run, orders: list[AgentOrder], prefix: str) -> None:
-        me = ray.get_runtime_context().current_actor
         run.total_agents += len(orders)
         for order in orders:
             label = order.context.label
@@ -197,7 +197,7 @@ class RunHub:
                 continue
             # Top-level ObjectRefs: Ray starts `supervise` once every dependency's result exists, and passes the results.
             inputs = [run.results[f"{prefix}{dep}"] for dep in order.context.spec.depends_on]
-            run.results[label] = me.supervise.remote(run.submission.run_id, order, *inputs)
+            run.results[label] = self._me.supervise.remote(run.submission.run_id, order, *inputs)
 
     async def post(self, run_id: str, event: Event) -> None:
         """An event from outside the hub (streamed tokens, the driver's own), in order with the hub's own."""
@@ -280,8 +280,8 @@ class RunHub:
         so the agent starts as its call arrives, and the hub says so itself (no call back from the executor)."""
         context, submission = order.context, run.submission
         node, pid = await run.process(index)
-        me = ray.get_runtime_context().current_actor
-        work = run.executors[index].actor.run.remote(context, order.dependency_specs, me, submission.run_id, submission.stream, *inputs)
+        stream_to = self._me if submission.stream else None
+        work = run.executors[index].actor.run.remote(context, order.dependency_specs, stream_to, submission.run_id, *inputs)
         run.work.append(work)
         execution = run.executions.get(context.label, 0) + 1
         run.executions[context.label] = execution
