@@ -24,7 +24,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, agent_record
 from .events import AgentStarted, Event, Notice, SubPlanReady
-from .executors import Executor, SlotPool
+from .executors import Executor, NoSlotsLeft, SlotPool
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
 from .record import AgentRecord, compose_final_output, kept_agents
@@ -141,6 +141,21 @@ class AgentDone:
     result: AgentRecord
 
 
+@dataclass(frozen=True)
+class NodeLost:
+    """Hub to driver: a node that ran the run's agents died; its agents in flight run again on the nodes left."""
+
+    node: str  # its Ray node id
+    address: str  # its IP address, as Ray knew it
+    nodes_left: int  # nodes that still hold the run's LLM slots: with none, no agent of the run can run any more
+
+    def describe(self) -> str:
+        lost = f"Ray node {self.node} ({self.address}) was lost"
+        if not self.nodes_left:
+            return f"{lost}, and no other node holds LLM slots for this run"
+        return f"⚠️ {lost}; its agents run again on the {self.nodes_left} node{'s' if self.nodes_left > 1 else ''} left"
+
+
 @dataclass
 class _Run:
     """What the hub keeps for one run until the driver forgets it."""
@@ -148,7 +163,7 @@ class _Run:
     submission: Submission
     executors: list[Executor]
     slots: SlotPool
-    events: asyncio.Queue[Event | AgentDone | None] = field(default_factory=asyncio.Queue)  # None ends the stream
+    events: asyncio.Queue[Event | AgentDone | NodeLost | None] = field(default_factory=asyncio.Queue)  # None ends the stream
     results: dict[str, ray.ObjectRef] = field(default_factory=dict)  # agent path -> its supervised result
     # The same results as they arrive in this process: what dependents and parents wait on (no Ray round trip).
     finished: dict[str, asyncio.Future[AgentRecord]] = field(default_factory=dict)
@@ -158,7 +173,7 @@ class _Run:
     started_at: dict[str, float] = field(default_factory=dict)
     total_agents: int = 0
 
-    def publish(self, event: Event | AgentDone) -> None:
+    def publish(self, event: Event | AgentDone | NodeLost) -> None:
         self.events.put_nowait(event)
 
     def start_signal(self, path: str) -> asyncio.Event:
@@ -216,7 +231,7 @@ class RunHub:
         if run is not None:  # dropped once the run is over
             run.publish(event)
 
-    async def next_batch(self, run_id: str) -> list[Event | AgentDone]:
+    async def next_batch(self, run_id: str) -> list[Event | AgentDone | NodeLost]:
         """The run's events since the last batch, waiting for one; none once the run is over."""
         run = self._runs.get(run_id)
         if run is None:
@@ -271,7 +286,10 @@ class RunHub:
         submission, context, slots = run.submission, order.context, run.slots
         me = ray.get_runtime_context().current_actor
         while True:
-            index = await slots.acquire(order.priority)
+            try:
+                index = await slots.acquire(order.priority)
+            except NoSlotsLeft:
+                return _failure(run, context, "no node with LLM slots for this run is left")
             executor = run.executors[index]
             work = executor.actor.run.remote(context, order.dependency_specs, me, submission.run_id, submission.stream, *inputs)
             run.work.append(work)
@@ -280,9 +298,9 @@ class RunHub:
             except EXECUTOR_LOST as error:
                 slots.release(index)
                 if isinstance(error, ray.exceptions.ActorUnschedulableError) or not _node_alive(executor.node):
-                    slots.drop(index)  # its node is gone, and its slots with it
+                    _lose_node(run, index)
                 executions = run.executions.get(context.label, 1)
-                if executions > RAY_TASK_RETRIES or not slots.executors:
+                if executions > RAY_TASK_RETRIES:
                     return _failure(run, context, f"the agent's executor died {executions} times: {type(error).__name__}")
                 continue
             if result.status == "failed" and result.error and result.error.startswith("timed out"):
@@ -374,3 +392,11 @@ async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -
 
 def _node_alive(node: str) -> bool:
     return any(entry["NodeID"] == node and entry["Alive"] for entry in ray.nodes())
+
+
+def _lose_node(run: _Run, index: int) -> None:
+    """The executor's node died: its slots leave the run, and the driver hears it once per node."""
+    if run.slots.drop(index):
+        node = run.executors[index].node
+        address = next((entry["NodeManagerAddress"] for entry in ray.nodes() if entry["NodeID"] == node), "address unknown")
+        run.publish(NodeLost(node, address, run.slots.executors))
