@@ -10,6 +10,7 @@ only, so the GCS marks the killed node dead within about 1.5 s instead of about 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -19,6 +20,7 @@ from typing import Callable, Iterator
 
 import pytest
 
+from metaagent_ray.executors import NoSlotsLeft, SlotPool
 from tests.real_cluster import RealCluster
 
 HEAD_SLOTS, NODE_SLOTS = 4, 3
@@ -153,3 +155,20 @@ def test_with_no_slot_left_the_run_fails_in_one_line_and_resume_finishes_it_once
     assert record["status"] == "ok"
     assert {agent["id"] for agent in record["agents"] if agent["reused"]} == saved
     assert worker not in {agent["node"] for agent in record["agents"] if not agent["reused"]}
+
+
+def test_an_agent_waiting_for_a_slot_is_told_when_the_last_node_with_slots_is_dropped():
+    async def lose_both_nodes() -> None:
+        pool = SlotPool({0: 1, 1: 1})
+        first, second = await pool.acquire(1), await pool.acquire(1)
+        waiting = asyncio.ensure_future(pool.acquire(1))
+        assert pool.drop(first) and not pool.drop(first)  # each node is lost once
+        await asyncio.sleep(0)  # the waiter runs: it still waits for the node left
+        assert not waiting.done()
+        assert pool.drop(second)
+        with pytest.raises(NoSlotsLeft):
+            await waiting
+        with pytest.raises(NoSlotsLeft):
+            await pool.acquire(1)
+
+    asyncio.run(lose_both_nodes())
