@@ -51,6 +51,22 @@ def start_cluster() -> Iterator[Callable[[int, int], RealCluster]]:
         cluster.stop()
 
 
+@pytest.fixture
+def exec_plan(tmp_path: Path) -> Iterator[Callable[[RealCluster], Driver]]:
+    """Start `metaagent exec` of the plan on a cluster; a driver the test left running is killed after it."""
+    drivers: list[Driver] = []
+
+    def start(cluster: RealCluster) -> Driver:
+        drivers.append(Driver(cluster, tmp_path))
+        return drivers[-1]
+
+    yield start
+    for driver in drivers:
+        if driver.process.poll() is None:
+            driver.process.kill()
+            driver.process.wait()
+
+
 def thirty_agents(path: Path) -> Path:
     """24 researchers, 4 analysts of 6 researchers each, a critic of the analysts and a synthesizer."""
     agents = [{"role": "RESEARCHER", "task": f"Research topic {index}", "depends_on": []} for index in range(24)]
@@ -99,12 +115,12 @@ class Driver:
         return json.loads((self.run_dir / "record.json").read_text())
 
 
-def test_a_lost_worker_s_agents_run_again_on_the_head_and_the_run_ends_ok(start_cluster, tmp_path: Path):
+def test_a_lost_worker_s_agents_run_again_on_the_head_and_the_run_ends_ok(start_cluster, exec_plan):
     cluster = start_cluster(HEAD_SLOTS, NODE_SLOTS)
     nodes = cluster.node_slots()
     head = next(node for node, slots in nodes.items() if slots == HEAD_SLOTS)
     worker = next(node for node, slots in nodes.items() if slots == NODE_SLOTS)
-    driver = Driver(cluster, tmp_path)
+    driver = exec_plan(cluster)
     driver.until_in_flight(HEAD_SLOTS + NODE_SLOTS)  # every slot busy: NODE_SLOTS agents run on the worker
     cluster.kill_node(cluster.nodes[1])
     output, errors = driver.end()
@@ -123,10 +139,10 @@ def test_a_lost_worker_s_agents_run_again_on_the_head_and_the_run_ends_ok(start_
     assert lost.search(output)
 
 
-def test_with_no_slot_left_the_run_fails_in_one_line_and_resume_finishes_it_once_a_node_joins(start_cluster, tmp_path: Path):
+def test_with_no_slot_left_the_run_fails_in_one_line_and_resume_finishes_it_once_a_node_joins(start_cluster, exec_plan, tmp_path: Path):
     cluster = start_cluster(0, NODE_SLOTS)  # the head has no LLM slot: every agent runs on the worker
     worker = next(node for node, slots in cluster.node_slots().items() if slots)
-    driver = Driver(cluster, tmp_path)
+    driver = exec_plan(cluster)
     driver.until_in_flight(NODE_SLOTS, finished=NODE_SLOTS)  # some agents finished, the next ones run on the worker
     cluster.kill_node(cluster.nodes[1])
     output, errors = driver.end()
@@ -146,6 +162,7 @@ def test_with_no_slot_left_the_run_fails_in_one_line_and_resume_finishes_it_once
 
     cluster.add_node(JOINING_SLOTS)
     cluster.wait_for(nodes=2, slots=JOINING_SLOTS)
+    joined = next(node for node, slots in cluster.node_slots().items() if slots == JOINING_SLOTS)
     resumed = subprocess.run(
         [*METAAGENT, "resume", str(driver.run_dir), "--progress", "plain"],  # the cluster's address is the run's own
         env=cluster.env(), cwd=tmp_path, capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
@@ -154,7 +171,7 @@ def test_with_no_slot_left_the_run_fails_in_one_line_and_resume_finishes_it_once
     record = driver.record()
     assert record["status"] == "ok"
     assert {agent["id"] for agent in record["agents"] if agent["reused"]} == saved
-    assert worker not in {agent["node"] for agent in record["agents"] if not agent["reused"]}
+    assert {agent["node"] for agent in record["agents"] if not agent["reused"]} == {joined}
 
 
 def test_an_agent_waiting_for_a_slot_is_told_when_the_last_node_with_slots_is_dropped():
