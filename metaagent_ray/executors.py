@@ -169,12 +169,16 @@ def stop_kept_executors() -> None:
 _kept: dict[str, tuple[int | None, list[Executor]]] = {}  # Ray job id -> a finished run's executors and the slots they hold
 
 
+class NoSlotsLeft(Exception):
+    """Every executor of the run is gone with its node: no agent of the run can run any more."""
+
+
 class SlotPool:
     """A run's LLM slots on its executors, handed out longest remaining path first.
 
     `acquire` waits (on a future, never polling) until an executor has a free thread; `release`
     gives it back and wakes the waiter with the highest priority. An executor whose node died is
-    dropped, and its slots with it.
+    dropped, and its slots with it; once none is left, acquiring raises NoSlotsLeft.
     """
 
     def __init__(self, slots: dict[int, int]) -> None:
@@ -183,7 +187,9 @@ class SlotPool:
         self._order = itertools.count()
 
     async def acquire(self, priority: float) -> int:
-        """An executor index with a slot now held for the caller."""
+        """An executor index with a slot now held for the caller; NoSlotsLeft once every executor is gone."""
+        if not self._free:
+            raise NoSlotsLeft()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._waiting, (-priority, next(self._order), future))
         self._dispatch()
@@ -199,9 +205,17 @@ class SlotPool:
             self._free[index] += 1
             self._dispatch()
 
-    def drop(self, index: int) -> None:
-        """The executor is gone for good (its node died): no agent is sent there again."""
-        self._free.pop(index, None)
+    def drop(self, index: int) -> bool:
+        """The executor is gone for good (its node died): no agent is sent there again. Whether it was
+        still in the pool; once none is, every waiter gets NoSlotsLeft."""
+        if self._free.pop(index, None) is None:
+            return False
+        if not self._free:
+            for _, _, future in self._waiting:
+                if not future.done():
+                    future.set_exception(NoSlotsLeft())
+            self._waiting.clear()
+        return True
 
     @property
     def executors(self) -> int:

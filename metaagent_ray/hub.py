@@ -26,7 +26,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, agent_record
 from .events import AgentStarted, Event, Notice, SubPlanReady
-from .executors import Executor, SlotPool
+from .executors import Executor, NoSlotsLeft, SlotPool
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
 from .record import AgentRecord, compose_final_output, kept_agents
@@ -143,6 +143,21 @@ class AgentDone:
     result: AgentRecord
 
 
+@dataclass(frozen=True)
+class NodeLost:
+    """Hub to driver: a node that ran the run's agents died; its agents in flight run again on the nodes left."""
+
+    node: str  # its Ray node id
+    address: str  # its IP address, as Ray knew it
+    nodes_left: int  # nodes that still hold the run's LLM slots: with none, no agent of the run can run any more
+
+    def describe(self) -> str:
+        lost = f"Ray node {self.node} ({self.address}) was lost"
+        if not self.nodes_left:
+            return f"{lost}, and no other node holds LLM slots for this run"
+        return f"⚠️ {lost}; its agents run again on the {self.nodes_left} node{'s' if self.nodes_left > 1 else ''} left"
+
+
 @dataclass
 class _Run:
     """What the hub keeps for one run until the driver forgets it."""
@@ -150,7 +165,7 @@ class _Run:
     submission: Submission
     executors: list[Executor]
     slots: SlotPool
-    events: asyncio.Queue[Event | AgentDone | None] = field(default_factory=asyncio.Queue)  # None ends the stream
+    events: asyncio.Queue[Event | AgentDone | NodeLost | None] = field(default_factory=asyncio.Queue)  # None ends the stream
     results: dict[str, ray.ObjectRef] = field(default_factory=dict)  # agent path -> its supervised result
     work: list[ray.ObjectRef] = field(default_factory=list)
     executions: dict[str, int] = field(default_factory=dict)  # agent path -> how often it was handed to an executor
@@ -159,7 +174,7 @@ class _Run:
     processes: dict[int, asyncio.Future[tuple[str, int]]] = field(default_factory=dict)
     total_agents: int = 0
 
-    def publish(self, event: Event | AgentDone) -> None:
+    def publish(self, event: Event | AgentDone | NodeLost) -> None:
         self.events.put_nowait(event)
 
     def process(self, index: int) -> asyncio.Future[tuple[str, int]]:
@@ -205,7 +220,7 @@ class RunHub:
         if run is not None:  # dropped once the run is over
             run.publish(event)
 
-    async def next_batch(self, run_id: str) -> list[Event | AgentDone]:
+    async def next_batch(self, run_id: str) -> list[Event | AgentDone | NodeLost]:
         """The run's events since the last batch, waiting for one; none once the run is over."""
         run = self._runs.get(run_id)
         if run is None:
@@ -257,16 +272,19 @@ class RunHub:
         """Run the agent on an executor with a free slot; an execution lost with its executor is tried again."""
         context, slots = order.context, run.slots
         while True:
-            index = await slots.acquire(order.priority)
+            try:
+                index = await slots.acquire(order.priority)
+            except NoSlotsLeft:
+                return _failure(run, context, "no node with LLM slots for this run is left")
             try:
                 result, work = await self._run_on(run, order, inputs, index)
             except EXECUTOR_LOST as error:
                 run.processes.pop(index, None)  # Ray restarts it: its new process is waited for
                 slots.release(index)
                 if isinstance(error, ray.exceptions.ActorUnschedulableError) or not _node_alive(run.executors[index].node):
-                    slots.drop(index)  # its node is gone, and its slots with it
+                    _lose_node(run, index)
                 executions = run.executions.get(context.label, 1)
-                if executions > RAY_TASK_RETRIES or not slots.executors:
+                if executions > RAY_TASK_RETRIES:
                     return _failure(run, context, f"the agent's executor died {executions} times: {type(error).__name__}")
                 continue
             if result.status == "failed" and result.error and result.error.startswith("timed out"):
@@ -370,3 +388,11 @@ async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -
 
 def _node_alive(node: str) -> bool:
     return any(entry["NodeID"] == node and entry["Alive"] for entry in ray.nodes())
+
+
+def _lose_node(run: _Run, index: int) -> None:
+    """The executor's node died: its slots leave the run, and the driver hears it once per node."""
+    if run.slots.drop(index):
+        node = run.executors[index].node
+        address = next((entry["NodeManagerAddress"] for entry in ray.nodes() if entry["NodeID"] == node), "address unknown")
+        run.publish(NodeLost(node, address, run.slots.executors))

@@ -36,7 +36,7 @@ from .events import (
     TokenCounter,
 )
 from .executors import Executor, release_executors, start_executors, wait_started
-from .hub import AgentDone, AgentOrder, RunLimits, Submission, agent_order, plan_orders, run_hub
+from .hub import AgentDone, AgentOrder, NodeLost, RunLimits, Submission, agent_order, plan_orders, run_hub
 from .interrupts import exit_code, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig, TextCallback
 from .plan import ExecutionPlan
@@ -65,7 +65,11 @@ class RunInterrupted(RunStopped):
 
 
 class RunBroken(RunStopped):
-    """A Ray process the run needs (its hub actor, a raylet) died: status `failed`, exit 1."""
+    """A Ray process the run needs (its hub actor, a raylet) died, or every node with its LLM slots: status `failed`, exit 1."""
+
+
+class NoNodeLeft(Exception):
+    """The follower's way out: the last node holding the run's LLM slots was lost."""
 
 
 class PlanningInterrupted(MetaAgentError):
@@ -296,6 +300,9 @@ class _Run:
         except ray.exceptions.RayError as error:
             _finish(record, run_dir, "failed")
             raise RunBroken(f"{_what_died(error)}; the agents that finished are saved{saved}", record, 1) from None
+        except NoNodeLeft as lost:  # the hub fails the agents still waiting for a slot
+            _finish(record, run_dir, "failed")
+            raise RunBroken(f"{lost}; the agents that finished are saved{saved}", record, 1) from None
         _finish(record, run_dir, "ok" if not record.failed_agents() else "failed")
         self.abandoned_calls = any((agent.error or "").startswith("timed out") for agent in walk_agents(record.agents))
         self.on_event(RunFinished(record=record))
@@ -331,10 +338,10 @@ class _Follower:
     def __init__(self, hub: Any, run_id: str, on_event: EventHandler) -> None:
         self.hub, self.run_id, self.on_event = hub, run_id, on_event
         self.announced: dict[str, int] = {}  # agent path -> the latest execution whose start was reported
-        self.early: list[Event | AgentDone] = []  # events that wait for the record
+        self.early: list[Event | AgentDone | NodeLost] = []  # events that wait for the record
         self.next_events = hub.next_batch.remote(run_id)
 
-    def _batch(self, timeout: float | None) -> list[Event | AgentDone | _Planned] | None:
+    def _batch(self, timeout: float | None) -> list[Event | AgentDone | NodeLost | _Planned] | None:
         ready, _ = ray.wait([self.next_events], timeout=timeout)
         if not ready:
             return None
@@ -350,7 +357,7 @@ class _Follower:
                 if isinstance(event, _Planned):
                     self.early.extend(batch[position + 1 :])  # for `until_done`, in order
                     return
-                if isinstance(event, (AgentDone, SubPlanReady)) or (isinstance(event, Notice) and event.warning):
+                if isinstance(event, (AgentDone, SubPlanReady, NodeLost)) or (isinstance(event, Notice) and event.warning):
                     self.early.append(event)
                 else:
                     self._report(event)
@@ -374,7 +381,7 @@ class _Follower:
 
     def _record(
         self,
-        event: Event | AgentDone | _Planned,
+        event: Event | AgentDone | NodeLost | _Planned,
         record: RunRecord,
         run_dir: RunDirectory | None,
         waiting: set[str],
@@ -396,6 +403,12 @@ class _Follower:
             checkpoints.changed()
             self.on_event(AgentFinished(agent=agent))
             return
+        elif isinstance(event, NodeLost):
+            record.warnings.append(event.describe())
+            checkpoints.changed()
+            if not event.nodes_left:
+                raise NoNodeLeft(event.describe())
+            event = Notice(event.describe(), warning=True)
         elif isinstance(event, Notice) and event.warning and event.text not in record.warnings:
             record.warnings.append(event.text)
         if not isinstance(event, _Planned):

@@ -2,7 +2,8 @@
 
 Each node is its own process group with ports of its own (never Ray's defaults, so other Ray
 instances on this machine are untouched) and token authentication on, with a token of its own.
-`stop()` ends only the processes this object started, by their ids: never `ray stop`.
+`stop()` ends only the processes this object started, by their ids: never `ray stop`; `kill_node()`
+kills one node outright, as a machine that loses power.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class RealCluster:
     dashboard_port: int = field(default_factory=free_port)
     nodes: list[subprocess.Popen] = field(default_factory=list)
     logs: dict[int, Path] = field(default_factory=dict)  # each node's output, by its process id
+    system_config: dict[str, int] = field(default_factory=dict)  # Ray's internal settings, given to the head (`--system-config`)
 
     @property
     def address(self) -> str:
@@ -91,11 +93,12 @@ class RealCluster:
         }
         command = [
             RAY, "start", "--block", *args, "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir}",
-            f"--resources={json.dumps({'llm_slot': slots})}", "--num-cpus=2", "--disable-usage-stats",
+            f"--resources={json.dumps({'llm_slot': slots} if slots else {})}", "--num-cpus=2", "--disable-usage-stats",
             *(f"{option}={port}" for option, port in ports.items()),
         ]  # fmt: skip
         log = open(self.temp_dir / f"{name}.log", "wb")
-        process = subprocess.Popen(command, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = self.env(RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")  # `stop` ends a node at once, without draining it first
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.nodes.append(process)
         self.logs[process.pid] = Path(log.name)
         return process
@@ -104,6 +107,7 @@ class RealCluster:
         args = [
             "--head", f"--port={self.gcs_port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}",
+            *([f"--system-config={json.dumps(self.system_config)}"] if self.system_config else []),
         ]  # fmt: skip
         return self._start(args, slots, "head")
 
@@ -164,12 +168,20 @@ class RealCluster:
         except OSError:
             return False
 
-    def raylet_of(self, node: subprocess.Popen) -> psutil.Process:
-        """The raylet process under one node's `ray start`."""
-        for child in psutil.Process(node.pid).children(recursive=True):
-            if "raylet" in child.name():
-                return child
-        raise LookupError(f"no raylet under pid {node.pid}")
+    def kill_node(self, node: subprocess.Popen) -> None:
+        """Kill one node outright, as a machine that loses power: every process its `ray start` started.
+
+        The raylet starts its workers in process groups of their own, so the node's group is frozen
+        first (no new worker can start), then every process found under it is killed by its id. The
+        node leaves `nodes`: it is not waited for, and it is not stopped again.
+        """
+        os.killpg(node.pid, signal.SIGSTOP)
+        processes = [psutil.Process(node.pid), *psutil.Process(node.pid).children(recursive=True)]
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
+        node.wait(timeout=10)
+        self.nodes.remove(node)
 
     def stop(self) -> None:
         """End every process this cluster started (each node's process group), by id."""
