@@ -19,7 +19,7 @@ from .coordinator import make_plan
 from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, PromptStyle, TextCallback, get_llm
 from .plan import AgentSpec
 from .prompts import load_prompt
-from .record import AgentRecord, SubRunRecord
+from .record import AgentRecord, SubRunRecord, valid_text
 
 FailurePolicy = Literal["continue", "stop"]
 DELEGATE = "DELEGATE"
@@ -203,7 +203,7 @@ def run_agent(
     result.started_at = time.time()
     try:
         response, result.attempts = call_with_retries(llm, request, context.limits.retries)
-        result.output, result.repetition_cut = cut_repetition(response.text)
+        result.output, result.repetition_cut = cut_repetition(valid_text(response.text))
         result.llm_ms = response.llm_ms
         if response.prompt_tokens is not None or response.completion_tokens is not None:
             result.tokens = {"prompt": response.prompt_tokens or 0, "completion": response.completion_tokens or 0}
@@ -216,6 +216,8 @@ def run_agent(
     except Exception as error:  # a backend bug must fail this agent, not the whole run
         result.status, result.error = "failed", f"{type(error).__name__}: {error}"
         result.attempts = max(result.attempts, 1)
+    if result.error is not None:
+        result.error = valid_text(result.error)  # it may quote the server's own words
     result.finished_at = time.time()
     return result
 
@@ -244,7 +246,9 @@ def cut_repetition(text: str) -> tuple[str, bool]:
 def _delegate(context: AgentContext, inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec], llm: LLM, result: AgentRecord) -> None:
     """The agent asked for a team: plan its task as a sub-plan one level deeper, for the runtime to run."""
     sub_query = load_prompt("sub_query").format(task=context.spec.task, query=context.query, inputs=format_inputs(inputs, specs))
-    plan, coordinator = make_plan(sub_query, llm, max_agents=context.limits.max_agents, depth=context.depth + 1)
+    plan, coordinator = make_plan(
+        sub_query, llm, max_agents=context.limits.max_agents, depth=context.depth + 1, timeout=context.limits.call_timeout
+    )
     result.status, result.output, result.sub_run = "delegated", "", SubRunRecord.start(context.label, sub_query, plan)
     if coordinator.fallback:
         result.warnings.append(f"Agent {context.label}: the coordinator's sub-plan fell back: {coordinator.errors[-1]}")

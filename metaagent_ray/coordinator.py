@@ -55,6 +55,8 @@ def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    except RecursionError:
+        raise ValueError("its JSON nests too deeply to be a plan") from None
     if isinstance(data, dict):
         data = {**data, "depth": depth}
     try:
@@ -114,11 +116,12 @@ def make_plan(
     depth: int = 0,
     on_text: TextCallback | None = None,
     on_rejected: Callable[[str], None] | None = None,
+    timeout: float | None = None,
 ) -> tuple[ExecutionPlan, CoordinatorRecord]:
     """Ask the coordinator LLM for a plan that maximises parallelism; always returns a usable plan.
 
     `on_text` receives the answer as it streams, where the backend streams; `on_rejected` hears why
-    an answer was rejected (before the retry or the fallback).
+    an answer was rejected (before the retry or the fallback); `timeout` bounds each call, as an agent's.
     """
     messages = coordinator_messages(query, max_agents)
     schema = plan_json_schema(max_agents)
@@ -134,6 +137,7 @@ def make_plan(
             attempt=attempt,
             on_text=on_text,
             cache_messages=1,
+            timeout=timeout,
         )
         try:
             response = llm.complete(request)

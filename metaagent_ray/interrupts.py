@@ -1,5 +1,9 @@
 """Stop signals end a run the way Ctrl-C does, and a run that is stopping is not stopped again.
 
+While the `metaagent` command still loads (Ray's import alone takes a second or more) a stop signal
+ends the process at once with the "interrupted" line: nothing has started that needs stopping, and
+a KeyboardInterrupt raised inside an import can be swallowed there (Ray's Cython modules do).
+
 SIGTERM (systemd, `timeout`, Kubernetes, job schedulers) and SIGHUP (a closed terminal) raise the
 same KeyboardInterrupt as SIGINT while a run executes, so every stop takes one path: cancel the
 agents, save the record, print the resume command, exit 128 + the signal's number. While that
@@ -9,6 +13,7 @@ path runs, further stop signals are ignored, so pressing Ctrl-C again cannot cut
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from typing import Any, Iterator
@@ -68,3 +73,23 @@ def stop_signals_interrupt() -> contextlib.AbstractContextManager[None]:
 def stop_signals_ignored() -> contextlib.AbstractContextManager[None]:
     """While a stopped run saves what finished and releases Ray: no further signal cuts it short."""
     return _handlers(signal.SIG_IGN)
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    os.write(2, b"error: interrupted\n")
+    os._exit(128 + signum)
+
+
+def exit_while_loading() -> None:
+    """Until `command_started`: a stop signal ends the process at once, with the "interrupted" line."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _exit_at_once)
+
+
+def command_started() -> None:
+    """A command's own code runs: stop signals get Python's usual handling again (Ctrl-C raises KeyboardInterrupt)."""
+    if signal.getsignal(signal.SIGINT) is not _exit_at_once:
+        return  # not started by `metaagent` (the CLI called in-process): leave the caller's handlers alone
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in STOP_SIGNALS[1:]:
+        signal.signal(signum, signal.SIG_DFL)

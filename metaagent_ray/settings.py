@@ -15,6 +15,7 @@ from .llm import CALL_TIMEOUT_S
 from .pool import PoolSpec
 
 INJECTED_FAULTS = "fail"  # the fake backend's fault-injection option: never stored for a resume
+SECRET_WORDS = ("key", "token", "secret", "password")  # a backend option named with one is never stored: records are shared
 
 
 class RunSettings(BaseModel):
@@ -42,6 +43,10 @@ class RunSettings(BaseModel):
         return cls.model_fields[name].default
 
     def stored(self) -> dict[str, Any]:
-        """What a resume may reuse: everything but injected faults."""
-        options = {key: value for key, value in self.llm_options.items() if key != INJECTED_FAULTS}
+        """What a resume may reuse: everything but injected faults and secrets (an API key comes again from its variable)."""
+        options = {
+            key: value
+            for key, value in self.llm_options.items()
+            if key != INJECTED_FAULTS and not any(word in key.lower() for word in SECRET_WORDS)
+        }
         return self.model_copy(update={"llm_options": options}).model_dump()
