@@ -246,15 +246,18 @@ class RunDirectoryError(MetaAgentError):
 
 
 def cannot_write(directory: Path, error: OSError, *, existing: bool) -> RunDirectoryError:
-    """The line for a run directory that refused a write; `existing`: a run being resumed (or drawn), not a new one."""
+    """The line for a run directory that refused a write, with what to do: `existing` is a run being
+    resumed (or drawn); a new run whose record is already there can be resumed once writes work again."""
     reason = (error.strerror or type(error).__name__).lower()
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
-        fix = "free some space there" + ("" if existing else ", or pass --run-dir to another file system")
-    elif existing:
-        fix = "make it writable, or copy it to a writable place and use the copy"
+    where = shlex.quote(str(directory))
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+    if existing:
+        fix = "free some space there" if full else "make it writable, or copy it to a writable place and use the copy"
+    elif (directory / "record.json").is_file():
+        fix = ("free some space there" if full else "make it writable") + f", then: metaagent resume {where}"
     else:
-        fix = "pass --run-dir to a writable place"
-    return RunDirectoryError(f"cannot write the run directory {shlex.quote(str(directory))}: {reason}; {fix}")
+        fix = "free some space there, or pass --run-dir to another file system" if full else "pass --run-dir to a writable place"
+    return RunDirectoryError(f"cannot write the run directory {where}: {reason}; {fix}")
 
 
 def write_problem(directory: Path) -> OSError | None:

@@ -41,8 +41,8 @@ def invoke(*args: str) -> Result:
 
 def error_line(output: str, code: int, exit_code: int, *expected: str) -> str:
     """The outcome promised for bad input: exit `code`, no traceback, exactly one `error:` line holding `expected`."""
-    assert exit_code == code, output
-    assert "Traceback" not in output, output
+    assert exit_code == code, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
     errors = [line for line in output.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1, output
     for text in expected:
