@@ -3,6 +3,8 @@
 The coordinator LLM answers under the plan's JSON schema (structured output); its answer is still
 validated here, since a model may ignore the schema. An invalid answer gets one retry with the
 validation error fed back; a second failure gets a safe fallback plan and a warning, never a crash.
+A call that got no answer for a transient reason (a 5xx, a cut connection, a timeout) is made once
+more; a second such failure ends the run, since there is no plan.
 The answer can be streamed to the caller as it is written (the runtime starts agents from it).
 """
 
@@ -139,11 +141,16 @@ def make_plan(
             cache_messages=1,
             timeout=timeout,
         )
+        record.attempts = attempt
         try:
             response = llm.complete(request)
         except LLMError as error:
-            raise CoordinatorError(f"the coordinator's LLM call failed: {error}") from None
-        record.attempts = attempt
+            if not error.transient or attempt == COORDINATOR_TRIES:
+                raise CoordinatorError(f"the coordinator's LLM call failed: {error}") from None
+            record.errors.append(str(error))  # no answer (a 5xx, a cut connection, a timeout): asked again as it was
+            if on_rejected is not None:
+                on_rejected(str(error))
+            continue
         llm_ms += response.llm_ms or 0.0
         tokens["prompt"] = tokens.get("prompt", 0) + (response.prompt_tokens or 0)
         tokens["completion"] = tokens.get("completion", 0) + (response.completion_tokens or 0)
