@@ -16,7 +16,7 @@ from .errors import ConfigError, PlanError
 from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
 from .executors import stop_kept_executors
 from .hub import RunLimits
-from .interrupts import stop_signals_ignored
+from .interrupts import exit_code, stop_signals_ignored
 from .llm import LLM, LLMConfig, TextCallback, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
@@ -33,7 +33,7 @@ from .record import (
     write_problem,
 )
 from .report import write_report
-from .runtime import RunStopped, execute_plan, plan_and_execute, write_ray_timeline
+from .runtime import PlanningInterrupted, RunStopped, execute_plan, plan_and_execute, write_ray_timeline
 from .settings import RunSettings
 from .viz import write_pictures
 
@@ -195,11 +195,12 @@ class MetaAgent:
     def close(self) -> None:
         """Stop the LLM server pool, if this object started one (it serves all runs until then), and the
         Ray instance this process started, so none of its processes outlive the caller."""
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool = None
-        stop_kept_executors()
-        shutdown_ray()
+        with stop_signals_ignored():  # a second Ctrl-C cannot leave a server or Ray's processes behind
+            if self._pool is not None:
+                self._pool.stop()
+                self._pool = None
+            stop_kept_executors()
+            shutdown_ray()
 
     def _driver_llm(self) -> LLM:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
@@ -363,7 +364,10 @@ class MetaAgent:
         a run whose cluster is unreachable stops before the LLM plans."""
         llm = self._planning(query, connect=connect)
         on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
-        plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text, timeout=self.settings.agent_timeout)
+        try:
+            plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text, timeout=self.settings.agent_timeout)
+        except KeyboardInterrupt as interrupt:
+            raise PlanningInterrupted(exit_code(interrupt)) from None
         self.on_event(planned_notice(plan, coordinator))
         return plan, coordinator
 

@@ -22,7 +22,7 @@ from rich.console import Console
 from .api import DEFAULT_MAX_AGENTS, MetaAgent, check_output_file, load_plan, load_record
 from .console import ConsoleView, layer_lines
 from .errors import ConfigError, MetaAgentError
-from .interrupts import command_started
+from .interrupts import command_started, exit_code
 from .jobs import JobLog, JobRequest, follow_job, print_run_archive, stop_job, submit_job
 from .live import LiveView
 from .llm import LLMConfig
@@ -260,8 +260,8 @@ def _guarded(verbose: bool, action: Callable[[], Any]) -> Any:
         if verbose:
             logging.exception("details")
         _fail(str(error), error.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    except KeyboardInterrupt as interrupt:
+        _fail("interrupted", exit_code(interrupt))
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
         if verbose:
             raise

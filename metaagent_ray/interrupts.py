@@ -16,7 +16,9 @@ import contextlib
 import os
 import signal
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
+
+T = TypeVar("T")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -87,9 +89,33 @@ def exit_while_loading() -> None:
 
 
 def command_started() -> None:
-    """A command's own code runs: stop signals get Python's usual handling again (Ctrl-C raises KeyboardInterrupt)."""
+    """The command's own code runs: from here on every stop signal raises StopSignal wherever it lands
+    (starting Ray, planning, the final write), so each phase ends the same way: its "interrupted" line and
+    128 + the signal, with Ray's processes stopped. Python's default would let SIGTERM and SIGHUP kill
+    the process on the spot, before Ray's processes are stopped."""
     if signal.getsignal(signal.SIGINT) is not _exit_at_once:
         return  # not started by `metaagent` (the CLI called in-process): leave the caller's handlers alone
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    for signum in STOP_SIGNALS[1:]:
-        signal.signal(signum, signal.SIG_DFL)
+    _last_stop.clear()
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_stop)
+
+
+def keeping_handlers(start: Callable[[], T]) -> T:
+    """Call `start` (Ray starting in this process) and put the stop-signal handlers from before back:
+    Ray installs SIGTERM handlers of its own there (one exits at once with code 15, one prints a crash
+    report). A SIGTERM that Ray's handler took meanwhile still ends as StopSignal (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return start()
+    before = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    try:
+        try:
+            return start()
+        finally:
+            for signum, handler in before.items():
+                if handler is not None:
+                    signal.signal(signum, handler)
+    except SystemExit as exit:  # raised by Ray's handler wherever the signal was handled, restoring included
+        if exit.code == signal.SIGTERM and before[signal.SIGTERM] is _raise_stop:
+            _last_stop.append(signal.SIGTERM)
+            raise StopSignal(signal.SIGTERM) from None
+        raise
