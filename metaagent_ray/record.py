@@ -28,7 +28,7 @@ from .plan import ExecutionPlan
 
 RECORD_VERSION = 1
 RUNS = Path("runs")  # where runs are kept unless --run-dir says otherwise
-RUN_DIR_MODE = 0o755  # a run directory: others may read it, never write it (whatever the umask)
+RUN_DIR_MODE = 0o755  # a run directory and the directories made for it: others may read them, never write them
 # "delegated": the agent's task went to a sub-plan still running; the runtime ends it as ok or failed.
 AgentState = Literal["pending", "ok", "failed", "skipped", "delegated"]
 RunState = Literal["running", "ok", "failed", "interrupted"]
@@ -325,7 +325,7 @@ class RunDirectory:
             cls.check_new(base)
             directory = cls(base, existing=False)
             with directory._writing():
-                base.mkdir(mode=RUN_DIR_MODE, parents=True, exist_ok=True)
+                make_directories(base)
             return directory
         name = run_dir_name(slug_source)
         path, suffix = RUNS / name, 1
@@ -334,7 +334,8 @@ class RunDirectory:
             path = RUNS / f"{name}-{suffix}"
         directory = cls(path, existing=False)
         with directory._writing():
-            path.mkdir(mode=RUN_DIR_MODE, parents=True)
+            make_directories(RUNS)
+            path.mkdir(mode=RUN_DIR_MODE)
         return directory
 
     @contextlib.contextmanager
@@ -371,9 +372,17 @@ class RunDirectory:
             write_atomic(self.path / "final.md", text + "\n")
 
 
+def make_directories(path: Path) -> None:
+    """`path` and its missing parents, each at most RUN_DIR_MODE whatever the umask (`mkdir -p` would
+    leave the parents world-writable under umask 0, where others could rename or replace a run)."""
+    for directory in [*reversed(path.parents), path]:
+        if not directory.exists():
+            directory.mkdir(mode=RUN_DIR_MODE, exist_ok=True)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace `path` in one step, so a reader never sees half a file."""
-    path.parent.mkdir(mode=RUN_DIR_MODE, parents=True, exist_ok=True)
+    make_directories(path.parent)
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide the run's files from other users
