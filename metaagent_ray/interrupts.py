@@ -32,6 +32,7 @@ class StopSignal(KeyboardInterrupt):
 
 
 _last_stop: list[int] = []  # the stop signal that arrived while the current run executed, if one did
+_ended: list[bool] = []  # [True] once the current run's agents have all finished: a stop signal changes nothing then
 
 
 def exit_code(interrupt: KeyboardInterrupt) -> int:
@@ -46,8 +47,17 @@ def exit_code(interrupt: KeyboardInterrupt) -> int:
 
 
 def _raise_stop(signum: int, frame: Any) -> None:
+    if _ended:
+        return
     _last_stop.append(signum)
     raise StopSignal(signum)
+
+
+def run_ended() -> None:
+    """Every agent of the run has finished: from here until the next run starts, a stop signal that reaches
+    this module's handler is ignored, so the record, pictures and report are written whole (in `metaagent`
+    the handler is in place to the command's end; elsewhere `stop_signals_ignored` guards the writes)."""
+    _ended[:] = [True]
 
 
 @contextlib.contextmanager
@@ -69,6 +79,7 @@ def _handlers(handler: Any) -> Iterator[None]:
 def stop_signals_interrupt() -> contextlib.AbstractContextManager[None]:
     """While a run executes: SIGINT, SIGTERM and SIGHUP raise StopSignal in the main thread."""
     _last_stop.clear()
+    _ended.clear()
     return _handlers(_raise_stop)
 
 

@@ -38,7 +38,7 @@ from .events import (
 )
 from .executors import Executor, release_executors, start_executors, wait_started
 from .hub import AgentDone, AgentOrder, RunLimits, Submission, agent_order, plan_orders, run_hub
-from .interrupts import exit_code, stop_signals_ignored, stop_signals_interrupt
+from .interrupts import exit_code, run_ended, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig, TextCallback
 from .plan import ExecutionPlan
 from .plan_stream import ReadyAgent, StreamedPlan
@@ -300,10 +300,11 @@ class _Run:
             with stop_signals_ignored():
                 _cancel(self.hub, self.submission.run_id)
             raise
-        with stop_signals_ignored():  # every agent has finished: a stop signal now could only lose the record
+        run_ended()  # every agent has finished: a stop signal now could only lose the record
+        with stop_signals_ignored():
             _finish(record, run_dir, "ok" if not record.failed_agents() else "failed")
-        self.abandoned_calls = any((agent.error or "").startswith("timed out") for agent in walk_agents(record.agents))
-        self.on_event(RunFinished(record=record))
+            self.abandoned_calls = any((agent.error or "").startswith("timed out") for agent in walk_agents(record.agents))
+            self.on_event(RunFinished(record=record))
         return record
 
 
