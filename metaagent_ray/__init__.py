@@ -1,56 +1,14 @@
 """metaagent-ray: a coordinator LLM plans a task as a graph of role-based agents; Ray runs each
 agent the moment its own dependencies are done.
 
-The names below are loaded on first use (PEP 562), so `metaagent` can say "interrupted" for a
-Ctrl-C that arrives while Ray and the rest still load (see `__main__`).
+The public names load on first use (PEP 562), so that `metaagent` can take over Ctrl-C before
+Ray and the rest load (see `__main__`).
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING, Any
-
-# name -> the module that defines it
-_PUBLIC = {
-    "AgentFinished": "events",
-    "AgentRecord": "record",
-    "AgentSpec": "plan",
-    "AgentStarted": "events",
-    "ConfigError": "errors",
-    "Event": "events",
-    "ExecutionPlan": "plan",
-    "LLMConfig": "llm",
-    "MetaAgent": "api",
-    "MetaAgentError": "errors",
-    "Notice": "events",
-    "PlanError": "errors",
-    "PlanReady": "events",
-    "PlanningStarted": "events",
-    "RayStarting": "events",
-    "Role": "plan",
-    "RunFinished": "events",
-    "RunInterrupted": "runtime",
-    "RunRecord": "record",
-    "SubPlanReady": "events",
-    "TokensArrived": "events",
-    "load_plan": "api",
-    "parse_plan": "api",
-}
-__all__ = sorted(_PUBLIC)
-
-
-def __getattr__(name: str) -> Any:
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
-
 
 if TYPE_CHECKING:
     from .api import MetaAgent, load_plan, parse_plan
@@ -71,3 +29,45 @@ if TYPE_CHECKING:
     from .plan import AgentSpec, ExecutionPlan, Role
     from .record import AgentRecord, RunRecord
     from .runtime import RunInterrupted
+
+__all__ = [
+    "AgentFinished",
+    "AgentRecord",
+    "AgentSpec",
+    "AgentStarted",
+    "ConfigError",
+    "Event",
+    "ExecutionPlan",
+    "LLMConfig",
+    "MetaAgent",
+    "MetaAgentError",
+    "Notice",
+    "PlanError",
+    "PlanReady",
+    "PlanningStarted",
+    "RayStarting",
+    "Role",
+    "RunFinished",
+    "RunInterrupted",
+    "RunRecord",
+    "SubPlanReady",
+    "TokensArrived",
+    "load_plan",
+    "parse_plan",
+]
+_DEFINED_IN = ("api", "errors", "events", "llm", "plan", "record", "runtime")  # the modules the names above come from
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    for module_name in _DEFINED_IN:
+        module = importlib.import_module(f".{module_name}", __name__)
+        if hasattr(module, name):
+            globals()[name] = value = getattr(module, name)
+            return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

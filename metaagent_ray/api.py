@@ -112,7 +112,9 @@ def check_output_file(path: Path, option: str) -> None:
         raise ConfigError(f"{option} {path}: {ancestor} is a file, not a directory")
     problem = write_problem(ancestor)
     if problem is not None:
-        raise ConfigError(f"{option} {path}: cannot write in {ancestor} ({(problem.strerror or str(problem)).lower()}); give a writable place")
+        raise ConfigError(
+            f"{option} {path}: cannot write in {ancestor} ({(problem.strerror or str(problem)).lower()}); give a writable place"
+        )
 
 
 def load_record(run_dir: Path | str) -> RunRecord:
@@ -276,7 +278,12 @@ class MetaAgent:
 
         def planner(on_text: TextCallback, on_rejected: Callable[[str], None]) -> tuple[ExecutionPlan, CoordinatorRecord]:
             return make_plan(
-                query, llm, max_agents=self.settings.max_agents, on_text=on_text, on_rejected=on_rejected, timeout=self.settings.agent_timeout
+                query,
+                llm,
+                max_agents=self.settings.max_agents,
+                on_text=on_text,
+                on_rejected=on_rejected,
+                timeout=self.settings.agent_timeout,
             )
 
         return self._kept(
@@ -365,7 +372,9 @@ class MetaAgent:
         llm = self._planning(query, connect=connect)
         on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
         try:
-            plan, coordinator = make_plan(query, llm, max_agents=self.settings.max_agents, on_text=on_text, timeout=self.settings.agent_timeout)
+            plan, coordinator = make_plan(
+                query, llm, max_agents=self.settings.max_agents, on_text=on_text, timeout=self.settings.agent_timeout
+            )
         except KeyboardInterrupt as interrupt:
             raise PlanningInterrupted(exit_code(interrupt)) from None
         self.on_event(planned_notice(plan, coordinator))

@@ -80,7 +80,13 @@ class SubRunRecord(BaseModel):
     @classmethod
     def start(cls, path: str, query: str, plan: ExecutionPlan) -> SubRunRecord:
         """The record of the sub-plan agent `path` delegated to, about to run: every agent pending."""
-        return cls(query=query, plan=plan, layers=plan.get_execution_layers(), warnings=plan.warnings, agents=agent_records(plan, prefix=f"{path}."))
+        return cls(
+            query=query,
+            plan=plan,
+            layers=plan.get_execution_layers(),
+            warnings=plan.warnings,
+            agents=agent_records(plan, prefix=f"{path}."),
+        )
 
 
 def _check_agents_match(plan: ExecutionPlan, agents: list[AgentRecord]) -> None:

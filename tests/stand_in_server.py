@@ -188,7 +188,6 @@ class StandInServer(BackgroundServer):
                 "usage": usage,
             })
 
-
     def _cut(self, handler: OwnedHandler, body: dict[str, Any]) -> None:
         """Half of the answer, then the connection closes."""
         text = self.responder(body)

@@ -168,7 +168,9 @@ def test_a_plan_nested_100000_deep_gets_the_retry_and_the_fallback_not_a_recursi
 
 
 def test_a_plan_holding_a_lone_surrogate_gets_the_retry_and_the_fallback(server: StandInServer, tmp_path: Path):
-    plans(server, lambda: json.dumps({"description": "d", "agents": [{"role": "RESEARCHER", "task": "half \ud83d emoji", "depends_on": []}]}))
+    plans(
+        server, lambda: json.dumps({"description": "d", "agents": [{"role": "RESEARCHER", "task": "half \ud83d emoji", "depends_on": []}]})
+    )
     fell_back(run_query(server, tmp_path), server, tmp_path, "agents[0].task: not valid text")
 
 

@@ -3,7 +3,6 @@ where the plan is fine however odd, a run that finishes with everything kept."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

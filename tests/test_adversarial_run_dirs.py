@@ -5,6 +5,7 @@ do and a non-zero exit (before Ray starts, where it can be known then), or works
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from metaagent_ray.record import RunRecord
-from tests.adversarial import TWO_AND_JOIN, error_line, fill, invoke, make_read_only, only_line, tmpfs, write_plan
+from tests.adversarial import error_line, fill, invoke, make_read_only, only_line, tmpfs, write_plan
 from tests.ollama_server import last_user_message
 from tests.stand_in_server import StandInServer, answer
 from tests.test_run_endings import load, start, wait_for_line
@@ -54,7 +55,9 @@ def test_a_read_only_runs_in_the_working_directory_is_found_before_ray_starts(tm
         done = subprocess.run([sys.executable, "-m", "metaagent_ray", "exec", str(plan), "--llm", "fake"],
                               capture_output=True, text=True, timeout=120, cwd=tmp_path)  # fmt: skip
     assert done.returncode == 2 and done.stdout == ""  # Ray never started: it would have said so on stdout
-    assert done.stderr.strip().splitlines() == ["error: cannot write the run directory runs: read-only file system; pass --run-dir to a writable place"]
+    assert done.stderr.strip().splitlines() == [
+        "error: cannot write the run directory runs: read-only file system; pass --run-dir to a writable place"
+    ]
 
 
 def test_a_full_file_system_is_one_line_before_anything_runs(tmp_path: Path, plan: Path):
@@ -159,7 +162,11 @@ def test_a_hand_made_agent_status_is_one_line_naming_the_field(tmp_path: Path, p
     data = json.loads((run_dir / "record.json").read_text())
     data["agents"][1]["status"] = "done"
     (run_dir / "record.json").write_text(json.dumps(data))
-    only_line(invoke("resume", str(run_dir)), 2, "not a valid run record (agents[1].status: Input should be 'pending', 'ok', 'failed', 'skipped' or 'delegated'")
+    only_line(
+        invoke("resume", str(run_dir)),
+        2,
+        "not a valid run record (agents[1].status: Input should be 'pending', 'ok', 'failed', 'skipped' or 'delegated'",
+    )
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -177,8 +184,6 @@ def test_a_hand_edited_record_is_honoured_edited_outputs_reused_and_reset_agents
 
 
 def test_a_record_that_is_a_fifo_is_refused_at_once_not_waited_on(tmp_path: Path):
-    import os
-
     os.mkfifo(tmp_path / "record.json")
     done = subprocess.run([sys.executable, "-m", "metaagent_ray", "resume", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
@@ -194,7 +199,12 @@ def test_a_record_nested_deeply_is_one_line(tmp_path: Path):
 
 # --- odd paths and queries --------------------------------------------------------------------------
 
-ODD_NAMES = {"spaces": "run dir with spaces", "unicode": "ünïcødé 日本 🚀", "newline": "first line\nsecond line", "quotes": "it's \"quoted\" $HOME"}
+ODD_NAMES = {
+    "spaces": "run dir with spaces",
+    "unicode": "ünïcødé 日本 🚀",
+    "newline": "first line\nsecond line",
+    "quotes": 'it\'s "quoted" $HOME',
+}
 
 
 @pytest.mark.usefixtures("ray_session")

@@ -29,7 +29,9 @@ HOSTILE = '<script>alert(1)</script> "><img src=x onerror=alert(2)> ]]> \x1b[31m
 
 def test_nothing_listens_beyond_loopback_while_the_coordinator_plans_and_agents_start(tmp_path: Path, latency_file):
     latency = latency_file({"default": 60.0, "coordinator": 10.0})  # the streamed plan's first agents start while the coordinator writes
-    process = start("run", "Compare A, B and C", "--llm", "fake", "--fake-latency", latency, "--run-dir", str(tmp_path / "run"), session=True)
+    process = start(
+        "run", "Compare A, B and C", "--llm", "fake", "--fake-latency", latency, "--run-dir", str(tmp_path / "run"), session=True
+    )
     try:
         wait_for_line(process, "Agent 0: RESEARCHER")
         pids = {process.pid, *(child.pid for child in descendants(process.pid))}
@@ -118,7 +120,9 @@ def token_cluster() -> Iterator[RealCluster]:
 def test_the_ray_token_reaches_no_output_record_or_file_even_with_v_or_when_rejected(token_cluster: RealCluster, tmp_path: Path):
     plan = write_plan(tmp_path / "plan.json")
     command = [sys.executable, "-m", "metaagent_ray", "exec", str(plan), "--llm", "fake", "--address", token_cluster.address, "-v"]
-    done = subprocess.run([*command, "--run-dir", str(tmp_path / "run")], env=token_cluster.env(), capture_output=True, text=True, timeout=180)
+    done = subprocess.run(
+        [*command, "--run-dir", str(tmp_path / "run")], env=token_cluster.env(), capture_output=True, text=True, timeout=180
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     wrong = "0" * len(token_cluster.token)
     refused = subprocess.run([*command[:-1], "--run-dir", str(tmp_path / "refused")], env=token_cluster.env(RAY_AUTH_TOKEN=wrong),

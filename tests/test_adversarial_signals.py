@@ -153,11 +153,15 @@ class Terminal:
         return code, self.output.decode("utf-8", "replace").replace("\r", "")
 
 
-def test_ctrl_c_typed_in_a_terminal_while_agents_run_ends_interrupted_with_a_resume_command_that_works(tmp_path: Path, latency_file, ray_cluster):
+def test_ctrl_c_typed_in_a_terminal_while_agents_run_ends_interrupted_with_a_resume_command_that_works(
+    tmp_path: Path, latency_file, ray_cluster
+):
     run_dir = tmp_path / "my runs" / "ünï run"
     latency = latency_file({"default": 0.1, "1": 60.0})
     plan = write_plan(tmp_path / "plan.json", TWO_AND_JOIN)
-    terminal = Terminal("exec", str(plan), "--llm", "fake", "--fake-latency", latency, "--run-dir", str(run_dir), "--address", ray_cluster.address)
+    terminal = Terminal(
+        "exec", str(plan), "--llm", "fake", "--fake-latency", latency, "--run-dir", str(run_dir), "--address", ray_cluster.address
+    )
     until(lambda: (run_dir / "agents" / "00-researcher.md").exists(), "finished agent 0")
     terminal.type(b"\x03")
     code, output = terminal.wait()
