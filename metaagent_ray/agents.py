@@ -20,7 +20,7 @@ from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, Pro
 from .llm.bounds import TEMPLATE_MARKERS, AnswerBudgets, finish_answer
 from .plan import AgentSpec
 from .prompts import load_prompt
-from .record import AgentRecord, SubRunRecord
+from .record import AgentRecord, SubRunRecord, valid_text
 
 FailurePolicy = Literal["continue", "stop"]
 DELEGATE = "DELEGATE"
@@ -213,7 +213,7 @@ def run_agent(
     result.started_at = time.time()
     try:
         response, result.attempts = call_with_retries(llm, request, context.limits.retries)
-        result.output, result.repetition_cut = finish_answer(response.text)
+        result.output, result.repetition_cut = finish_answer(valid_text(response.text))
         result.finish_reason = response.finish_reason
         result.llm_ms = response.llm_ms
         if response.prompt_tokens is not None or response.completion_tokens is not None:
@@ -227,6 +227,8 @@ def run_agent(
     except Exception as error:  # a backend bug must fail this agent, not the whole run
         result.status, result.error = "failed", f"{type(error).__name__}: {error}"
         result.attempts = max(result.attempts, 1)
+    if result.error is not None:
+        result.error = valid_text(result.error)  # it may quote the server's own words
     result.finished_at = time.time()
     return result
 
@@ -235,7 +237,12 @@ def _delegate(context: AgentContext, inputs: Sequence[AgentRecord], specs: dict[
     """The agent asked for a team: plan its task as a sub-plan one level deeper, for the runtime to run."""
     sub_query = load_prompt("sub_query").format(task=context.spec.task, query=context.query, inputs=format_inputs(inputs, specs))
     plan, coordinator = make_plan(
-        sub_query, llm, max_agents=context.limits.max_agents, answer_tokens=context.limits.answer_tokens, depth=context.depth + 1
+        sub_query,
+        llm,
+        max_agents=context.limits.max_agents,
+        answer_tokens=context.limits.answer_tokens,
+        depth=context.depth + 1,
+        timeout=context.limits.call_timeout,
     )
     result.status, result.output, result.sub_run = "delegated", "", SubRunRecord.start(context.label, sub_query, plan)
     if coordinator.fallback:

@@ -16,13 +16,24 @@ from .errors import ConfigError, PlanError
 from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
 from .executors import stop_kept_executors
 from .hub import RunLimits
+from .interrupts import exit_code, stop_signals_ignored
 from .llm import LLM, LLMConfig, TextCallback, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
 from .pool import PoolHandle, start_pool
-from .record import CoordinatorRecord, RunDirectory, RunRecord, resume_choice, save_record
+from .record import (
+    CoordinatorRecord,
+    RunDirectory,
+    RunRecord,
+    cannot_write,
+    nearest_existing,
+    resume_choice,
+    save_record,
+    valid_text,
+    write_problem,
+)
 from .report import write_report
-from .runtime import RunStopped, execute_plan, plan_and_execute, write_ray_timeline
+from .runtime import PlanningInterrupted, RunStopped, execute_plan, plan_and_execute, write_ray_timeline
 from .settings import RunSettings
 from .viz import write_pictures
 
@@ -40,19 +51,54 @@ def parse_plan(data: Any, *, source: str = "plan", max_agents: int = DEFAULT_MAX
     return plan
 
 
+MAX_INPUT_FILE_BYTES = 256 * 1024**2  # a plan or record larger than this is not one (5,000 agents take about 1 MB)
+
+
+def read_input_file(path: Path) -> str:
+    """The text of a plan or record file; OSError or ValueError (with a reason a user can act on) when it is none.
+
+    Only regular files: /dev/zero would be read until memory ran out, and a FIFO no one writes
+    would wait forever.
+    """
+    if path.exists() and not path.is_file():
+        raise ValueError("a directory, not a file" if path.is_dir() else "not a regular file (a device, FIFO or socket)")
+    with path.open("rb") as handle:
+        data = handle.read(MAX_INPUT_FILE_BYTES + 1)
+    if len(data) > MAX_INPUT_FILE_BYTES:
+        raise ValueError(f"larger than {MAX_INPUT_FILE_BYTES // 1024**2} MiB")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8 text") from None
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: a repeated key would silently lose all but its last value."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise ValueError(f"the key {key!r} appears twice in one object")
+        data[key] = value
+    return data
+
+
 def load_plan(path: Path | str, *, max_agents: int = DEFAULT_MAX_AGENTS) -> ExecutionPlan:
     """Read a plan file (the coordinator's JSON)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_input_file(path)
     except OSError as error:
         raise PlanError(f"{path}: cannot read the plan file ({error.strerror or error})") from None
-    except UnicodeDecodeError:
-        raise PlanError(f"{path}: not a text file") from None
+    except ValueError as error:
+        raise PlanError(f"{path}: not a plan file ({error})") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as error:
         raise PlanError(f"{path}: not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    except ValueError as error:
+        raise PlanError(f"{path}: {error}") from None
+    except RecursionError:
+        raise PlanError(f"{path}: not a plan (its JSON nests too deeply)") from None
     return parse_plan(data, source=str(path), max_agents=max_agents)
 
 
@@ -61,24 +107,27 @@ def check_output_file(path: Path, option: str) -> None:
     before anything runs."""
     if path.is_dir():
         raise ConfigError(f"{option} {path}: is a directory; give a file name")
-    ancestor = path.parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
+    ancestor = nearest_existing(path.parent)
     if not ancestor.is_dir():
         raise ConfigError(f"{option} {path}: {ancestor} is a file, not a directory")
+    problem = write_problem(ancestor)
+    if problem is not None:
+        raise ConfigError(
+            f"{option} {path}: cannot write in {ancestor} ({(problem.strerror or str(problem)).lower()}); give a writable place"
+        )
 
 
 def load_record(run_dir: Path | str) -> RunRecord:
     """The record a run left in its directory."""
     path = Path(run_dir) / "record.json"
     try:
-        return RunRecord.model_validate_json(path.read_text(encoding="utf-8"))
+        return RunRecord.model_validate_json(read_input_file(path))
     except OSError as error:
         raise ConfigError(f"{run_dir}: not a run directory ({path}: {error.strerror or error})") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a valid run record (not UTF-8 text)") from None
     except ValidationError as error:
         raise ConfigError(f"{path}: not a valid run record ({explain(error)})") from None
+    except ValueError as error:
+        raise ConfigError(f"{path}: not a valid run record ({error})") from None
 
 
 def resume_summary(previous: RunRecord) -> str:
@@ -91,10 +140,13 @@ def resume_summary(previous: RunRecord) -> str:
     return ", ".join([*parts, f"reusing {sorted(reuse)}"])
 
 
-def _check_outputs(run_dir: Path | str | None, record_path: Path | str | None, ray_timeline: Path | str | None) -> None:
-    """Paths a run writes are usable, checked before the coordinator or any agent runs."""
+def _check_outputs(run_dir: Path | str | None, record_path: Path | str | None, ray_timeline: Path | str | None, *, save: bool) -> None:
+    """Paths a run writes are usable (a new run's directory, or ./runs, among them when it is saved),
+    checked before Ray starts, the coordinator or any agent runs."""
     if run_dir is not None:
         RunDirectory.check_new(Path(run_dir))
+    if save:
+        RunDirectory.check_writable(Path(run_dir) if run_dir else None, existing=False)
     for path, option in ((record_path, "--record"), (ray_timeline, "--ray-timeline")):
         if path is not None:
             check_output_file(Path(path), option)
@@ -145,11 +197,12 @@ class MetaAgent:
     def close(self) -> None:
         """Stop the LLM server pool, if this object started one (it serves all runs until then), and the
         Ray instance this process started, so none of its processes outlive the caller."""
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool = None
-        stop_kept_executors()
-        shutdown_ray()
+        with stop_signals_ignored():  # a second Ctrl-C cannot leave a server or Ray's processes behind
+            if self._pool is not None:
+                self._pool.stop()
+                self._pool = None
+            stop_kept_executors()
+            shutdown_ray()
 
     def _driver_llm(self) -> LLM:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
@@ -214,7 +267,8 @@ class MetaAgent:
         With `stream_plan` (the default) agents start while the coordinator still writes the plan.
         `ray_timeline` receives Ray's own chrome trace of the run (`ray.timeline`).
         """
-        _check_outputs(run_dir, record_path, ray_timeline)
+        _check_outputs(run_dir, record_path, ray_timeline, save=save)
+        query = valid_text(query)
         if not self.stream_plan:
             plan, coordinator = self._plan(query, connect=True)
             directory = self._directory(run_dir, query, save)
@@ -230,6 +284,7 @@ class MetaAgent:
                 answer_tokens=self.settings.answer_tokens,
                 on_text=on_text,
                 on_rejected=on_rejected,
+                timeout=self.settings.agent_timeout,
             )
 
         return self._kept(
@@ -264,10 +319,10 @@ class MetaAgent:
             plan = parse_plan(plan, max_agents=self.settings.max_agents)
         elif len(plan.agents) > self.settings.max_agents:
             raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.settings.max_agents}")
-        _check_outputs(run_dir, record_path, ray_timeline)
+        _check_outputs(run_dir, record_path, ray_timeline, save=save)
         self._driver_llm()
         self._connect()
-        query = query or plan.description
+        query = valid_text(query or plan.description)
         directory = self._directory(run_dir, query, save)
         with _locked(directory):
             return self._execute(plan, query, directory, record_path, ray_timeline=ray_timeline)
@@ -289,8 +344,9 @@ class MetaAgent:
         The other agents' outputs are reused without calling the LLM. `overrides` replace the stored
         settings (backend, model, slots, ...); injected faults are never carried over.
         """
-        _check_outputs(None, record_path, ray_timeline)
+        _check_outputs(None, record_path, ray_timeline, save=False)
         load_record(run_dir)  # a run directory, before its lock is taken
+        RunDirectory.check_writable(Path(run_dir), existing=True)
         directory = RunDirectory(Path(run_dir))
         with directory.locked():
             previous = load_record(run_dir)  # as it is now that no one else writes it
@@ -316,9 +372,17 @@ class MetaAgent:
         a run whose cluster is unreachable stops before the LLM plans."""
         llm = self._planning(query, connect=connect)
         on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
-        plan, coordinator = make_plan(
-            query, llm, max_agents=self.settings.max_agents, answer_tokens=self.settings.answer_tokens, on_text=on_text
-        )
+        try:
+            plan, coordinator = make_plan(
+                query,
+                llm,
+                max_agents=self.settings.max_agents,
+                answer_tokens=self.settings.answer_tokens,
+                on_text=on_text,
+                timeout=self.settings.agent_timeout,
+            )
+        except KeyboardInterrupt as interrupt:
+            raise PlanningInterrupted(exit_code(interrupt)) from None
         self.on_event(planned_notice(plan, coordinator))
         return plan, coordinator
 
@@ -377,9 +441,10 @@ class MetaAgent:
         except RunStopped as stop:
             _keep(stop.record, record_path)
             raise
-        _keep(record, record_path)
-        if ray_timeline is not None:
-            write_ray_timeline(Path(ray_timeline))
+        with stop_signals_ignored():  # the run has ended: what it did is kept whole
+            _keep(record, record_path)
+            if ray_timeline is not None:
+                write_ray_timeline(Path(ray_timeline))
         return record
 
 
@@ -400,7 +465,13 @@ def run_limits(settings: RunSettings) -> RunLimits:
 def _keep(record: RunRecord, record_path: Path | str | None) -> None:
     """The record's extra copy (`--record`), and the run directory's pictures and report."""
     if record_path is not None:
-        save_record(Path(record_path), record)
+        try:
+            save_record(Path(record_path), record)
+        except OSError as error:
+            raise ConfigError(f"--record {record_path}: cannot write it ({(error.strerror or str(error)).lower()})") from None
     if record.run_dir is not None:
-        write_pictures(record, Path(record.run_dir))
-        write_report(record, Path(record.run_dir))
+        try:
+            write_pictures(record, Path(record.run_dir))
+            write_report(record, Path(record.run_dir))
+        except OSError as error:
+            raise cannot_write(Path(record.run_dir), error, existing=True) from None

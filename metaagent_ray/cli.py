@@ -22,11 +22,12 @@ from rich.console import Console
 from .api import DEFAULT_MAX_AGENTS, MetaAgent, check_output_file, load_plan, load_record
 from .console import ConsoleView, layer_lines
 from .errors import ConfigError, MetaAgentError
+from .interrupts import command_started, exit_code
 from .jobs import JobLog, JobRequest, follow_job, print_run_archive, stop_job, submit_job
 from .live import LiveView
 from .llm import LLMConfig
 from .pool import PoolSpec
-from .record import RunRecord, run_dir_name
+from .record import RunRecord, cannot_write, run_dir_name
 from .report import write_report
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
 from .runtime import RunStopped
@@ -272,6 +273,7 @@ with_run_options = with_options(RunOptions)
 
 def _guarded(verbose: bool, action: Callable[[], Any]) -> Any:
     """Run `action`, turning errors into one line and an exit code (a traceback only with -v)."""
+    command_started()
     try:
         return action()
     except typer.Exit:
@@ -280,8 +282,8 @@ def _guarded(verbose: bool, action: Callable[[], Any]) -> Any:
         if verbose:
             logging.exception("details")
         _fail(str(error), error.exit_code)
-    except KeyboardInterrupt:
-        _fail("interrupted", 130)
+    except KeyboardInterrupt as interrupt:
+        _fail("interrupted", exit_code(interrupt))
     except Exception as error:  # noqa: BLE001 - the last line of defence against tracebacks
         if verbose:
             raise
@@ -577,12 +579,21 @@ def node_resources_command(*, options: SlotOptions) -> None:
     print(node_resources_json(options.slot_plan()))
 
 
+def _drawn(earlier_run: Path, draw: Callable[[RunRecord, Path], Any]) -> Any:
+    """Draw a run into its own directory; a directory that refuses the files is one line."""
+    record = load_record(earlier_run)
+    try:
+        return draw(record, earlier_run)
+    except OSError as error:
+        raise cannot_write(earlier_run, error, existing=True) from None
+
+
 @app.command("viz")
 def viz_command(
     earlier_run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The directory of a run.", show_default=False)],
 ) -> None:
     """Draw a run: graph.svg (layers, colours, dependencies), timeline.svg and graph.mmd (Mermaid), in RUN_DIR."""
-    for path in _guarded(False, lambda: write_pictures(load_record(earlier_run), earlier_run)):
+    for path in _guarded(False, lambda: _drawn(earlier_run, write_pictures)):
         print(path)
 
 
@@ -592,11 +603,21 @@ def report_command(
     open_it: Annotated[bool, typer.Option("--open", help="Open the report in the web browser.")] = False,
 ) -> None:
     """Write RUN_DIR/report.html again: the query, plan, graph, timeline and every agent's output in one page."""
-    path = _guarded(False, lambda: write_report(load_record(earlier_run), earlier_run))
+    path = _guarded(False, lambda: _drawn(earlier_run, write_report))
     print(path)
     if open_it and not webbrowser.open(path.resolve().as_uri()):
         _fail(f"no web browser found to open {path}; open it yourself", 1)
 
 
 def main() -> None:
+    """The `metaagent` command. An argument that is not UTF-8 text (the shell passed raw bytes) is refused
+    first: Ray, the record and the report all need text (Ray fails to start on such a command line)."""
+    for position, argument in enumerate(sys.argv[1:], start=1):
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError as error:
+            undecoded = argument[error.start]  # Python keeps a byte that is not UTF-8 as a surrogate, U+DC80..U+DCFF
+            byte = f"byte 0x{ord(undecoded) - 0xDC00:02x}" if "\udc80" <= undecoded <= "\udcff" else "a lone surrogate"
+            print(f"error: argument {position} is not UTF-8 text ({byte} at character {error.start}): give it as UTF-8", file=sys.stderr)
+            raise SystemExit(2)
     app()

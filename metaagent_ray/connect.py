@@ -23,7 +23,7 @@ from ray._private.services import canonicalize_bootstrap_address_or_die
 from ray._raylet import GcsClient
 
 from .errors import ConfigError
-from .interrupts import stop_signals_ignored
+from .interrupts import keeping_handlers, stop_signals_ignored
 from .llm import LLMConfig
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots
 
@@ -111,7 +111,7 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> RayConnecti
         address = _reachable(address, options.verbose)
         here = os.getcwd()
         try:
-            ray.init(address=address, **common)
+            keeping_handlers(lambda: ray.init(address=address, **common))
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ConfigError(f"cannot connect to the Ray cluster at {address}: {error}") from None
         # In a Ray Job with a working_dir, connecting may unpack that directory again under the
@@ -125,12 +125,14 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> RayConnecti
     resources = {SLOT_RESOURCE: float(node_slots)} if node_slots else {}
     _loopback_only()
     try:
-        ray.init(
-            address="local",  # a new instance of our own, even when another Ray runs on this machine
-            _node_ip_address=LOOPBACK,
-            resources=resources,
-            num_gpus=options.num_gpus,
-            **common,
+        keeping_handlers(
+            lambda: ray.init(
+                address="local",  # a new instance of our own, even when another Ray runs on this machine
+                _node_ip_address=LOOPBACK,
+                resources=resources,
+                num_gpus=options.num_gpus,
+                **common,
+            )
         )
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ConfigError(f"cannot start Ray on this machine: {error}") from None

@@ -3,6 +3,8 @@
 The coordinator LLM answers under the plan's JSON schema (structured output); its answer is still
 validated here, since a model may ignore the schema. An invalid answer gets one retry with the
 validation error fed back; a second failure gets a safe fallback plan and a warning, never a crash.
+A call that got no answer for a transient reason (a 5xx, a cut connection, a timeout) is made once
+more; a second such failure ends the run, since there is no plan.
 The answer can be streamed to the caller as it is written (the runtime starts agents from it).
 """
 
@@ -56,6 +58,8 @@ def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
         data = json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
+    except RecursionError:
+        raise ValueError("its JSON nests too deeply to be a plan") from None
     if isinstance(data, dict):
         data = {**data, "depth": depth}
     try:
@@ -116,12 +120,13 @@ def make_plan(
     depth: int = 0,
     on_text: TextCallback | None = None,
     on_rejected: Callable[[str], None] | None = None,
+    timeout: float | None = None,
 ) -> tuple[ExecutionPlan, CoordinatorRecord]:
     """Ask the coordinator LLM for a plan that maximises parallelism; always returns a usable plan.
 
     The plan's token budget is `answer_tokens`' for the model's prompt style. `on_text` receives the
     answer as it streams, where the backend streams; `on_rejected` hears why an answer was rejected
-    (before the retry or the fallback).
+    (before the retry or the fallback); `timeout` bounds each call, as an agent's.
     """
     messages = coordinator_messages(query, max_agents)
     schema = plan_json_schema(max_agents)
@@ -138,12 +143,18 @@ def make_plan(
             attempt=attempt,
             on_text=on_text,
             cache_messages=1,
+            timeout=timeout,
         )
+        record.attempts = attempt
         try:
             response = llm.complete(request)
         except LLMError as error:
-            raise CoordinatorError(f"the coordinator's LLM call failed: {error}") from None
-        record.attempts = attempt
+            if not error.transient or attempt == COORDINATOR_TRIES:
+                raise CoordinatorError(f"the coordinator's LLM call failed: {error}") from None
+            record.errors.append(str(error))  # no answer (a 5xx, a cut connection, a timeout): asked again as it was
+            if on_rejected is not None:
+                on_rejected(str(error))
+            continue
         llm_ms += response.llm_ms or 0.0
         tokens["prompt"] = tokens.get("prompt", 0) + (response.prompt_tokens or 0)
         tokens["completion"] = tokens.get("completion", 0) + (response.completion_tokens or 0)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Callable, Union
 
 from .plan import ExecutionPlan
-from .record import AgentRecord, RunRecord
+from .record import AgentRecord, RunRecord, valid_text
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class TokenCounter:
 
     def __call__(self, piece: str) -> None:
         self.tokens += 1
-        self._unsent.append(piece)
+        self._unsent.append(valid_text(piece))
         now = time.monotonic()
         if now - self._last_sent >= TOKEN_EVENT_INTERVAL_S:
             self.publish(TokensArrived(path=self.path, tokens=self.tokens, text="".join(self._unsent)))

@@ -212,8 +212,11 @@ def explain(error: ValidationError) -> str:
             message = "the plan has no agents"
         elif item["type"] == "model_type" and not item["loc"]:
             message = "the plan must be a JSON object with 'description' and 'agents'"
+        elif item["type"] == "string_unicode":
+            message = "not valid text (it holds a lone surrogate, such as the escape \\ud83d without its pair)"
         elif "depends_on" in item["loc"]:
-            message = f"must be a list of integers (agent indices), got {item['input']!r}"
+            wanted = "an integer (an agent index)" if isinstance(item["loc"][-1], int) else "a list of integers (agent indices)"
+            message = f"must be {wanted}, got {item['input']!r}"
         parts.append(f"{where}: {message}" if where else message)
     return "; ".join(parts)
 

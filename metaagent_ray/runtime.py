@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shlex
 import threading
 import time
 import uuid
@@ -37,11 +38,11 @@ from .events import (
 )
 from .executors import Executor, release_executors, start_executors, wait_started
 from .hub import AgentDone, AgentOrder, NodeLost, RunLimits, Submission, agent_order, plan_orders, run_hub
-from .interrupts import exit_code, stop_signals_ignored, stop_signals_interrupt
+from .interrupts import exit_code, run_ended, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig, TextCallback
 from .plan import ExecutionPlan
 from .plan_stream import ReadyAgent, StreamedPlan
-from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunRecord, SubRunRecord, kept_agents, walk_agents
+from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunDirectoryError, RunRecord, SubRunRecord, kept_agents, walk_agents
 from .resources import SLOT_RESOURCE
 
 CHECKPOINT_INTERVAL_S = 1.0  # the most a run killed outright can lose of its record
@@ -286,7 +287,7 @@ class _Run:
         reused = tuple(sorted(index for index, agent in kept.items() if agent.reused))
         self.on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir, slots=record.slots, reused=reused))
 
-        saved = f" in {run_dir.path}; resume with: metaagent resume {run_dir.path}" if run_dir else ""
+        saved = f" in {run_dir.path}; resume with: metaagent resume {shlex.quote(str(run_dir.path))}" if run_dir else ""
         try:
             with stop_signals_interrupt():
                 rest = set(range(len(plan.agents))) - (already_submitted or set())
@@ -303,9 +304,15 @@ class _Run:
         except NoNodeLeft as lost:  # the hub fails the agents still waiting for a slot
             _finish(record, run_dir, "failed")
             raise RunBroken(f"{lost}; the agents that finished are saved{saved}", record, 1) from None
-        _finish(record, run_dir, "ok" if not record.failed_agents() else "failed")
-        self.abandoned_calls = any((agent.error or "").startswith("timed out") for agent in walk_agents(record.agents))
-        self.on_event(RunFinished(record=record))
+        except RunDirectoryError:  # the run can no longer be kept (a full disk): its agents stop with it
+            with stop_signals_ignored():
+                _cancel(self.hub, self.submission.run_id)
+            raise
+        run_ended()  # every agent has finished: a stop signal now could only lose the record
+        with stop_signals_ignored():
+            _finish(record, run_dir, "ok" if not record.failed_agents() else "failed")
+            self.abandoned_calls = any((agent.error or "").startswith("timed out") for agent in walk_agents(record.agents))
+            self.on_event(RunFinished(record=record))
         return record
 
 

@@ -17,6 +17,7 @@ from .plan import Role
 from .pool import PoolSpec
 
 INJECTED_FAULTS = "fail"  # the fake backend's fault-injection option: never stored for a resume
+SECRET_WORDS = ("key", "token", "secret", "password")  # a backend option named with one is never stored: records are shared
 
 
 def default_answer_tokens() -> AnswerBudgets:
@@ -68,6 +69,10 @@ class RunSettings(BaseModel):
         return cls.model_fields[name].default
 
     def stored(self) -> dict[str, Any]:
-        """What a resume may reuse: everything but injected faults."""
-        options = {key: value for key, value in self.llm_options.items() if key != INJECTED_FAULTS}
+        """What a resume may reuse: everything but injected faults and secrets (an API key comes again from its variable)."""
+        options = {
+            key: value
+            for key, value in self.llm_options.items()
+            if key != INJECTED_FAULTS and not any(word in key.lower() for word in SECRET_WORDS)
+        }
         return self.model_copy(update={"llm_options": options}).model_dump()

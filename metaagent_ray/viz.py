@@ -7,15 +7,24 @@ The timeline shows what the layers hide: each agent starts the moment its own de
 
 from __future__ import annotations
 
-from html import escape
+import re
+from html import escape as escape_html
 from pathlib import Path
 
 from .plan import ExecutionPlan
 from .record import AgentRecord, RunRecord, ready_at, write_atomic
 
+NOT_IN_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # characters XML 1.0 forbids
+
 LAYER_COLOURS = ["#8ecae6", "#ffb703", "#90be6d", "#f28482", "#cdb4db", "#f9c74f", "#84a59d", "#a3c4f3"]
 STATUS_MARK = {"ok": "✓", "failed": "✗", "skipped": "–", "pending": "…"}
 NODE_W, NODE_H, GAP_X, GAP_Y, MARGIN = 190, 58, 30, 70, 20
+
+
+def escape(text: str) -> str:
+    """Text for SVG, which is XML: escaped, and without the control characters XML forbids (a terminal
+    colour code in a task would leave the picture unreadable)."""
+    return escape_html(NOT_IN_XML.sub("\ufffd", text))
 
 
 def colour(layer: int) -> str:

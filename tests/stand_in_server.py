@@ -27,7 +27,10 @@ from typing import Any, Callable, Literal, Sequence
 from tests.ollama_server import DEFAULT_PLAN, BackgroundServer, OwnedHandler, default_responder, within_budget, words_of
 
 Api = Literal["ollama", "openai"]
-Fault = Literal["http_500", "http_429", "http_400", "drop", "stall", "malformed"]
+# drip: a 200 whose body comes a byte at a time, never ending while the server runs (no read timeout fires);
+# cut: a 200 whose body stops halfway and the connection closes (a JSON body's Content-Length is not met,
+# a stream never sends its [DONE])
+Fault = Literal["http_500", "http_429", "http_400", "drop", "stall", "malformed", "drip", "cut"]
 Responder = Callable[[dict[str, Any]], str]  # a chat request body -> the answer's text
 FaultFn = Callable[[dict[str, Any]], "Fault | None"]  # a chat request body -> the fault to answer with
 
@@ -168,6 +171,13 @@ class StandInServer(BackgroundServer):
             handler.send_json(status, {"error": {"message": f"test fault {status}", "type": "test_fault", "code": status}})
         elif fault == "malformed":
             handler.send_raw(200, "application/json", b'{"id": "x", "choices": [{"message": {"content": "unterm')
+        elif fault == "drip":
+            handler.send_stream("text/event-stream" if body.get("stream") else "application/json", [])
+            while not self._closing.wait(DRIP_INTERVAL_S):
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+        elif fault == "cut":
+            self._cut(handler, body)
         elif body.get("model") not in self.models:
             # vLLM's shape for an unknown model: the error's fields at the top level
             message = f"The model `{body.get('model', '')}` does not exist."
@@ -194,6 +204,25 @@ class StandInServer(BackgroundServer):
                 "choices": [{**choice, "finish_reason": finish}],
                 "usage": usage,
             })
+
+    def _cut(self, handler: OwnedHandler, body: dict[str, Any]) -> None:
+        """Half of the answer, then the connection closes."""
+        text = self.responder(body)
+        if body.get("stream"):
+            pieces = words_of(text)
+            events = [{"choices": [{"index": 0, "delta": {"content": piece}}]} for piece in pieces[: len(pieces) // 2]]
+            handler.send_stream("text/event-stream", [f"data: {json.dumps(event)}\n\n".encode() for event in events])
+            return
+        payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}).encode()
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(len(payload)))
+        handler.end_headers()
+        handler.wfile.write(payload[: len(payload) // 2])
+        handler.close_connection = True
+
+
+DRIP_INTERVAL_S = 0.1
 
 
 def _content(piece: str, chat: bool) -> dict[str, Any]:

@@ -31,7 +31,7 @@ BAD_PLANS = {
     "not-json.json": ("{agents: [", "not valid JSON"),
     "missing-task.json": ({"agents": [{"role": "WRITER"}]}, "agents[0].task: Field required"),
     "deps-not-list.json": ({"agents": [{**AGENT, "depends_on": "0"}]}, "agents[0].depends_on: must be a list of integers"),
-    "deps-not-ints.json": ({"agents": [AGENT, {**AGENT, "depends_on": [0.5]}]}, "agents[1].depends_on[0]: must be a list of integers"),
+    "deps-not-ints.json": ({"agents": [AGENT, {**AGENT, "depends_on": [0.5]}]}, "agents[1].depends_on[0]: must be an integer (an agent index)"),
     "unknown-role.json": (
         {"agents": [{**AGENT, "role": "WIZARD"}]},
         "agents[0].role: unknown role 'WIZARD' (roles: RESEARCHER, ANALYZER, PLANNER, WRITER, CRITIC, SYNTHESIZER, COORDINATOR)",

@@ -250,11 +250,12 @@ class LocalServer:
 
 
 def prepare_prefix_cache() -> Path | None:
-    """The directory of saved prompt states, made if missing and trimmed to the newest files; None
-    where it cannot be written (a read-only home): prompts are then read whole, as without it."""
+    """The directory of saved prompt states, the user's alone (0700), made if missing and trimmed to
+    the newest files; None where it cannot be written (a read-only home): prompts are then read whole."""
     directory = user_cache_dir("prompt-states")
     try:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)  # the model reads these states back: no one else may read or replace them
         saved = sorted(directory.glob("*.bin"), key=lambda file: file.stat().st_mtime, reverse=True)
         for stale in saved[KEPT_PREFIX_FILES:]:
             stale.unlink(missing_ok=True)

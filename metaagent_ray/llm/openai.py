@@ -211,8 +211,11 @@ class OpenAILLM:
             parts: list[str] = []
             usage: dict[str, Any] = {}
             finish: str | None = None
+            ended = False  # the stream's last event is [DONE]: without it the connection closed mid-answer
             for line in response.iter_lines():
-                if not line.startswith("data:") or line == "data: [DONE]":
+                if line.strip() == "data: [DONE]":
+                    ended = True
+                if not line.startswith("data:") or ended:
                     continue
                 event = json.loads(line.removeprefix("data:"))
                 usage = event.get("usage") or usage
@@ -222,6 +225,8 @@ class OpenAILLM:
                     if piece:
                         parts.append(piece)
                         on_text(piece)
+            if not ended:
+                raise LLMError(f"the server at {self.base_url} closed the stream before the answer's end", transient=True)
             return "".join(parts), usage, finish
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
             raise LLMError(f"the server at {self.base_url} sent a malformed response ({type(error).__name__})", transient=False) from error
