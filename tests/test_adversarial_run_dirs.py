@@ -156,13 +156,18 @@ def test_a_truncated_record_is_one_line_for_resume_viz_and_report(tmp_path: Path
         only_line(invoke(command, str(run_dir)), 2, f"{run_dir / 'record.json'}: not a valid run record (Invalid JSON: EOF while parsing")
 
 
+def hand_edited_run(run_dir: Path, plan: Path, agent: int, key: str, value: str) -> None:
+    """A failed run whose record.json a person then edited: one agent's `key` set to `value`."""
+    failed_run(run_dir, plan)
+    data = json.loads((run_dir / "record.json").read_text())
+    data["agents"][agent][key] = value
+    (run_dir / "record.json").write_text(json.dumps(data))
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_a_hand_made_agent_status_is_one_line_naming_the_field(tmp_path: Path, plan: Path):
     run_dir = tmp_path / "run"
-    failed_run(run_dir, plan)
-    data = json.loads((run_dir / "record.json").read_text())
-    data["agents"][1]["status"] = "done"
-    (run_dir / "record.json").write_text(json.dumps(data))
+    hand_edited_run(run_dir, plan, 1, "status", "done")
     only_line(
         invoke("resume", str(run_dir)),
         2,
@@ -173,10 +178,7 @@ def test_a_hand_made_agent_status_is_one_line_naming_the_field(tmp_path: Path, p
 @pytest.mark.usefixtures("ray_session")
 def test_a_hand_edited_record_is_honoured_edited_outputs_reused_and_reset_agents_run_again(tmp_path: Path, plan: Path):
     run_dir = tmp_path / "run"
-    failed_run(run_dir, plan)
-    data = json.loads((run_dir / "record.json").read_text())
-    data["agents"][0]["output"] = "Edited by hand: <keep me>"
-    (run_dir / "record.json").write_text(json.dumps(data))
+    hand_edited_run(run_dir, plan, 0, "output", "Edited by hand: <keep me>")
     result = invoke("resume", str(run_dir), "--llm", "fake")
     assert result.exit_code == 0, result.output
     assert "re-running agents [1, 2], reusing [0]" in result.output
