@@ -275,6 +275,7 @@ class MetaAgent:
             with _locked(directory):
                 return self._execute(plan, query, directory, record_path, coordinator=coordinator, ray_timeline=ray_timeline)
         llm = self._planning(query)
+        self.on_event(PlanningStarted(llm=llm.describe()))
 
         def planner(on_text: TextCallback, on_rejected: Callable[[str], None]) -> tuple[ExecutionPlan, CoordinatorRecord]:
             return make_plan(
@@ -372,7 +373,8 @@ class MetaAgent:
         a run whose cluster is unreachable stops before the LLM plans."""
         llm = self._planning(query, connect=connect)
         on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
-        try:
+        try:  # from the line that says the coordinator plans, a stop signal is one that interrupted the planning
+            self.on_event(PlanningStarted(llm=llm.describe()))
             plan, coordinator = make_plan(
                 query,
                 llm,
@@ -387,13 +389,13 @@ class MetaAgent:
         return plan, coordinator
 
     def _planning(self, query: str, *, connect: bool = True) -> LLM:
-        """Checks before the coordinator's call (the query, the backend, Ray when `connect`); the coordinator's LLM."""
+        """Checks before the coordinator's call (the query, the backend, Ray when `connect`); the coordinator's LLM.
+        The caller says when the planning starts (`PlanningStarted`)."""
         if not query.strip():
             raise ConfigError("the query is empty")
         llm = self._driver_llm()
         if connect:
             self._connect()
-        self.on_event(PlanningStarted(llm=llm.describe()))
         return llm
 
     @staticmethod

@@ -124,6 +124,7 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> RayConnecti
     node_slots = max(options.slots or 0, plan.slots if plan else 0) or None
     resources = {SLOT_RESOURCE: float(node_slots)} if node_slots else {}
     _loopback_only()
+    _private_token_file()
     try:
         keeping_handlers(
             lambda: ray.init(
@@ -151,6 +152,24 @@ def _loopback_only() -> None:
     """
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+
+
+def _private_token_file() -> None:
+    """Keep the token of the Ray about to start the user's alone.
+
+    Ray started here turns token authentication on and keeps its token in ~/.ray/auth_token, which
+    it writes readable by everyone (0644) when it makes one: any user of this machine could read it
+    and drive this Ray. So the file is made first, the user's alone, for Ray to fill (it keeps the
+    mode), and one already there is made the user's alone.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    with contextlib.suppress(OSError):  # a read-only home: Ray says what it needs itself
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        if path.stat().st_mode & 0o077:
+            path.chmod(0o600)
 
 
 def shutdown_ray() -> None:

@@ -4,7 +4,6 @@ secrets (the Ray token, an API key) reach no output, record or file."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import stat
@@ -20,7 +19,6 @@ import pytest
 from metaagent_ray import MetaAgent
 from metaagent_ray.llm.local import prepare_prefix_cache
 from tests.adversarial import TWO_AND_JOIN, invoke, write_plan
-from tests.real_cluster import RealCluster
 from tests.stand_in_server import StandInServer
 from tests.test_run_endings import descendants, is_loopback, start, wait_for_line
 
@@ -28,7 +26,7 @@ HOSTILE = '<script>alert(1)</script> "><img src=x onerror=alert(2)> ]]> \x1b[31m
 
 
 def test_nothing_listens_beyond_loopback_while_the_coordinator_plans_and_agents_start(tmp_path: Path, latency_file):
-    latency = latency_file({"default": 60.0, "coordinator": 10.0})  # the streamed plan's first agents start while the coordinator writes
+    latency = latency_file({"default": 60.0, "coordinator": 4.0})  # the streamed plan's first agents start while the coordinator writes
     process = start(
         "run", "Compare A, B and C", "--llm", "fake", "--fake-latency", latency, "--run-dir", str(tmp_path / "run"), session=True
     )
@@ -106,30 +104,19 @@ def test_an_api_key_given_as_an_option_is_sent_to_the_server_and_kept_nowhere(tm
     assert record.settings["llm_options"] == {"base_url": server.base_url}
 
 
-@pytest.fixture(scope="module")
-def token_cluster() -> Iterator[RealCluster]:
-    cluster = RealCluster()  # `ray start`, token authentication on, on loopback
-    try:
-        cluster.start_head(slots=4)
-        cluster.wait_for(nodes=1, slots=4)
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-def test_the_ray_token_reaches_no_output_record_or_file_even_with_v_or_when_rejected(token_cluster: RealCluster, tmp_path: Path):
-    plan = write_plan(tmp_path / "plan.json")
-    command = [sys.executable, "-m", "metaagent_ray", "exec", str(plan), "--llm", "fake", "--address", token_cluster.address, "-v"]
-    done = subprocess.run(
-        [*command, "--run-dir", str(tmp_path / "run")], env=token_cluster.env(), capture_output=True, text=True, timeout=180
-    )
+def test_the_ray_token_is_the_users_alone_and_reaches_no_output_or_file_even_with_v(tmp_path: Path):
+    """Ray started here turns token authentication on, with the token in ~/.ray/auth_token (here a fresh home)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home)}
+    env.pop("RAY_AUTH_MODE", None)
+    command = [sys.executable, "-m", "metaagent_ray", "exec", str(write_plan(tmp_path / "plan.json")), "--llm", "fake", "-v"]
+    done = subprocess.run([*command, "--run-dir", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
-    wrong = "0" * len(token_cluster.token)
-    refused = subprocess.run([*command[:-1], "--run-dir", str(tmp_path / "refused")], env=token_cluster.env(RAY_AUTH_TOKEN=wrong),
-                             capture_output=True, text=True, timeout=180)  # fmt: skip
-    assert refused.returncode == 2 and "rejected this driver's" in refused.stderr and wrong not in refused.stderr
-    written = [path for path in tmp_path.rglob("*") if path.is_file()]
-    assert any(path.name == "record.json" for path in written)
-    for text in (done.stdout, done.stderr, refused.stdout, refused.stderr, *(path.read_text(errors="replace") for path in written)):
-        assert token_cluster.token not in text
-    assert json.loads((tmp_path / "run" / "record.json").read_text())["status"] == "ok"
+    token_file = home / ".ray" / "auth_token"
+    token = token_file.read_text().strip()
+    assert len(token) >= 32 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    written = [path for path in (tmp_path / "run").rglob("*") if path.is_file()]
+    assert len(written) > 5
+    for text in (done.stdout, done.stderr, *(path.read_text(errors="replace") for path in written)):
+        assert token not in text
