@@ -42,6 +42,6 @@ def test_the_wheel_registers_the_command_and_the_backends(wheel: Path) -> None:
     archive = zipfile.ZipFile(wheel)
     (entry_points,) = [name for name in archive.namelist() if name.endswith(".dist-info/entry_points.txt")]
     text = archive.read(entry_points).decode()
-    assert "metaagent = metaagent_ray.cli:main" in text
+    assert "metaagent = metaagent_ray.__main__:main" in text
     for backend in ("fake", "local", "ollama", "openai"):
         assert f"{backend} = " in text
