@@ -77,7 +77,9 @@ def test_a_pipe_gets_the_seed_lines_unchanged(ray_cluster, tmp_path: Path):
     lines = result.stdout.splitlines()
     assert "\x1b[" not in result.stdout  # no terminal control sequences
     assert lines[0].startswith("🌐 Ray cluster at ") and lines[0].endswith("LLM slots (llm_slot)")
-    assert lines[1:5] == [
+    # agents of the streamed plan may start (and print) before the coordinator has finished it
+    plan_lines = [line for line in lines if not line.startswith(("⚡ [PARALLEL]", "✅ [PARALLEL]"))]
+    assert plan_lines[1:5] == [
         "🧭 Coordinator planning with fake (deterministic, no model)...",
         "🧭 Coordinator planned 5 agents",
         "📋 Plan: Parallel research on 3 items, then analysis and synthesis",
