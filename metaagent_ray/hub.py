@@ -167,6 +167,7 @@ class _Run:
     slots: SlotPool
     events: asyncio.Queue[Event | AgentDone | NodeLost | None] = field(default_factory=asyncio.Queue)  # None ends the stream
     results: dict[str, ray.ObjectRef] = field(default_factory=dict)  # agent path -> its supervised result
+    orders: dict[str, AgentOrder] = field(default_factory=dict)  # agent path -> its order, until Ray starts its supervision
     work: list[ray.ObjectRef] = field(default_factory=list)
     executions: dict[str, int] = field(default_factory=dict)  # agent path -> how often it was handed to an executor
     started_at: dict[str, float] = field(default_factory=dict)
@@ -180,7 +181,7 @@ class _Run:
     def process(self, index: int) -> asyncio.Future[tuple[str, int]]:
         """The executor's node and process, once it is up."""
         if index not in self.processes:
-            self.processes[index] = asyncio.ensure_future(asyncio.wrap_future(self.executors[index].actor.process.remote().future()))
+            self.processes[index] = asyncio.ensure_future(self.executors[index].actor.process.remote())
         return self.processes[index]
 
 
@@ -211,8 +212,10 @@ class RunHub:
                 run.results[label] = ray.put(order.kept)
                 continue
             # Top-level ObjectRefs: Ray starts `supervise` once every dependency's result exists, and passes the results.
+            # The order stays here: the call carries only its name.
             inputs = [run.results[f"{prefix}{dep}"] for dep in order.context.spec.depends_on]
-            run.results[label] = self._me.supervise.remote(run.submission.run_id, order, *inputs)
+            run.orders[label] = order
+            run.results[label] = self._me.supervise.remote(run.submission.run_id, label, *inputs)
 
     async def post(self, run_id: str, event: Event) -> None:
         """An event from outside the hub (streamed tokens, the driver's own), in order with the hub's own."""
@@ -245,13 +248,14 @@ class RunHub:
         if run is not None:
             run.events.put_nowait(None)
 
-    async def supervise(self, run_id: str, order: AgentOrder, *inputs: AgentRecord) -> AgentRecord:
+    async def supervise(self, run_id: str, label: str, *inputs: AgentRecord) -> AgentRecord:
         """The agent's final result: its work's, or its sub-plan's when it delegated. Ray calls it with its
         dependencies' results once they all exist.
 
         Whatever happens, the driver hears of it: a fault here fails this agent, never hangs the run.
         """
         run = self._runs[run_id]
+        order = run.orders.pop(label)
         try:
             if order.kept is not None:  # a resumed agent continues its unfinished sub-plan
                 result = order.kept
@@ -311,7 +315,7 @@ class RunHub:
         """Wait for the work, at most `deadline` seconds from its start."""
         deadline = run.submission.limits.deadline()
         try:
-            result = await asyncio.wait_for(asyncio.wrap_future(work.future()), timeout=deadline)
+            result = await (work if deadline is None else asyncio.wait_for(work, timeout=deadline))
         except asyncio.TimeoutError:
             ray.cancel(work)
             return _failure(run, context, f"timed out: no result within {deadline:g} s (--agent-timeout); the agent was abandoned")
@@ -382,7 +386,7 @@ def run_hub() -> Any:
 
 async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -> None:
     """Give back an abandoned agent's slot once its call really ends, so the cap stays exact."""
-    await asyncio.wait([asyncio.wrap_future(work.future())])
+    await asyncio.wait([asyncio.ensure_future(work)])
     slots.release(index)
 
 
