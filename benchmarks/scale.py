@@ -1,16 +1,17 @@
 """Hundreds to thousands of agents in flight: cold CLI runs of random DAGs under an LLM slot cap.
 
-Each run is `metaagent exec PLAN --llm fake --fake-latency 1 --slots S` in a fresh process (Ray
-starts inside the command, as a user meets it). The plans are random DAGs with fixed seeds: about
+Each run is `metaagent exec PLAN --llm fake --fake-latency L --slots S` in a fresh process (Ray
+starts inside the command, as a user meets it; L is --latency, 1 s unless given: with 0.001 the
+makespan is what the runtime itself costs per agent). The plans are random DAGs with fixed seeds: about
 20 layers deep, every agent after the first layer depending on 1-4 agents of the layer before.
 
 Reported per run: makespan / max(critical path, work / slots) (no scheduler can beat 1.0) and
 makespan / the longest-remaining-path-first list schedule (an achievable bound, as in
 benchmarks/slots.py); p50 / p90 / max start delay (an agent's start minus its last dependency's
-finish); peak summed RSS and process count of the run's process tree (sampled every 0.25 s); and
-the driver's CPU time.
+finish); peak summed RSS and process count of the run's process tree (sampled every 0.1 s); and
+the CPU time of the driver, the run's hub and its executors.
 
-Run:  python benchmarks/scale.py [--sizes 64 500 2000] [--slots 16 64]
+Run:  python benchmarks/scale.py [--sizes 64 500 2000] [--slots 16 64] [--latency 1]
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def random_dag(size: int, seed: int, depth: int = DEPTH) -> dict:
 
 
 def run_cold(plan_file: Path, size: int, slots: int, run_dir: Path, latency: str = "1") -> dict:
-    """One cold CLI run, watched from outside: peak RSS and process count of its tree, driver CPU time.
+    """One cold CLI run, watched from outside: peak RSS and process count of its tree, the CPU time of the
+    driver, the run's hub and its executors (by their process titles, last seen before they ended).
 
     `latency` is the fake backend's --fake-latency: seconds per agent, or a JSON file of seconds by agent index.
     """
@@ -61,6 +63,7 @@ def run_cold(plan_file: Path, size: int, slots: int, run_dir: Path, latency: str
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     driver = psutil.Process(process.pid)
     peak_rss, peak_processes, driver_cpu = 0, 0, 0.0
+    actor_cpu: dict[int, tuple[str, float]] = {}  # pid -> (which actor, CPU seconds)
     while process.poll() is None:
         try:
             tree = [driver, *driver.children(recursive=True)]
@@ -68,6 +71,11 @@ def run_cold(plan_file: Path, size: int, slots: int, run_dir: Path, latency: str
             for member in tree:
                 try:
                     rss += member.memory_info().rss
+                    title = " ".join(member.cmdline())
+                    actor = next((name for name in ("RunHub", "AgentExecutor") if f"ray::{name}" in title), None)
+                    if actor is not None:
+                        spent = member.cpu_times()
+                        actor_cpu[member.pid] = (actor, spent.user + spent.system)
                 except psutil.Error:
                     pass
             peak_rss, peak_processes = max(peak_rss, rss), max(peak_processes, len(tree))
@@ -75,10 +83,12 @@ def run_cold(plan_file: Path, size: int, slots: int, run_dir: Path, latency: str
             driver_cpu = times.user + times.system
         except psutil.Error:
             pass
-        time.sleep(0.25)
+        time.sleep(0.1)
     if process.returncode != 0:
         raise SystemExit(f"run failed ({process.returncode}): {process.stderr.read() if process.stderr else ''}")
-    return {"wall": time.perf_counter() - started, "peak_rss": peak_rss, "processes": peak_processes, "driver_cpu": driver_cpu}
+    by_actor = {name: sum(cpu for actor, cpu in actor_cpu.values() if actor == name) for name in ("RunHub", "AgentExecutor")}
+    return {"wall": time.perf_counter() - started, "peak_rss": peak_rss, "processes": peak_processes, "driver_cpu": driver_cpu,
+            "hub_cpu": by_actor["RunHub"], "executor_cpu": by_actor["AgentExecutor"]}
 
 
 def start_delays(record: RunRecord) -> list[float]:
@@ -100,33 +110,35 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 500, 2000])
     parser.add_argument("--slots", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--latency", type=float, default=1.0, help="seconds per agent (0.001: what the runtime itself costs)")
     args = parser.parse_args()
     print("$ python " + shlex.join(["benchmarks/scale.py", *sys.argv[1:]]) + "\n")
     print("| agents | slots | critical path (s) | work / slots (s) | list schedule (s) | makespan (s) | makespan / max(cp, work/slots) "
-          "| makespan / list schedule | start delay p50 / p90 / max (s) | peak RSS (GiB) | processes | driver CPU (s) | all ok |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|")
+          "| makespan / list schedule | start delay p50 / p90 / max (s) | peak RSS (GiB) | processes | CPU (s): driver / hub / executors | all ok |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|---|")
     work = Path(tempfile.mkdtemp())
     for size in args.sizes:
         data = random_dag(size, SEEDS.get(size, size))
         plan = parse_plan(data, max_agents=size)
         plan_file = work / f"dag-{size}.json"
         plan_file.write_text(json.dumps(data))
-        durations = {agent: 1.0 for agent in range(size)}
+        durations = {agent: args.latency for agent in range(size)}
         critical, _ = plan.critical_path(durations)
         for slots in args.slots:
             run_dir = work / f"run-{size}-{slots}"
-            watched = run_cold(plan_file, size, slots, run_dir)
+            watched = run_cold(plan_file, size, slots, run_dir, latency=f"{args.latency:g}")
             record = RunRecord.model_validate_json((run_dir / "record.json").read_text())
             makespan = record.makespan() or 0.0
             bound = list_schedule(plan, durations, slots)
-            lower = max(critical, size / slots)
+            lower = max(critical, size * args.latency / slots)
             delays = start_delays(record)
             inputs_right = all(agent.inputs_from == agent.depends_on for agent in record.agents)
             all_ok = record.status == "ok" and inputs_right
             print(
-                f"| {size} | {slots} | {critical:.0f} | {size / slots:.1f} | {bound:.1f} | {makespan:.1f} | {makespan / lower:.2f} | "
+                f"| {size} | {slots} | {critical:.0f} | {size * args.latency / slots:.1f} | {bound:.1f} | {makespan:.1f} | {makespan / lower:.2f} | "
                 f"{makespan / bound:.2f} | {statistics.median(delays):.3f} / {percentile(delays, 0.9):.3f} / {max(delays):.3f} | "
-                f"{watched['peak_rss'] / 2**30:.2f} | {watched['processes']} | {watched['driver_cpu']:.1f} | {'yes' if all_ok else 'NO'} |",
+                f"{watched['peak_rss'] / 2**30:.2f} | {watched['processes']} | "
+                f"{watched['driver_cpu']:.1f} / {watched['hub_cpu']:.1f} / {watched['executor_cpu']:.1f} | {'yes' if all_ok else 'NO'} |",
                 flush=True,
             )
 
