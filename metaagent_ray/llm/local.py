@@ -321,11 +321,8 @@ class LocalLLM:
         )
 
     def complete(self, request: LLMRequest) -> LLMResponse:
-        """The blocking call agents make; `acomplete` and `astream` are the same call for coroutines."""
+        """The blocking call agents make; `astream` is the same call for coroutines."""
         return asyncio.run(self.astream(request, _pieces(request.on_text) if request.on_text is not None else None))
-
-    async def acomplete(self, request: LLMRequest) -> LLMResponse:
-        return await self.astream(request)
 
     async def astream(self, request: LLMRequest, on_text: Callable[[str], Awaitable[None] | None] | None = None) -> LLMResponse:
         """Decode `request`, handing the answer so far to `on_text` as tokens arrive.
