@@ -30,6 +30,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from .base import (
+    LLM,
     LLMConfig,
     LLMError,
     LLMRequest,
@@ -264,7 +265,7 @@ def prepare_prefix_cache() -> Path | None:
     return directory
 
 
-class LocalLLM:
+class LocalLLM(LLM):
     """A client of a local server: `locate` says where it is (starting it if needed), once per process."""
 
     def __init__(self, model: str | None, options: LocalOptions, locate: Callable[[], ServerInfo]) -> None:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .base import (
     CALL_TIMEOUT_S,
+    LLM,
     LLMConfig,
     LLMError,
     LLMRequest,
@@ -71,7 +72,7 @@ def _error_message(response: httpx.Response) -> str:
     return str(error)
 
 
-class OpenAILLM:
+class OpenAILLM(LLM):
     """Completions from one model on one OpenAI-compatible server: chat, or documents for a base model.
 
     With no model given, it uses the first model the server lists (llama-server serves exactly one).

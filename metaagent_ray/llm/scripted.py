@@ -15,7 +15,7 @@ from typing import Callable
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMRequest, LLMResponse, ModelFootprint, PromptStyle, parse_options
+from .base import LLM, LLMConfig, LLMRequest, LLMResponse, ModelFootprint, PromptStyle, parse_options
 
 Script = Callable[[LLMRequest], "str | LLMResponse"]
 
@@ -48,7 +48,7 @@ def load_script(path: str) -> Script:
     return function
 
 
-class ScriptedLLM:
+class ScriptedLLM(LLM):
     """Answers with whatever its function returns."""
 
     def __init__(self, options: ScriptedOptions) -> None:
