@@ -170,7 +170,7 @@ class Xllamacpp:
     def __init__(self, path: Path, parallel: int, threads: int = 1) -> None:
         options = LocalOptions(n_threads=threads)
         self.server = LocalServer(str(path), options, parallel)
-        self.client = LocalLLM(str(path), options, lambda: self.server.info)
+        self.client = LocalLLM(str(path), options, lambda: self.server.endpoint)
 
     def run(self, requests: list[LLMRequest]) -> list[Answer]:
         return asyncio.run(self._run(requests))

@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .llm import LLMConfig, LLMUnavailable
-from .llm.local import LocalLLM, LocalOptions, LocalServer, ServerInfo, options_of
+from .llm.local import LocalLLM, LocalOptions, LocalServer, ServerEndpoint, options_of
 from .resources import SLOT_RESOURCE, default_slots
 
 NAMESPACE = "metaagent-ray"
@@ -36,8 +36,8 @@ class NodeModelServer:
     def __init__(self, model: str | None, options: LocalOptions, parallel: int) -> None:
         self._server = LocalServer(model, options, parallel)
 
-    def info(self) -> ServerInfo:
-        return self._server.info
+    def endpoint(self) -> ServerEndpoint:
+        return self._server.endpoint
 
 
 def node_parallel(config: LLMConfig, node_id: str) -> int:
@@ -50,7 +50,7 @@ def node_parallel(config: LLMConfig, node_id: str) -> int:
     return default_slots(config).slots
 
 
-def node_server(config: LLMConfig) -> ServerInfo:
+def node_server(config: LLMConfig) -> ServerEndpoint:
     """This node's server for `config`, started on first use; one line (LLMUnavailable) if it cannot start."""
     if not ray.is_initialized():
         raise LLMUnavailable("local backend: Ray is not running here; the model server is a Ray actor on each node (use MetaAgent)")
@@ -64,7 +64,7 @@ def node_server(config: LLMConfig) -> ServerInfo:
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     ).remote(config.model, options_of(config), node_parallel(config, node_id))
     try:
-        return ray.get(actor.info.remote())
+        return ray.get(actor.endpoint.remote())
     except RayActorError as error:
         cause = error.__cause__ or error
         message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__

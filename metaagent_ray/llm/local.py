@@ -22,6 +22,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal
@@ -106,13 +107,10 @@ class LocalOptions(BaseModel):
     seed: int = Field(default=0, description="sampling seed")
 
 
-class ServerInfo(BaseModel):
-    """Where a running server listens and what a client must know to prompt it."""
+class ServerEndpoint(BaseModel):
+    """Where a running server listens and where it keeps saved prompt states: what its clients must know."""
 
     address: str  # http://127.0.0.1:PORT
-    chat_template: bool  # the model has a chat template: chat requests; else the plain document prompt
-    parallel: int  # requests it decodes at once
-    threads: int
     prefix_cache: str | None  # the directory the server saves and restores slot states in (on this node); None: none
     prefix_key: str  # what the saved states depend on besides the prompt: the model file, the engine, the cache layout
 
@@ -166,6 +164,14 @@ def options_of(config: LLMConfig) -> LocalOptions:
     return parse_options("local", LocalOptions, config.options)
 
 
+def has_chat_template(path: Path) -> bool:
+    """Whether the model file carries a chat template (an instruct model), from its GGUF metadata."""
+    try:
+        return bool(read_metadata(path).get("tokenizer.chat_template"))
+    except (OSError, ValueError) as error:
+        raise LLMUnavailable(f"local backend: cannot read {path}: {error}") from None
+
+
 def kv_bytes_per_token(path: Path) -> tuple[int, str] | None:
     """The context (KV) cache one token takes, from the model's GGUF metadata, and how it was computed.
 
@@ -210,10 +216,6 @@ class LocalServer:
             raise LLMUnavailable(f"local backend: xllamacpp is not installed; {INSTALL_HINT}") from None
         check_model_request("local")
         path = model_path(model)
-        try:
-            has_template = bool(read_metadata(path).get("tokenizer.chat_template"))
-        except (OSError, ValueError) as error:
-            raise LLMUnavailable(f"local backend: cannot read {path}: {error}") from None
         threads = options.n_threads or len(os.sched_getaffinity(0))
         params = xllamacpp.CommonParams()
         params.model.path = str(path)
@@ -239,11 +241,8 @@ class LocalServer:
         except Exception as error:  # xllamacpp raises RuntimeError or ValueError for a model it cannot load
             raise LLMUnavailable(f"local backend: cannot load {path}: {error}") from None
         stat = path.stat()
-        self.info = ServerInfo(
+        self.endpoint = ServerEndpoint(
             address=self._server.listening_address,
-            chat_template=has_template,
-            parallel=parallel,
-            threads=threads,
             prefix_cache=str(prefix_cache) if prefix_cache is not None else None,
             # a state saved from a cache per slot does not restore into a shared one (seen: HTTP 400)
             prefix_key=f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:xllamacpp {importlib.metadata.version(ENGINE_PACKAGE)}:kv_unified",
@@ -266,13 +265,16 @@ def prepare_prefix_cache() -> Path | None:
 
 
 class LocalLLM(LLM):
-    """A client of a local server: `locate` says where it is (starting it if needed), once per process."""
+    """A client of a local server: `locate` says where it is, starting it if needed; the client calls
+    it on its first request (and again after the server stopped answering), never before."""
 
-    def __init__(self, model: str | None, options: LocalOptions, locate: Callable[[], ServerInfo]) -> None:
+    def __init__(self, model: str | None, options: LocalOptions, locate: Callable[[], ServerEndpoint]) -> None:
         self.model = model
         self.options = options
         self._locate = locate
-        self._server: ServerInfo | None = None
+        self._server: ServerEndpoint | None = None
+        self._chat: bool | None = None  # whether the model has a chat template, once read
+        self._reading = threading.Lock()  # an executor's first agents all ask at once: the file is read once
 
     def describe(self) -> str:
         return describe_model(self.model)
@@ -280,18 +282,20 @@ class LocalLLM(LLM):
     @property
     def prompt_style(self) -> PromptStyle:
         """Instruct models (with a chat template) get chat messages; base models a document to continue."""
-        return "chat" if self._info().chat_template else "document"
+        return "chat" if self._chat_template() else "document"
 
     @property
     def delegates(self) -> bool:
         """Only instruct models are offered DELEGATE: the default base model answered the offer by
         copying it into its answer instead of using it (benchmarks/README.md, `quality.py`)."""
-        return self._info().chat_template
+        return self._chat_template()
 
-    def _info(self) -> ServerInfo:
-        if self._server is None:
-            self._server = self._locate()
-        return self._server
+    def _chat_template(self) -> bool:
+        """Whether the model has a chat template: read from its file (metadata cached per file), no server started."""
+        with self._reading:
+            if self._chat is None:
+                self._chat = has_chat_template(model_path(self.model))
+            return self._chat
 
     def check(self) -> None:
         if importlib.util.find_spec(ENGINE_PACKAGE) is None:
@@ -333,9 +337,11 @@ class LocalLLM(LLM):
         again from the beginning.
         """
         check_model_request("local")
-        if self._server is None:  # once per process: finding (or starting) the server blocks, so not on the event loop
+        # Once per process, and blocking, so not on the event loop: finding (or starting) the server, reading the model file.
+        if self._server is None:
             self._server = await asyncio.to_thread(self._locate)
         server = self._server
+        chat = self._chat if self._chat is not None else await asyncio.to_thread(self._chat_template)
         # JSON repeats its keys, roles and subjects by design: a repeat penalty pushes a small model
         # off the pattern (e.g. away from a second RESEARCHER), so JSON decodes without one first.
         penalties = [1.0, JSON_REDO_PENALTY] if request.json_schema is not None else [self.options.repeat_penalty]
@@ -343,7 +349,7 @@ class LocalLLM(LLM):
         prompt_tokens = completion_tokens = cached_tokens = 0
         text, finish = "", None
         for penalty in penalties:
-            text, finish, usage = await self._decode(server, request, penalty, on_text)
+            text, finish, usage = await self._decode(server, chat, request, penalty, on_text)
             prompt_tokens += usage.get("prompt_tokens", 0)
             completion_tokens += usage.get("completion_tokens", 0)
             cached_tokens += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
@@ -360,14 +366,20 @@ class LocalLLM(LLM):
         )
 
     async def _decode(
-        self, server: ServerInfo, request: LLMRequest, repeat_penalty: float, on_text: Callable[[str], Awaitable[None] | None] | None
+        self,
+        server: ServerEndpoint,
+        chat: bool,
+        request: LLMRequest,
+        repeat_penalty: float,
+        on_text: Callable[[str], Awaitable[None] | None] | None,
     ) -> tuple[str, str | None, dict[str, Any]]:
-        """One streamed decode: the text, why it stopped ("stop" or "length"), and the server's token usage."""
-        path, body = request_body(request, self.options, server.chat_template, repeat_penalty)
+        """One streamed decode (`chat`: the model's chat template renders the prompt): the text, why it
+        stopped ("stop" or "length"), and the server's token usage."""
+        path, body = request_body(request, self.options, chat, repeat_penalty)
         stream = AnswerStream()
         try:
             async with httpx.AsyncClient(base_url=server.address, timeout=request.timeout) as client:
-                prefix = shared_prefix(request, server.chat_template) if server.prefix_cache is not None else None
+                prefix = shared_prefix(request, chat) if server.prefix_cache is not None else None
                 held = await _hold_prefix(client, server.prefix_cache, server.prefix_key, prefix) if prefix is not None else None
                 if held is not None:
                     body["id_slot"] = PREFIX_SLOT
