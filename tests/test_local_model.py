@@ -13,15 +13,9 @@ from metaagent_ray.errors import ConfigError
 from metaagent_ray.llm import LLM, LLMConfig, LLMRequest, LLMUnavailable, Message, create_llm
 from metaagent_ray.llm.bounds import TEMPLATE_MARKERS
 from metaagent_ray.llm.llama_server import closed_objects, plain_prompt, shared_prefix
-from metaagent_ray.llm.local import (
-    LocalLLM,
-    LocalOptions,
-    LocalServer,
-    chat_messages,
-    local_backend_available,
-    prepare_prefix_cache,
-    request_body,
-)
+from metaagent_ray.llm.local import LocalLLM, LocalOptions, LocalServer, local_backend_available
+from metaagent_ray.llm.local.client import chat_messages, request_body
+from metaagent_ray.llm.local.prompt_states import prepare_prefix_cache
 from metaagent_ray.plan import ExecutionPlan, plan_json_schema
 from tests.test_resources import write_gguf
 
