@@ -13,7 +13,7 @@ Measured in ONE run, the engines taking turns at every step so background load h
   the median time to the first streamed token (queueing included);
 - memory per extra slot: anonymous memory (RssAnon; the mapped weights are file pages) of a fresh
   process holding 1 slot and holding 8, each after a plain and a schema-constrained call; the
-  server's figure is set against the KV cache one slot takes (llm.local.kv_bytes_per_token);
+  server's figure is set against the KV cache one slot takes (llm/local/model.py's kv_bytes_per_token);
 - grammar validity: `--plans` coordinator calls with the real coordinator prompt and plan schema,
   each answer validated as an ExecutionPlan;
 - with `--install`: `pip install --no-cache-dir ENGINE` in a fresh venv, timed (no pip cache: what a
@@ -46,7 +46,8 @@ from metaagent_ray.api import run_limits
 from metaagent_ray.coordinator import coordinator_messages
 from metaagent_ray.llm import LLMConfig, LLMRequest
 from metaagent_ray.llm.llama_server import PLAIN_STOP, plain_prompt
-from metaagent_ray.llm.local import LocalLLM, LocalOptions, LocalServer, kv_bytes_per_token, model_path
+from metaagent_ray.llm.local import LocalLLM, LocalOptions, LocalServer
+from metaagent_ray.llm.local.model import kv_bytes_per_token, model_path
 from metaagent_ray.plan import AgentSpec, ExecutionPlan, Role, plan_json_schema
 from metaagent_ray.settings import RunSettings
 
@@ -170,7 +171,7 @@ class Xllamacpp:
     def __init__(self, path: Path, parallel: int, threads: int = 1) -> None:
         options = LocalOptions(n_threads=threads)
         self.server = LocalServer(str(path), options, parallel)
-        self.client = LocalLLM(str(path), options, lambda: self.server.info)
+        self.client = LocalLLM(str(path), options, lambda: self.server.endpoint)
 
     def run(self, requests: list[LLMRequest]) -> list[Answer]:
         return asyncio.run(self._run(requests))
@@ -326,7 +327,7 @@ def main() -> None:
         low, high, extra = memory[engine]
         install = f"{installs[engine]:.0f}" if engine in installs else "-"
         print(f"| {engine} | {low:.0f} | {high:.0f} | {extra:.0f} | {install} |")
-    print(f"\nKV cache of one slot (n_ctx {LocalOptions().n_ctx}, llm.local.kv_bytes_per_token): {kv_slot:.0f} MiB; "
+    print(f"\nKV cache of one slot (n_ctx {LocalOptions().n_ctx}, llm/local/model.py): {kv_slot:.0f} MiB; "
           f"xllamacpp's extra slot beyond it: {memory['xllamacpp'][2] - kv_slot:.0f} MiB.")
 
 

@@ -1,7 +1,7 @@
 """How many LLM calls one node can serve at once: its `llm_slot` Ray resource.
 
 The count comes from what the node has (free RAM, CPU cores, GPUs) and what one LLM instance costs
-there, which each backend states itself (`LLM.footprint()`: llm/local.py, llm/ollama.py, ...), and
+there, which each backend states itself (`LLM.footprint()`: llm/local/model.py, llm/ollama.py, ...), and
 every step of the reasoning is kept as a line a person can check:
 
 - a run's agents on a node are threads of one executor actor (executors.py): the executor's process

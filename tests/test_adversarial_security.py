@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from metaagent_ray import MetaAgent
-from metaagent_ray.llm.local import prepare_prefix_cache
+from metaagent_ray.llm.local.prompt_states import prepare_prefix_cache
 from tests.adversarial import TWO_AND_JOIN, invoke, write_plan
 from tests.stand_in_server import StandInServer
 from tests.test_run_endings import descendants, is_loopback, start, wait_for_line

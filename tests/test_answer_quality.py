@@ -10,7 +10,8 @@ from metaagent_ray.api import run_limits
 from metaagent_ray.coordinator import coordinator_request, make_plan, nearest_example
 from metaagent_ray.llm import LLMConfig, LLMRequest, get_llm
 from metaagent_ray.llm.bounds import cut_repetition
-from metaagent_ray.llm.local import LocalOptions, request_body
+from metaagent_ray.llm.local import LocalOptions
+from metaagent_ray.llm.local.client import request_body
 from metaagent_ray.plan import AgentSpec, Role
 from metaagent_ray.prompts import load_prompt
 from metaagent_ray.record import AgentRecord

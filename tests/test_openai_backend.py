@@ -12,6 +12,7 @@ from metaagent_ray.llm import LLMConfig, LLMError, LLMRequest, LLMUnavailable, M
 from metaagent_ray.llm.bounds import TEMPLATE_MARKERS, cut_repetition
 from metaagent_ray.llm.llama_server import CHATML_FALLBACK, PLAIN_STOP, plain_prompt
 from metaagent_ray.llm.openai import OpenAILLM
+from metaagent_ray.llm.streaming import AnswerStream, MalformedStream
 from tests.conftest import agent_request, closed_port_url
 from tests.llama_server import serving
 from tests.ollama_server import DEFAULT_PLAN
@@ -129,6 +130,29 @@ def test_a_streamed_answer_arrives_token_by_token_with_its_usage(server: StandIn
     assert response.completion_tokens == len(pieces) and response.prompt_tokens == len("You are a RESEARCHER. Research A".split())
     assert server.chat_bodies()[-1]["stream"] is True
 
+
+
+def test_one_reader_takes_chat_and_completion_streams_and_knows_a_cut_one() -> None:
+    """The reader the openai and local backends share (llm/streaming.py)."""
+    chat = AnswerStream()
+    pieces = [chat.feed(line) for line in (
+        ": keep-alive",
+        'data: {"choices": [{"delta": {"role": "assistant"}}]}',
+        'data: {"choices": [{"delta": {"content": "Hel"}}]}',
+        "",
+        'data:{"choices": [{"delta": {"content": "lo"}, "finish_reason": "stop"}]}',
+        'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}}',
+        "data: [DONE]",
+        'data: {"choices": [{"delta": {"content": "after the end"}}]}',
+    )]
+    assert pieces == ["", "", "Hel", "", "lo", "", "", ""] and chat.text == "Hello" and chat.done
+    assert chat.finish_reason == "stop" and chat.usage == {"prompt_tokens": 3, "completion_tokens": 2}
+    completion = AnswerStream()
+    assert completion.feed('data: {"choices": [{"text": "Hi", "finish_reason": "length"}]}') == "Hi"
+    assert completion.finish_reason == "length" and not completion.done  # no [DONE]: the stream was cut
+    for line in ('data: {"choices": [{"text": "unterm', "data: [1, 2]", 'data: {"choices": [{"text": 3}]}'):
+        with pytest.raises(MalformedStream):
+            AnswerStream().feed(line)
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_the_budget_and_stops_reach_the_server_and_why_the_answer_ended_comes_back(server: StandInServer, stream: bool) -> None:

@@ -13,9 +13,11 @@ from typer.testing import CliRunner
 from metaagent_ray import resources
 from metaagent_ray.cli import app
 from metaagent_ray.errors import ConfigError
-from metaagent_ray.llm import LLMConfig, ModelFootprint, create_llm, gguf_metadata, local
+from metaagent_ray.llm import LLMConfig, ModelFootprint, create_llm
 from metaagent_ray.llm.base import GiB, MiB
-from metaagent_ray.llm.local import kv_bytes_per_token
+from metaagent_ray.llm.local import gguf_metadata
+from metaagent_ray.llm.local import model as local
+from metaagent_ray.llm.local.model import kv_bytes_per_token
 from metaagent_ray.resources import (
     AGENT_BYTES,
     EXECUTOR_BYTES,

@@ -5,7 +5,7 @@ metadata (pyproject.toml), naming a factory `create(config) -> LLM`. Entry point
 installed distributions, so every process finds the same backends: the driver and each Ray worker.
 The registry imports a backend's module when the backend is first created. `auto` is no backend
 but a choice between two (llm/auto.py, which the API and resources.py import, and with it the
-ollama and local modules); the optional dependencies (xllamacpp, gguf) are imported only when a
+ollama module and the local package, less its Ray actor); the optional dependencies (xllamacpp, gguf) are imported only when a
 model is loaded or its file read, so they cost nothing to those who do not use them.
 
 A third-party backend is a distribution that declares, e.g. in its pyproject.toml:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..errors import ConfigError
 from ..subjects import enumerated_subjects
-from .base import MB, LLMConfig, LLMError, LLMRequest, LLMResponse, ModelFootprint, PromptStyle, TextCallback, parse_options
+from .base import LLM, MB, LLMConfig, LLMError, LLMRequest, LLMResponse, ModelFootprint, PromptStyle, TextCallback, parse_options
 
 DELEGATE_MARKER = "[delegate]"  # an agent whose task holds this delegates whenever it may
 
@@ -118,7 +118,7 @@ class FakeOptions(BaseModel):
         return value if isinstance(value, (FakeFaults, dict)) else FakeFaults.from_spec(value)  # type: ignore[arg-type]
 
 
-class FakeLLM:
+class FakeLLM(LLM):
     """Answers from the request's identity; plans from the query's shape."""
 
     delegates = True  # a task holding DELEGATE_MARKER delegates, so recursion can be tested

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .base import (
     CALL_TIMEOUT_S,
+    LLM,
     LLMConfig,
     LLMError,
     LLMRequest,
@@ -95,7 +96,7 @@ def server_has_model(host: str | None = None, model: str = DEFAULT_MODEL, timeou
     return True
 
 
-class OllamaLLM:
+class OllamaLLM(LLM):
     """Chat completions from one model on one Ollama server; JSON schemas become structured outputs."""
 
     delegates = True  # instruct models decide when a task needs a team

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .base import (
     CALL_TIMEOUT_S,
+    LLM,
     LLMConfig,
     LLMError,
     LLMRequest,
@@ -38,6 +39,7 @@ from .base import (
     parse_options,
 )
 from .llama_server import completion_prompt, json_schema_field, lacks_chat_template
+from .streaming import AnswerStream
 
 DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"  # `vllm serve`'s default port
 DEFAULT_API_KEY = "none"  # local servers accept any key unless started with one
@@ -70,7 +72,7 @@ def _error_message(response: httpx.Response) -> str:
     return str(error)
 
 
-class OpenAILLM:
+class OpenAILLM(LLM):
     """Completions from one model on one OpenAI-compatible server: chat, or documents for a base model.
 
     With no model given, it uses the first model the server lists (llama-server serves exactly one).
@@ -208,26 +210,13 @@ class OpenAILLM:
                 choice = data["choices"][0]
                 text = choice["message"]["content"] if "message" in choice else choice["text"]
                 return text or "", data.get("usage") or {}, choice.get("finish_reason")
-            parts: list[str] = []
-            usage: dict[str, Any] = {}
-            finish: str | None = None
-            ended = False  # the stream's last event is [DONE]: without it the connection closed mid-answer
+            stream = AnswerStream()
             for line in response.iter_lines():
-                if line.strip() == "data: [DONE]":
-                    ended = True
-                if not line.startswith("data:") or ended:
-                    continue
-                event = json.loads(line.removeprefix("data:"))
-                usage = event.get("usage") or usage
-                for choice in event.get("choices") or []:
-                    piece = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
-                    finish = choice.get("finish_reason") or finish
-                    if piece:
-                        parts.append(piece)
-                        on_text(piece)
-            if not ended:
+                if piece := stream.feed(line):
+                    on_text(piece)
+            if not stream.done:
                 raise LLMError(f"the server at {self.base_url} closed the stream before the answer's end", transient=True)
-            return "".join(parts), usage, finish
+            return stream.text, stream.usage, stream.finish_reason
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as error:
             raise LLMError(f"the server at {self.base_url} sent a malformed response ({type(error).__name__})", transient=False) from error
 

@@ -56,11 +56,12 @@ class PooledOptions(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)  # for the ollama or openai backend
 
 
-class PooledLLM:
+class PooledLLM(LLM):
     """A client of the named pool: the backend of each instance is made once, on its first lease."""
 
     delegates = True  # instruct models decide when a task needs a team
     prompt_style: PromptStyle = "chat"
+    needs_ray = True  # the pool is a named Ray actor
 
     def __init__(self, model: str | None, options: PooledOptions) -> None:
         self.model = model

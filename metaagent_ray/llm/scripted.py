@@ -9,13 +9,13 @@ base model. No model runs: the switch that forbids real models in tests does not
 
 from __future__ import annotations
 
-import importlib
+import pkgutil
 from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..errors import ConfigError
-from .base import LLMConfig, LLMRequest, LLMResponse, ModelFootprint, PromptStyle, parse_options
+from .base import LLM, LLMConfig, LLMRequest, LLMResponse, ModelFootprint, PromptStyle, parse_options
 
 Script = Callable[[LLMRequest], "str | LLMResponse"]
 
@@ -39,17 +39,16 @@ class ScriptedOptions(BaseModel):
 
 def load_script(path: str) -> Script:
     """The function at "package.module:name"; ConfigError when it cannot be found."""
-    module_name, name = path.split(":")
     try:
-        function = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as error:
+        function = pkgutil.resolve_name(path)
+    except (ImportError, AttributeError, ValueError) as error:
         raise ConfigError(f"scripted backend: cannot load {path}: {error}") from None
     if not callable(function):
         raise ConfigError(f"scripted backend: {path} is not a function")
     return function
 
 
-class ScriptedLLM:
+class ScriptedLLM(LLM):
     """Answers with whatever its function returns."""
 
     def __init__(self, options: ScriptedOptions) -> None:

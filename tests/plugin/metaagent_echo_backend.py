@@ -2,20 +2,20 @@
 module and a dist-info naming it in the `metaagent_ray.backends` entry-point group) into a directory
 on PYTHONPATH before Ray starts, so the driver and every Ray worker find it.
 
-It imports only metaagent_ray's public types and answers with where it ran, so a test can tell
-that every agent's output came from it, in a Ray worker.
+It imports only metaagent_ray's public types (the protocol among them) and answers with where it
+ran, so a test can tell that every agent's output came from it, in a Ray worker.
 """
 
 from __future__ import annotations
 
 import os
 
-from metaagent_ray.llm import LLMConfig, LLMRequest, LLMResponse, ModelFootprint
+from metaagent_ray.llm import LLM, LLMConfig, LLMRequest, LLMResponse, ModelFootprint
 
 SIGNATURE = "echo-backend"
 
 
-class EchoLLM:
+class EchoLLM(LLM):  # subclassing the protocol gives its defaults (needs_ray False)
     delegates = False
     prompt_style = "chat"
 

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .base import user_cache_dir
+from ..base import user_cache_dir
 
 CACHE_VERSION = 1
 LONG_ARRAY = 1024  # arrays longer than this (vocabulary, scores, merges) are left out: no caller needs them

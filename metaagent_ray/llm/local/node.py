@@ -1,6 +1,6 @@
 """One local model server per node and model, owned by a Ray actor: every local agent is its client.
 
-The `local` backend's engine (llm/local.py) batches the requests of all its parallel slots into
+The `local` backend's engine (server.py) batches the requests of all its parallel slots into
 shared decode steps, so a node runs ONE server: the weights are loaded once, each slot adds only its
 context cache, and an agent waiting on the model is an HTTP request, not a model in a process. The
 server lives in a named, detached actor pinned to its node; the first call on a node creates it
@@ -8,10 +8,10 @@ server lives in a named, detached actor pinned to its node; the first call on a 
 coordinator) find it by name. Its parallel slots are the node's `llm_slot` count, so every agent
 Ray lets call at once is decoded at once.
 
-This is a module of its own because it is the local backend's only part that needs Ray; it also
-holds the `local` backend's factory, the entry point pyproject.toml names. The actor lives as long
-as the Ray instance: embedded Ray ends with the driver; on a cluster the model stays loaded for the
-next run.
+This is the local backend's only module that needs Ray (and the slot count, resources.py), so the
+package's `__init__` does not import it; it holds the `local` backend's factory, the entry point
+pyproject.toml names. The actor lives as long as the Ray instance: embedded Ray ends with the driver;
+on a cluster the model stays loaded for the next run.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ import ray
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .llm import LLMConfig, LLMUnavailable
-from .llm.local import LocalLLM, LocalOptions, LocalServer, ServerInfo, options_of
-from .resources import SLOT_RESOURCE, default_slots
+from ...resources import SLOT_RESOURCE, default_slots
+from ..base import LLMConfig, LLMUnavailable
+from .client import LocalLLM
+from .options import LocalOptions, options_of
+from .server import LocalServer, ServerEndpoint
 
 NAMESPACE = "metaagent-ray"
 
@@ -36,8 +38,8 @@ class NodeModelServer:
     def __init__(self, model: str | None, options: LocalOptions, parallel: int) -> None:
         self._server = LocalServer(model, options, parallel)
 
-    def info(self) -> ServerInfo:
-        return self._server.info
+    def endpoint(self) -> ServerEndpoint:
+        return self._server.endpoint
 
 
 def node_parallel(config: LLMConfig, node_id: str) -> int:
@@ -50,7 +52,7 @@ def node_parallel(config: LLMConfig, node_id: str) -> int:
     return default_slots(config).slots
 
 
-def node_server(config: LLMConfig) -> ServerInfo:
+def node_server(config: LLMConfig) -> ServerEndpoint:
     """This node's server for `config`, started on first use; one line (LLMUnavailable) if it cannot start."""
     if not ray.is_initialized():
         raise LLMUnavailable("local backend: Ray is not running here; the model server is a Ray actor on each node (use MetaAgent)")
@@ -64,7 +66,7 @@ def node_server(config: LLMConfig) -> ServerInfo:
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     ).remote(config.model, options_of(config), node_parallel(config, node_id))
     try:
-        return ray.get(actor.info.remote())
+        return ray.get(actor.endpoint.remote())
     except RayActorError as error:
         cause = error.__cause__ or error
         message = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
