@@ -208,7 +208,7 @@ class MetaAgent:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
         llm = create_llm(self._llm())
         llm.check()
-        if getattr(llm, "needs_ray", False):  # its model server is a Ray actor: Ray starts before the coordinator's call
+        if llm.needs_ray:  # its model server is a Ray actor: Ray starts before the coordinator's call
             self._connect()
         return llm
 
