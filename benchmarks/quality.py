@@ -130,7 +130,7 @@ def main() -> None:
                     "examples": sum(copies_prompt(agent.output, examples) for agent in answers),
                     "off_topic": sum(off_topic(agent) for agent in answers),
                     "answers": len(answers),
-                    "tokens": sum((agent.tokens or {}).get("completion", 0) for agent in answers),
+                    "tokens": sum(agent.tokens.completion for agent in answers if agent.tokens),
                     "wall": wall,
                 }
             )

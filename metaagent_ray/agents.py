@@ -20,7 +20,7 @@ from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, Pro
 from .llm.bounds import TEMPLATE_MARKERS, AnswerBudgets, finish_answer
 from .plan import AgentSpec
 from .prompts import load_prompt
-from .record import AgentRecord, SubRunRecord, valid_text
+from .record import AgentRecord, FailureKind, SubRunRecord, valid_text
 
 FailurePolicy = Literal["continue", "stop"]
 DELEGATE = "DELEGATE"
@@ -191,6 +191,7 @@ def run_agent(
     result = agent_record(context, status="ok", inputs_from=received)
     if missing and context.limits.on_failure == "stop":
         result.status, result.error = "skipped", f"skipped: input from agent(s) {missing} is missing (--on-failure stop)"
+        result.failure = FailureKind.INPUT_MISSING
         return result
     llm = get_llm(context.llm)
     may_delegate = context.may_delegate and llm.delegates
@@ -216,16 +217,15 @@ def run_agent(
         result.output, result.repetition_cut = finish_answer(valid_text(response.text))
         result.finish_reason = response.finish_reason
         result.llm_ms = response.llm_ms
-        if response.prompt_tokens is not None or response.completion_tokens is not None:
-            result.tokens = {"prompt": response.prompt_tokens or 0, "completion": response.completion_tokens or 0}
+        result.tokens = response.usage
         if may_delegate and response.text.strip().upper().startswith(DELEGATE):
             _delegate(context, inputs, specs, llm, result)
     except CallFailed as failure:
-        result.status, result.error, result.attempts = "failed", str(failure), failure.attempts
+        result.status, result.error, result.failure, result.attempts = "failed", str(failure), FailureKind.LLM, failure.attempts
     except LLMError as error:  # the sub-plan's coordinator call failed
-        result.status, result.error = "failed", str(error)
+        result.status, result.error, result.failure = "failed", str(error), FailureKind.LLM
     except Exception as error:  # a backend bug must fail this agent, not the whole run
-        result.status, result.error = "failed", f"{type(error).__name__}: {error}"
+        result.status, result.error, result.failure = "failed", f"{type(error).__name__}: {error}", FailureKind.BACKEND
         result.attempts = max(result.attempts, 1)
     if result.error is not None:
         result.error = valid_text(result.error)  # it may quote the server's own words

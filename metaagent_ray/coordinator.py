@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from .errors import MetaAgentError
 from .events import Notice
-from .llm import LLM, LLMError, LLMRequest, Message, TextCallback
+from .llm import LLM, LLMError, LLMRequest, Message, TextCallback, Usage
 from .llm.bounds import AnswerBudgets
 from .plan import ExecutionPlan, explain, plan_json_schema
 from .prompts import load_prompt
@@ -132,7 +132,7 @@ def make_plan(
     schema = plan_json_schema(max_agents)
     record = CoordinatorRecord(attempts=0, started_at=time.time())
     llm_ms = 0.0
-    tokens: dict[str, int] = {}
+    tokens = Usage()
     for attempt in range(1, COORDINATOR_TRIES + 1):
         request = LLMRequest(
             messages=list(messages),
@@ -156,11 +156,8 @@ def make_plan(
                 on_rejected(str(error))
             continue
         llm_ms += response.llm_ms or 0.0
-        tokens["prompt"] = tokens.get("prompt", 0) + (response.prompt_tokens or 0)
-        tokens["completion"] = tokens.get("completion", 0) + (response.completion_tokens or 0)
-        if response.cached_prompt_tokens is not None:  # only backends that say so
-            tokens["cached_prompt"] = tokens.get("cached_prompt", 0) + response.cached_prompt_tokens
-        record.llm_ms, record.tokens = llm_ms, dict(tokens)
+        tokens += response.usage or Usage()
+        record.llm_ms, record.tokens = llm_ms, tokens
         record.finished_at = time.time()
         try:
             return _parse(response.text, max_agents, depth), record

@@ -29,7 +29,7 @@ from .events import AgentStarted, Event, Notice, SubPlanReady
 from .executors import Executor, NoSlotsLeft, SlotPool
 from .llm import LLMConfig
 from .plan import AgentSpec, ExecutionPlan
-from .record import AgentRecord, compose_final_output, kept_agents
+from .record import AgentRecord, FailureKind, compose_final_output, kept_agents
 
 # The executor running an agent died (its process, and Ray restarts it) or cannot come back (its node is gone).
 EXECUTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
@@ -265,7 +265,7 @@ class RunHub:
                 result = await self._delegate(run, order, inputs, result)
         except Exception as error:  # noqa: BLE001 - reported as the agent's error
             log.exception("supervising agent %s failed", order.context.label)
-            result = _failure(run, order.context, f"the agent's supervision failed: {type(error).__name__}: {error}")
+            result = _failure(run, order.context, FailureKind.SUPERVISION, f"the agent's supervision failed: {type(error).__name__}: {error}")
         for warning in result.warnings:  # the one way warnings reach the driver: as events
             run.publish(Notice(warning, warning=True))
         result.warnings = []
@@ -279,7 +279,7 @@ class RunHub:
             try:
                 index = await slots.acquire(order.priority)
             except NoSlotsLeft:
-                return _failure(run, context, "no node with LLM slots for this run is left")
+                return _failure(run, context, FailureKind.NO_NODE, "no node with LLM slots for this run is left")
             try:
                 result, work = await self._run_on(run, order, inputs, index)
             except EXECUTOR_LOST as error:
@@ -289,9 +289,9 @@ class RunHub:
                     _lose_node(run, index)
                 executions = run.executions.get(context.label, 1)
                 if executions > RAY_TASK_RETRIES:
-                    return _failure(run, context, f"the agent's executor died {executions} times: {type(error).__name__}")
+                    return _failure(run, context, FailureKind.EXECUTOR_LOST, f"the agent's executor died {executions} times: {type(error).__name__}")
                 continue
-            if result.status == "failed" and result.error and result.error.startswith("timed out"):
+            if result.failure is FailureKind.TIMED_OUT:
                 asyncio.ensure_future(_release_when_done(work, slots, index))  # the call still holds its thread
             else:
                 slots.release(index)
@@ -318,12 +318,12 @@ class RunHub:
             result = await (work if deadline is None else asyncio.wait_for(work, timeout=deadline))
         except asyncio.TimeoutError:
             ray.cancel(work)
-            return _failure(run, context, f"timed out: no result within {deadline:g} s (--agent-timeout); the agent was abandoned")
+            return _failure(run, context, FailureKind.TIMED_OUT, f"timed out: no result within {deadline:g} s (--agent-timeout); the agent was abandoned")
         except EXECUTOR_LOST:
             raise
         except ray.exceptions.RayError as error:
             detail = next(iter(str(error).splitlines()), "")
-            return _failure(run, context, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
+            return _failure(run, context, FailureKind.RAY, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
         result.attempts += run.executions[context.label] - 1  # each earlier execution died with its executor: one try each
         return result
 
@@ -350,18 +350,20 @@ class RunHub:
         sinks_ok = all(sub_run.agents[index].status == "ok" for index in plan.sinks())
         parent.status = "ok" if sinks_ok else "failed"
         parent.error = None if sinks_ok else "its sub-plan's final agent did not succeed"
+        parent.failure = None if sinks_ok else FailureKind.SUB_PLAN
         parent.output = compose_final_output(plan, sub_run.agents)
         parent.warnings = [*parent.warnings, *plan.warnings]
         parent.finished_at = time.time()
         return parent
 
 
-def _failure(run: _Run, context: AgentContext, error: str) -> AgentRecord:
+def _failure(run: _Run, context: AgentContext, kind: FailureKind, error: str) -> AgentRecord:
     """A work task that never returned: each execution Ray made counts as a try."""
     return agent_record(
         context,
         status="failed",
         error=error,
+        failure=kind,
         attempts=max(1, run.executions.get(context.label, 0)),
         started_at=run.started_at.get(context.label),
         finished_at=time.time(),

@@ -163,7 +163,7 @@ class LiveView:
         if agent.started_at is not None and agent.finished_at is not None:
             row.seconds = agent.finished_at - agent.started_at
         if agent.tokens:
-            row.tokens = agent.tokens.get("completion", row.tokens)
+            row.tokens = agent.tokens.completion
         row.node = agent.node or row.node
 
     def _add_sub_plan(self, event: SubPlanReady) -> None:

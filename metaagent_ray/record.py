@@ -18,12 +18,14 @@ import shlex
 import tempfile
 import time
 from datetime import datetime, timezone
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
 from .errors import ConfigError, MetaAgentError
+from .llm import Usage
 from .plan import ExecutionPlan
 from .version import __version__
 
@@ -33,6 +35,21 @@ RUN_DIR_MODE = 0o755  # a run directory and the directories made for it: others 
 # "delegated": the agent's task went to a sub-plan still running; the runtime ends it as ok or failed.
 AgentState = Literal["pending", "ok", "failed", "skipped", "delegated"]
 RunState = Literal["running", "ok", "failed", "interrupted"]
+
+
+class FailureKind(str, Enum):
+    """Why an agent did not succeed, for the runtime and other tools to read (the error says it in words)."""
+
+    LLM = "llm"  # its LLM call failed for good (after the retries a transient error gets)
+    BACKEND = "backend"  # the backend raised something other than an LLM error
+    TIMED_OUT = "timed_out"  # no result within its deadline: abandoned, its call may still run
+    EXECUTOR_LOST = "executor_lost"  # its executor died at every try
+    NO_NODE = "no_node"  # no node with LLM slots for the run is left
+    RAY = "ray"  # its Ray task failed
+    SUPERVISION = "supervision"  # the hub's supervision of it failed
+    SUB_PLAN = "sub_plan"  # it delegated, and its sub-plan's final agent did not succeed
+    INPUT_MISSING = "input_missing"  # skipped: an input failed, under --on-failure stop
+
 
 
 class AgentRecord(BaseModel):
@@ -51,9 +68,10 @@ class AgentRecord(BaseModel):
     inputs_from: list[int] = Field(default_factory=list)
     output: str = ""
     error: str | None = None
+    failure: FailureKind | None = None  # set with `error`
     node: str | None = None
     attempts: int = 0
-    tokens: dict[str, int] | None = None  # {"prompt": n, "completion": n} when the backend reports them
+    tokens: Usage | None = None  # when the backend reports them
     llm_ms: float | None = None
     output_file: str | None = None  # relative to the run directory
     reused: bool = False  # taken from the run being resumed, without an LLM call
@@ -107,7 +125,7 @@ class CoordinatorRecord(BaseModel):
     fallback: bool = False
     errors: list[str] = Field(default_factory=list)  # why earlier answers were rejected
     llm_ms: float | None = None
-    tokens: dict[str, int] | None = None
+    tokens: Usage | None = None
     started_at: float | None = None  # epoch seconds around the coordinator's LLM calls
     finished_at: float | None = None
     streamed: bool = False  # agents started while the plan was still being written

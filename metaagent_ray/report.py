@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
+from .llm import Usage
 from .record import AgentRecord, RunRecord, ready_at, walk_agents, write_atomic
 from .viz import colour, critical_path, graph_svg, timeline_svg
 
@@ -100,9 +101,8 @@ def _llm_seconds(agent: AgentRecord) -> float:
 def _totals(record: RunRecord) -> str:
     agents = list(walk_agents(record.agents))
     ok = sum(agent.status == "ok" for agent in agents)
-    prompt = sum((agent.tokens or {}).get("prompt", 0) for agent in agents)
-    completion = sum((agent.tokens or {}).get("completion", 0) for agent in agents)
-    coordinator_tokens = (record.coordinator.tokens or {}) if record.coordinator else {}
+    tokens = sum((agent.tokens for agent in agents if agent.tokens), Usage())
+    coordinator_tokens = record.coordinator.tokens if record.coordinator else None
     llm_time = sum(_llm_seconds(agent) for agent in agents)
     span = record.makespan()
     wall = (record.finished_at - _origin(record)) if record.finished_at is not None else None
@@ -111,10 +111,10 @@ def _totals(record: RunRecord) -> str:
             "agents ok",
             f"{ok} / {len(agents)}" + (f" ({len(agents) - len(record.agents)} in sub-runs)" if len(agents) > len(record.agents) else ""),
         ),
-        ("agents' tokens (prompt + completion)", f"{prompt} + {completion} = {prompt + completion}"),
+        ("agents' tokens (prompt + completion)", f"{tokens.prompt} + {tokens.completion} = {tokens.total}"),
         (
             "coordinator's tokens",
-            f"{coordinator_tokens.get('prompt', 0)} + {coordinator_tokens.get('completion', 0)}" if coordinator_tokens else "–",
+            f"{coordinator_tokens.prompt} + {coordinator_tokens.completion}" if coordinator_tokens else "–",
         ),
         ("agents' LLM time, summed", f"{llm_time:.2f} s"),
         ("agents' wall time (first start to last finish)", f"{span:.2f} s" if span is not None else "–"),
@@ -169,7 +169,7 @@ def _agent(agent: AgentRecord, siblings: list[AgentRecord], origin: float, criti
         if ready is not None and agent.started_at > ready:
             facts.append(f"queued {agent.started_at - ready:.2f} s")
     if agent.tokens:
-        facts.append(f"tokens {agent.tokens.get('prompt', 0)} in, {agent.tokens.get('completion', 0)} out")
+        facts.append(f"tokens {agent.tokens.prompt} in, {agent.tokens.completion} out")
     if agent.llm_ms is not None:
         facts.append(f"LLM {agent.llm_ms / 1000:.2f} s")
     facts.append(f"attempts {agent.attempts}")

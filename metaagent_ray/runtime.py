@@ -42,7 +42,17 @@ from .interrupts import exit_code, run_ended, stop_signals_ignored, stop_signals
 from .llm import LLMConfig, TextCallback
 from .plan import ExecutionPlan
 from .plan_stream import ReadyAgent, StreamedPlan
-from .record import AgentRecord, CoordinatorRecord, RunDirectory, RunDirectoryError, RunRecord, SubRunRecord, kept_agents, walk_agents
+from .record import (
+    AgentRecord,
+    CoordinatorRecord,
+    FailureKind,
+    RunDirectory,
+    RunDirectoryError,
+    RunRecord,
+    SubRunRecord,
+    kept_agents,
+    walk_agents,
+)
 from .resources import SLOT_RESOURCE
 
 CHECKPOINT_INTERVAL_S = 1.0  # the most a run killed outright can lose of its record
@@ -311,7 +321,7 @@ class _Run:
         run_ended()  # every agent has finished: a stop signal now could only lose the record
         with stop_signals_ignored():
             _finish(record, run_dir, "ok" if not record.failed_agents() else "failed")
-            self.abandoned_calls = any((agent.error or "").startswith("timed out") for agent in walk_agents(record.agents))
+            self.abandoned_calls = any(agent.failure is FailureKind.TIMED_OUT for agent in walk_agents(record.agents))
             self.on_event(RunFinished(record=record))
         return record
 

@@ -59,7 +59,7 @@ def test_a_run_through_ollama_plans_with_the_schema_and_names_the_model_in_every
     assert record.layers == [[0, 1, 2], [3], [4]]
     assert record.final_output == "answer from SYNTHESIZER"
     for agent_record in record.agents:
-        assert agent_record.tokens is not None and agent_record.tokens["completion"] > 0
+        assert agent_record.tokens is not None and agent_record.tokens.completion > 0
         assert agent_record.llm_ms is not None and agent_record.llm_ms > 0
     assert record.llm == {"backend": "ollama", "model": "qwen-test:0.5b"}
 

@@ -244,5 +244,5 @@ def test_the_readme_query_through_llama_cpps_own_server_is_bounded(tmp_path) -> 
         assert not any(marker in agent.output for marker in TEMPLATE_MARKERS), agent.output
         assert not cut_repetition(agent.output)[1], agent.output  # a loop was cut (repetition_cut) or never began
         assert agent.finish_reason in ("stop", "length") and agent.tokens is not None
-        assert agent.tokens["completion"] <= budgets.of_role(agent.role), agent
+        assert agent.tokens.completion <= budgets.of_role(agent.role), agent
     assert not any(marker in record.final_output for marker in TEMPLATE_MARKERS)

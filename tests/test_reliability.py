@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from metaagent_ray import AgentStarted, MetaAgent, parse_plan
 from metaagent_ray.cli import app
-from metaagent_ray.record import RunRecord
+from metaagent_ray.record import FailureKind, RunRecord
 from tests.conftest import EXAMPLES
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -64,7 +64,7 @@ def test_a_call_that_ignores_its_timeout_is_cancelled_by_the_runtime(latency_fil
     record = MetaAgent(llm="fake", llm_options={"latency": latency}, agent_timeout=0.5, retries=0).execute(
         json.loads(PLAN.read_text()), "q", save=False
     )
-    assert record.agents[3].status == "failed" and "timed out" in record.agents[3].error
+    assert record.agents[3].status == "failed" and record.agents[3].failure is FailureKind.TIMED_OUT and "timed out" in record.agents[3].error
     assert record.agents[8].status == "ok"
 
 

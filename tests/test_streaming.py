@@ -22,7 +22,7 @@ def test_tokens_stream_from_the_coordinator_and_every_agent_while_they_answer():
     for agent in record.agents:
         mine = [event for event in tokens if event.path == str(agent.id)]
         counts = [event.tokens for event in mine]
-        assert counts == sorted(counts) and counts[-1] <= agent.tokens["completion"]  # type: ignore[index]
+        assert counts == sorted(counts) and counts[-1] <= agent.tokens.completion  # type: ignore[union-attr]
         assert agent.output.startswith("".join(event.text for event in mine))  # in order, nothing lost on the way
         assert len(mine) <= 1.0 / TOKEN_EVENT_INTERVAL_S + 1  # rate-limited
 

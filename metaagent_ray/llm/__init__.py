@@ -36,6 +36,7 @@ from .base import (
     ModelRequestsForbidden,
     PromptStyle,
     TextCallback,
+    Usage,
 )
 
 __all__ = [
@@ -52,6 +53,7 @@ __all__ = [
     "ModelRequestsForbidden",
     "PromptStyle",
     "TextCallback",
+    "Usage",
     "available_backends",
     "create_llm",
     "get_llm",

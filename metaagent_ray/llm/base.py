@@ -57,6 +57,22 @@ class LLMRequest:
     cache_messages: int = 0
 
 
+class Usage(BaseModel):
+    """Tokens an LLM call (or several) cost, as the backend reported them."""
+
+    prompt: int = 0
+    completion: int = 0
+    cached_prompt: int | None = None  # prompt tokens the model did not read again; only backends that say so
+
+    def __add__(self, other: Usage) -> Usage:
+        cached = None if self.cached_prompt is None and other.cached_prompt is None else (self.cached_prompt or 0) + (other.cached_prompt or 0)
+        return Usage(prompt=self.prompt + other.prompt, completion=self.completion + other.completion, cached_prompt=cached)
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
 @dataclass(frozen=True)
 class LLMResponse:
     """The answer and what it cost, as the backend reports it."""
@@ -67,6 +83,13 @@ class LLMResponse:
     llm_ms: float | None = None
     cached_prompt_tokens: int | None = None  # prompt tokens the model did not have to read again
     finish_reason: str | None = None  # as the server says: "stop" (its end or a stop sequence), "length" (the budget)
+
+    @property
+    def usage(self) -> Usage | None:
+        """What the call cost, when the backend says."""
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return Usage(prompt=self.prompt_tokens or 0, completion=self.completion_tokens or 0, cached_prompt=self.cached_prompt_tokens)
 
 
 class LLMError(Exception):
