@@ -48,6 +48,7 @@ from metaagent_ray.llm import LLMConfig, LLMRequest
 from metaagent_ray.llm.llama_server import PLAIN_STOP, plain_prompt
 from metaagent_ray.llm.local import LocalLLM, LocalOptions, LocalServer
 from metaagent_ray.llm.local.model import kv_bytes_per_token, model_path
+from metaagent_ray.paths import ROOT
 from metaagent_ray.plan import AgentSpec, ExecutionPlan, Role, plan_json_schema
 from metaagent_ray.settings import RunSettings
 
@@ -87,7 +88,7 @@ def researcher_requests(count: int, max_tokens: int) -> list[LLMRequest]:
     requests = []
     for agent_id, topic in enumerate(TOPICS[:count]):
         spec = AgentSpec(role=Role.RESEARCHER, task=f"Research {topic} for web development")
-        context = AgentContext(agent_id=agent_id, spec=spec, query=QUERY, llm=LLMConfig(backend="local"), limits=LIMITS)
+        context = AgentContext(path=ROOT.child(agent_id), spec=spec, query=QUERY, llm=LLMConfig(backend="local"), limits=LIMITS)
         messages = build_messages(context, [], {})
         requests.append(LLMRequest(messages=messages, caller="agent", query=QUERY, agent_id=agent_id, max_tokens=max_tokens))
     return requests

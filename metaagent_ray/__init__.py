@@ -25,20 +25,23 @@ if TYPE_CHECKING:
         SubPlanReady,
         TokensArrived,
     )
-    from .llm import LLMConfig
+    from .llm import LLMConfig, Usage
+    from .paths import AgentPath
     from .plan import AgentSpec, ExecutionPlan, Role
-    from .record import AgentRecord, RunRecord
+    from .record import AgentRecord, FailureKind, RunRecord
     from .runtime import RunInterrupted
     from .version import __version__
 
 __all__ = [
     "AgentFinished",
+    "AgentPath",
     "AgentRecord",
     "AgentSpec",
     "AgentStarted",
     "ConfigError",
     "Event",
     "ExecutionPlan",
+    "FailureKind",
     "LLMConfig",
     "MetaAgent",
     "MetaAgentError",
@@ -53,11 +56,12 @@ __all__ = [
     "RunRecord",
     "SubPlanReady",
     "TokensArrived",
+    "Usage",
     "__version__",
     "load_plan",
     "parse_plan",
 ]
-_DEFINED_IN = ("api", "errors", "events", "llm", "plan", "record", "runtime", "version")  # the modules the names above come from
+_DEFINED_IN = ("api", "errors", "events", "llm", "paths", "plan", "record", "runtime", "version")  # the modules the names above come from
 
 
 def __getattr__(name: str) -> Any:

@@ -18,6 +18,7 @@ from typing import Literal, Sequence
 from .coordinator import make_plan
 from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, PromptStyle, TextCallback, get_llm
 from .llm.bounds import TEMPLATE_MARKERS, AnswerBudgets, finish_answer
+from .paths import AgentPath
 from .plan import AgentSpec
 from .prompts import load_prompt
 from .record import AgentRecord, FailureKind, SubRunRecord, valid_text
@@ -52,20 +53,19 @@ class AgentLimits:
 class AgentContext:
     """Everything an agent needs besides its dependencies' results."""
 
-    agent_id: int
+    path: AgentPath  # "2" for a top-level agent, "2.1" for agent 1 of agent 2's sub-plan
     spec: AgentSpec
     query: str
     llm: LLMConfig
     limits: AgentLimits
     depth: int = 0
-    path: str = ""  # "2" for a top-level agent, "2.1" for agent 1 of agent 2's sub-plan
     layer: int = 0
     delegation_allowed: bool = True  # False once the run's total agent budget is spent
     submitted_at: float | None = None  # when the runtime handed the agent to Ray
 
     @property
-    def label(self) -> str:
-        return self.path or str(self.agent_id)
+    def agent_id(self) -> int:
+        return self.path.index
 
     @property
     def may_delegate(self) -> bool:
@@ -169,7 +169,7 @@ def agent_record(context: AgentContext, **fields: object) -> AgentRecord:
     spec = context.spec
     return AgentRecord(
         id=context.agent_id,
-        path=context.label,
+        path=context.path,
         role=spec.role.value,
         task=spec.task,
         depends_on=spec.depends_on,
@@ -244,6 +244,6 @@ def _delegate(context: AgentContext, inputs: Sequence[AgentRecord], specs: dict[
         depth=context.depth + 1,
         timeout=context.limits.call_timeout,
     )
-    result.status, result.output, result.sub_run = "delegated", "", SubRunRecord.start(context.label, sub_query, plan)
+    result.status, result.output, result.sub_run = "delegated", "", SubRunRecord.start(context.path, sub_query, plan)
     if coordinator.fallback:
-        result.warnings.append(f"Agent {context.label}: the coordinator's sub-plan fell back: {coordinator.errors[-1]}")
+        result.warnings.append(f"Agent {context.path}: the coordinator's sub-plan fell back: {coordinator.errors[-1]}")

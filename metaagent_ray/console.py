@@ -6,6 +6,7 @@ import sys
 from typing import TextIO
 
 from .events import AgentFinished, AgentStarted, Event, Notice, PlanningStarted, PlanReady, RunFinished, SubPlanReady
+from .paths import AgentPath
 from .plan import ExecutionPlan
 
 
@@ -18,9 +19,9 @@ def layer_lines(plan: ExecutionPlan, layers: list[list[int]]) -> list[str]:
     return lines
 
 
-def _indent(path: str) -> str:
+def _indent(path: AgentPath) -> str:
     """Sub-plan agents ("2.1") are indented under their parent."""
-    return "    " * path.count(".")
+    return "    " * path.depth
 
 
 class ConsoleView:
@@ -50,12 +51,11 @@ class ConsoleView:
             self._print(f"{_indent(event.path)}⚡ [PARALLEL] Agent {event.path}: {event.role}{retry}")
         elif isinstance(event, AgentFinished):
             agent = event.agent
-            label = agent.path or str(agent.id)
             if agent.status == "ok":
                 reused = " (reused)" if agent.reused else ""
-                self._print(f"{_indent(label)}✅ [PARALLEL] Agent {label} completed: {agent.role}{reused}")
+                self._print(f"{_indent(agent.path)}✅ [PARALLEL] Agent {agent.path} completed: {agent.role}{reused}")
             else:
-                self._print(f"{_indent(label)}❌ [PARALLEL] Agent {label} {agent.status}: {agent.role} - {agent.error}")
+                self._print(f"{_indent(agent.path)}❌ [PARALLEL] Agent {agent.path} {agent.status}: {agent.role} - {agent.error}")
         elif isinstance(event, RunFinished):
             self._show_result(event)
 

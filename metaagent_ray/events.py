@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Union
 
+from .paths import ROOT, AgentPath
 from .plan import ExecutionPlan
 from .record import AgentRecord, RunRecord, valid_text
 
@@ -47,7 +48,7 @@ class PlanReady:
 class SubPlanReady:
     """An agent delegated its task: this sub-plan's agents (paths "2.0", "2.1", ...) run for it."""
 
-    path: str
+    path: AgentPath
     query: str  # the request the sub-plan's agents work on
     plan: ExecutionPlan
     layers: list[list[int]]
@@ -57,15 +58,11 @@ class SubPlanReady:
 class AgentStarted:
     """An agent's task began on a Ray worker (`attempt` > 1 when Ray ran it again after a crash)."""
 
-    path: str  # "2", or "2.1" for agent 1 of agent 2's sub-plan
+    path: AgentPath  # "2", or "2.1" for agent 1 of agent 2's sub-plan
     role: str
     attempt: int
     pid: int  # the worker process, 0 when unknown
     node: str = ""  # the Ray node id, "" when unknown
-
-    @property
-    def agent_id(self) -> int:
-        return int(self.path.rsplit(".", 1)[-1])
 
 
 @dataclass(frozen=True)
@@ -79,7 +76,7 @@ class AgentFinished:
 class TokensArrived:
     """Part of an answer arrived from a streaming backend: `tokens` so far, and the `text` since the last event."""
 
-    path: str  # an agent's path, or COORDINATOR
+    path: AgentPath  # an agent's path, or COORDINATOR
     tokens: int
     text: str
 
@@ -91,7 +88,7 @@ class RunFinished:
 
 Event = Union[Notice, PlanningStarted, RayStarting, PlanReady, SubPlanReady, AgentStarted, TokensArrived, AgentFinished, RunFinished]
 EventHandler = Callable[[Event], None]
-COORDINATOR = "coordinator"  # the path of the coordinator's tokens
+COORDINATOR = ROOT  # the path of the run's coordinator's tokens: the run itself
 TOKEN_EVENT_INTERVAL_S = 0.2  # at most one TokensArrived per answer this often
 
 
@@ -102,7 +99,7 @@ class TokenCounter:
     and OpenAI-compatible servers stream one token per piece; the fake backend one word).
     """
 
-    def __init__(self, path: str, publish: Callable[[TokensArrived], object]) -> None:
+    def __init__(self, path: AgentPath, publish: Callable[[TokensArrived], object]) -> None:
         self.path = path
         self.publish = publish
         self.tokens = 0

@@ -54,7 +54,7 @@ class AgentExecutor:
         With a hub to `stream_to`, the answer's tokens go there as they arrive (a few events a second, not
         awaited); without one none is sent (an actor handle costs more to send than the rest of the call).
         """
-        on_text = TokenCounter(context.label, lambda event: stream_to.post.remote(run_id, event)) if stream_to is not None else None
+        on_text = TokenCounter(context.path, lambda event: stream_to.post.remote(run_id, event)) if stream_to is not None else None
         result = run_agent(context, inputs, dependency_specs, on_text)
         result.node = ray.get_runtime_context().get_node_id()
         return result

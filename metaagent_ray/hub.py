@@ -28,6 +28,7 @@ from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, agent_record
 from .events import AgentStarted, Event, Notice, SubPlanReady
 from .executors import Executor, NoSlotsLeft, SlotPool
 from .llm import LLMConfig
+from .paths import ROOT, AgentPath
 from .plan import AgentSpec, ExecutionPlan
 from .record import AgentRecord, FailureKind, compose_final_output, kept_agents
 
@@ -79,24 +80,24 @@ def plan_orders(
     llm: LLMConfig,
     limits: AgentLimits,
     *,
-    prefix: str = "",
+    parent: AgentPath = ROOT,
     kept: dict[int, AgentRecord] | None = None,
     only: set[int] | None = None,
 ) -> list[AgentOrder]:
-    """The orders for a plan's agents (`only` those, when given), each after its dependencies."""
+    """The orders for a plan's agents (`only` those, when given), each after its dependencies; `parent` is the
+    delegating agent's path for a sub-plan."""
     kept = kept or {}
     layer_of = plan.layer_of()
     remaining = plan.remaining_path()
     return [
         agent_order(
-            agent_id,
+            parent.child(agent_id),
             plan.agents[agent_id],
             {dep: plan.agents[dep] for dep in plan.agents[agent_id].depends_on},
             query=query,
             llm=llm,
             limits=limits,
             depth=plan.depth,
-            prefix=prefix,
             layer=layer_of[agent_id],
             priority=remaining[agent_id],
             kept=kept.get(agent_id),
@@ -107,7 +108,7 @@ def plan_orders(
 
 
 def agent_order(
-    agent_id: int,
+    path: AgentPath,
     spec: AgentSpec,
     dependency_specs: dict[int, AgentSpec],
     *,
@@ -115,20 +116,18 @@ def agent_order(
     llm: LLMConfig,
     limits: AgentLimits,
     depth: int,
-    prefix: str,
     layer: int,
     priority: int,
     kept: AgentRecord | None = None,
 ) -> AgentOrder:
     """One agent's order, stamped with the time it is handed to the hub."""
     context = AgentContext(
-        agent_id=agent_id,
+        path=path,
         spec=spec,
         query=query,
         llm=llm,
         limits=limits,
         depth=depth,
-        path=f"{prefix}{agent_id}",
         layer=layer,
         submitted_at=time.time(),
     )
@@ -139,7 +138,7 @@ def agent_order(
 class AgentDone:
     """Hub to driver: an agent (of the plan or of a sub-plan) has its final result; the driver records it."""
 
-    path: str
+    path: AgentPath
     result: AgentRecord
 
 
@@ -166,11 +165,11 @@ class _Run:
     executors: list[Executor]
     slots: SlotPool
     events: asyncio.Queue[Event | AgentDone | NodeLost | None] = field(default_factory=asyncio.Queue)  # None ends the stream
-    results: dict[str, ray.ObjectRef] = field(default_factory=dict)  # agent path -> its supervised result
-    orders: dict[str, AgentOrder] = field(default_factory=dict)  # agent path -> its order, until Ray starts its supervision
+    results: dict[AgentPath, ray.ObjectRef] = field(default_factory=dict)  # its supervised result
+    orders: dict[AgentPath, AgentOrder] = field(default_factory=dict)  # until Ray starts its supervision
     work: list[ray.ObjectRef] = field(default_factory=list)
-    executions: dict[str, int] = field(default_factory=dict)  # agent path -> how often it was handed to an executor
-    started_at: dict[str, float] = field(default_factory=dict)
+    executions: dict[AgentPath, int] = field(default_factory=dict)  # how often it was handed to an executor
+    started_at: dict[AgentPath, float] = field(default_factory=dict)
     # executor index -> its (node, pid) once it is up; forgotten when it dies, so a restart is waited for anew
     processes: dict[int, asyncio.Future[tuple[str, int]]] = field(default_factory=dict)
     total_agents: int = 0
@@ -202,20 +201,20 @@ class RunHub:
 
     async def submit(self, run_id: str, orders: list[AgentOrder]) -> None:
         """Start supervising these agents (each order after its dependencies' orders)."""
-        self._submit(self._runs[run_id], orders, prefix="")
+        self._submit(self._runs[run_id], orders)
 
-    def _submit(self, run: _Run, orders: list[AgentOrder], prefix: str) -> None:
+    def _submit(self, run: _Run, orders: list[AgentOrder]) -> None:
         run.total_agents += len(orders)
         for order in orders:
-            label = order.context.label
+            path = order.context.path
             if order.kept is not None and order.kept.status == "ok":
-                run.results[label] = ray.put(order.kept)
+                run.results[path] = ray.put(order.kept)
                 continue
             # Top-level ObjectRefs: Ray starts `supervise` once every dependency's result exists, and passes the results.
             # The order stays here: the call carries only its name.
-            inputs = [run.results[f"{prefix}{dep}"] for dep in order.context.spec.depends_on]
-            run.orders[label] = order
-            run.results[label] = self._me.supervise.remote(run.submission.run_id, label, *inputs)
+            inputs = [run.results[path.parent.child(dep)] for dep in order.context.spec.depends_on]
+            run.orders[path] = order
+            run.results[path] = self._me.supervise.remote(run.submission.run_id, path, *inputs)
 
     async def post(self, run_id: str, event: Event) -> None:
         """An event from outside the hub (streamed tokens, the driver's own), in order with the hub's own."""
@@ -248,14 +247,14 @@ class RunHub:
         if run is not None:
             run.events.put_nowait(None)
 
-    async def supervise(self, run_id: str, label: str, *inputs: AgentRecord) -> AgentRecord:
+    async def supervise(self, run_id: str, path: AgentPath, *inputs: AgentRecord) -> AgentRecord:
         """The agent's final result: its work's, or its sub-plan's when it delegated. Ray calls it with its
         dependencies' results once they all exist.
 
         Whatever happens, the driver hears of it: a fault here fails this agent, never hangs the run.
         """
         run = self._runs[run_id]
-        order = run.orders.pop(label)
+        order = run.orders.pop(path)
         try:
             if order.kept is not None:  # a resumed agent continues its unfinished sub-plan
                 result = order.kept
@@ -264,12 +263,12 @@ class RunHub:
             if result.status == "delegated" and result.sub_run is not None:
                 result = await self._delegate(run, order, inputs, result)
         except Exception as error:  # noqa: BLE001 - reported as the agent's error
-            log.exception("supervising agent %s failed", order.context.label)
+            log.exception("supervising agent %s failed", path)
             result = _failure(run, order.context, FailureKind.SUPERVISION, f"the agent's supervision failed: {type(error).__name__}: {error}")
         for warning in result.warnings:  # the one way warnings reach the driver: as events
             run.publish(Notice(warning, warning=True))
         result.warnings = []
-        run.publish(AgentDone(order.context.label, result))
+        run.publish(AgentDone(path, result))
         return result
 
     async def _execute(self, run: _Run, order: AgentOrder, inputs: tuple[AgentRecord, ...]) -> AgentRecord:
@@ -287,7 +286,7 @@ class RunHub:
                 slots.release(index)
                 if isinstance(error, ray.exceptions.ActorUnschedulableError) or not _node_alive(run.executors[index].node):
                     _lose_node(run, index)
-                executions = run.executions.get(context.label, 1)
+                executions = run.executions.get(context.path, 1)
                 if executions > RAY_TASK_RETRIES:
                     return _failure(run, context, FailureKind.EXECUTOR_LOST, f"the agent's executor died {executions} times: {type(error).__name__}")
                 continue
@@ -305,10 +304,10 @@ class RunHub:
         stream_to = self._me if submission.stream else None
         work = run.executors[index].actor.run.remote(context, order.dependency_specs, stream_to, submission.run_id, *inputs)
         run.work.append(work)
-        execution = run.executions.get(context.label, 0) + 1
-        run.executions[context.label] = execution
-        run.started_at.setdefault(context.label, time.time())
-        run.publish(AgentStarted(path=context.label, role=context.spec.role.value, attempt=execution, pid=pid, node=node))
+        execution = run.executions.get(context.path, 0) + 1
+        run.executions[context.path] = execution
+        run.started_at.setdefault(context.path, time.time())
+        run.publish(AgentStarted(path=context.path, role=context.spec.role.value, attempt=execution, pid=pid, node=node))
         return await self._await_work(run, context, work), work
 
     async def _await_work(self, run: _Run, context: AgentContext, work: ray.ObjectRef) -> AgentRecord:
@@ -324,7 +323,7 @@ class RunHub:
         except ray.exceptions.RayError as error:
             detail = next(iter(str(error).splitlines()), "")
             return _failure(run, context, FailureKind.RAY, f"the agent's Ray task failed: {type(error).__name__}" + (f": {detail}" if detail else ""))
-        result.attempts += run.executions[context.label] - 1  # each earlier execution died with its executor: one try each
+        result.attempts += run.executions[context.path] - 1  # each earlier execution died with its executor: one try each
         return result
 
     async def _delegate(self, run: _Run, order: AgentOrder, inputs: tuple[AgentRecord, ...], parent: AgentRecord) -> AgentRecord:
@@ -336,17 +335,16 @@ class RunHub:
         assert sub_run is not None
         plan, limit = sub_run.plan, submission.limits.max_total_agents
         if run.total_agents + len(plan.agents) > limit:
-            warning = f"⚠️ Agent {context.label}: not delegating to {len(plan.agents)} more agents, the run would exceed --max-total-agents {limit}; it answers itself"
+            warning = f"⚠️ Agent {context.path}: not delegating to {len(plan.agents)} more agents, the run would exceed --max-total-agents {limit}; it answers itself"
             run.publish(Notice(warning, warning=True))
             alone = replace(order, context=replace(context, delegation_allowed=False))
             result = await self._execute(run, alone, inputs)
             result.warnings = [*parent.warnings, *result.warnings]  # the fallback of its sub-plan, if it had one
             return result
-        run.publish(SubPlanReady(path=context.label, query=sub_run.query, plan=plan, layers=sub_run.layers))
-        prefix = f"{context.label}."
+        run.publish(SubPlanReady(path=context.path, query=sub_run.query, plan=plan, layers=sub_run.layers))
         kept = kept_agents(plan, sub_run.agents)
-        self._submit(run, plan_orders(plan, sub_run.query, submission.llm, submission.limits.agent, prefix=prefix, kept=kept), prefix)
-        sub_run.agents = list(await asyncio.gather(*(run.results[f"{prefix}{index}"] for index in range(len(plan.agents)))))
+        self._submit(run, plan_orders(plan, sub_run.query, submission.llm, submission.limits.agent, parent=context.path, kept=kept))
+        sub_run.agents = list(await asyncio.gather(*(run.results[context.path.child(index)] for index in range(len(plan.agents)))))
         sinks_ok = all(sub_run.agents[index].status == "ok" for index in plan.sinks())
         parent.status = "ok" if sinks_ok else "failed"
         parent.error = None if sinks_ok else "its sub-plan's final agent did not succeed"
@@ -364,8 +362,8 @@ def _failure(run: _Run, context: AgentContext, kind: FailureKind, error: str) ->
         status="failed",
         error=error,
         failure=kind,
-        attempts=max(1, run.executions.get(context.label, 0)),
-        started_at=run.started_at.get(context.label),
+        attempts=max(1, run.executions.get(context.path, 0)),
+        started_at=run.started_at.get(context.path),
         finished_at=time.time(),
     )
 

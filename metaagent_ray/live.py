@@ -33,6 +33,7 @@ from .events import (
     SubPlanReady,
     TokensArrived,
 )
+from .paths import ROOT, AgentPath
 from .plan import ExecutionPlan
 from .viz import colour
 
@@ -55,10 +56,10 @@ REFRESH_PER_SECOND = 8
 class _Row:
     """One agent as the live area shows it."""
 
-    path: str
+    path: AgentPath
     role: str
     layer: int
-    depends_on: list[str]
+    depends_on: list[AgentPath]
     state: str = "waiting"
     started: float | None = None  # time.monotonic() when its start was reported
     seconds: float | None = None  # its LLM call's length, once finished
@@ -74,10 +75,10 @@ class _Progress:
     waiting_for: str = ""  # what the spinner says before the agents run: the coordinator, Ray's start-up
     waiting_since: float | None = None
     coordinator_tokens: int = 0
-    early_starts: dict[str, AgentStarted] = field(default_factory=dict)  # agents started while the plan was written
+    early_starts: dict[AgentPath, AgentStarted] = field(default_factory=dict)  # agents started while the plan was written
     rows: list[_Row] = field(default_factory=list)
     slots: int | None = None
-    sinks: set[str] = field(default_factory=set)
+    sinks: set[AgentPath] = field(default_factory=set)
     streamed: list[str] = field(default_factory=list)  # the final agent's answer so far
     started: float = field(default_factory=time.monotonic)
 
@@ -119,7 +120,7 @@ class LiveView:
             elif isinstance(event, PlanReady):
                 progress.waiting_since = None
                 progress.slots = event.slots
-                progress.sinks = {str(sink) for sink in event.plan.sinks()}
+                progress.sinks = {ROOT.child(sink) for sink in event.plan.sinks()}
                 progress.rows = _rows(event.plan, event.layers)
                 for agent in event.reused:
                     progress.rows[agent].state = "reused"
@@ -156,7 +157,7 @@ class LiveView:
 
     def _finished(self, event: AgentFinished) -> None:
         agent = event.agent
-        row = self._row(agent.path or str(agent.id))
+        row = self._row(agent.path)
         if row is None:
             return
         row.state = "reused" if agent.reused else agent.status
@@ -172,13 +173,12 @@ class LiveView:
         parent = self._row(event.path)
         if parent is not None:
             parent.state = "delegated"
-        prefix = f"{event.path}."
         position = next((index for index, row in enumerate(rows) if row.path == event.path), len(rows) - 1) + 1
-        while position < len(rows) and rows[position].path.startswith(prefix):
+        while position < len(rows) and rows[position].path.steps[: len(event.path.steps)] == event.path.steps:
             position += 1
-        rows[position:position] = _rows(event.plan, event.layers, prefix)
+        rows[position:position] = _rows(event.plan, event.layers, event.path)
 
-    def _row(self, path: str) -> _Row | None:
+    def _row(self, path: AgentPath) -> _Row | None:
         return next((row for row in self.progress.rows if row.path == path), None)
 
     def _render(self) -> RenderableType:
@@ -229,7 +229,7 @@ class LiveView:
             state = self._state(row)
             rate = f"{row.tokens / seconds:.1f}" if row.tokens and seconds else ""
             cells = [
-                Text("  " * row.path.count(".") + row.path),
+                Text("  " * row.path.depth + str(row.path)),
                 Text(row.role),
                 Text(str(row.layer), style=f"on {colour(row.layer)} black"),
                 Text(state, style=STATE_STYLE.get(state, "")),
@@ -258,9 +258,9 @@ class LiveView:
         return line
 
 
-def _rows(plan: ExecutionPlan, layers: list[list[int]], prefix: str = "") -> list[_Row]:
+def _rows(plan: ExecutionPlan, layers: list[list[int]], parent: AgentPath = ROOT) -> list[_Row]:
     layer_of = {agent: number for number, layer in enumerate(layers) for agent in layer}
     return [
-        _Row(path=f"{prefix}{index}", role=spec.role.value, layer=layer_of[index], depends_on=[f"{prefix}{dep}" for dep in spec.depends_on])
+        _Row(path=parent.child(index), role=spec.role.value, layer=layer_of[index], depends_on=[parent.child(dep) for dep in spec.depends_on])
         for index, spec in enumerate(plan.agents)
     ]

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from .errors import ConfigError, MetaAgentError
 from .llm import Usage
+from .paths import ROOT, AgentPath
 from .plan import ExecutionPlan
 from .version import __version__
 
@@ -56,7 +57,7 @@ class AgentRecord(BaseModel):
     """One agent of a run: its spec after cleaning, what happened, where and when."""
 
     id: int
-    path: str = ""  # "2" at the top level, "2.1" for agent 1 of agent 2's sub-plan
+    path: AgentPath  # "2" at the top level, "2.1" for agent 1 of agent 2's sub-plan
     role: str
     task: str
     depends_on: list[int]
@@ -82,6 +83,14 @@ class AgentRecord(BaseModel):
     # the hub, which publishes each as a warning event for the run's `warnings`; not saved here.
     warnings: list[str] = Field(default_factory=list, exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _path_of_a_top_level_agent(cls, data: Any) -> Any:
+        """A record without a path (written before paths existed, or made by hand) is a top-level agent's."""
+        if isinstance(data, dict) and not data.get("path") and "id" in data:
+            return {**data, "path": str(data["id"])}
+        return data
+
 
 class SubRunRecord(BaseModel):
     """An agent's delegated task: the sub-plan the coordinator made for it, and its agents."""
@@ -98,14 +107,14 @@ class SubRunRecord(BaseModel):
         return self
 
     @classmethod
-    def start(cls, path: str, query: str, plan: ExecutionPlan) -> SubRunRecord:
+    def start(cls, path: AgentPath, query: str, plan: ExecutionPlan) -> SubRunRecord:
         """The record of the sub-plan agent `path` delegated to, about to run: every agent pending."""
         return cls(
             query=query,
             plan=plan,
             layers=plan.get_execution_layers(),
             warnings=plan.warnings,
-            agents=agent_records(plan, prefix=f"{path}."),
+            agents=agent_records(plan, parent=path),
         )
 
 
@@ -185,15 +194,15 @@ class RunRecord(BaseModel):
         ends = [agent.finished_at for agent in ran if agent.finished_at is not None]
         return max(ends) - min(starts) if starts and ends else None
 
-    def find(self, path: str) -> tuple[list[AgentRecord], int]:
+    def find(self, path: AgentPath) -> tuple[list[AgentRecord], int]:
         """The list holding the agent at `path` ("2.1" is agent 1 of agent 2's sub-run) and its index there."""
-        agents, steps = self.agents, [int(step) for step in path.split(".")]
-        for step in steps[:-1]:
+        agents = self.agents
+        for step in path.parent.steps:
             sub_run = agents[step].sub_run
             if sub_run is None:
-                raise KeyError(path)
+                raise KeyError(str(path))
             agents = sub_run.agents
-        return agents, steps[-1]
+        return agents, path.index
 
 
 def compose_final_output(plan: ExecutionPlan, agents: list[AgentRecord]) -> str:
@@ -219,12 +228,12 @@ def ready_at(agent: AgentRecord, siblings: list[AgentRecord]) -> float | None:
     return max(known) if agent.submitted_at is not None else None
 
 
-def agent_records(plan: ExecutionPlan, prefix: str = "") -> list[AgentRecord]:
-    """A pending record for every agent of a plan (`prefix` is the parent's path in a sub-plan)."""
+def agent_records(plan: ExecutionPlan, parent: AgentPath = ROOT) -> list[AgentRecord]:
+    """A pending record for every agent of a plan (`parent` is the delegating agent's path for a sub-plan)."""
     layer_of = plan.layer_of()
     return [
         AgentRecord(
-            id=index, path=f"{prefix}{index}", role=spec.role.value, task=spec.task, depends_on=spec.depends_on, layer=layer_of[index]
+            id=index, path=parent.child(index), role=spec.role.value, task=spec.task, depends_on=spec.depends_on, layer=layer_of[index]
         )
         for index, spec in enumerate(plan.agents)
     ]
@@ -391,7 +400,7 @@ class RunDirectory:
 
     def write_agent_output(self, agent: AgentRecord) -> str:
         """Write one agent's output; returns its path relative to the run directory."""
-        number = "-".join(f"{int(step):02d}" for step in (agent.path or str(agent.id)).split("."))
+        number = "-".join(f"{step:02d}" for step in agent.path.steps)
         relative = f"agents/{number}-{slugify(agent.role, 20)}.md"
         body = agent.output if agent.status == "ok" else f"(agent {agent.status}: {agent.error})"
         with self._writing():

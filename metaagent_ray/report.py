@@ -12,6 +12,7 @@ from html import escape
 from pathlib import Path
 
 from .llm import Usage
+from .paths import AgentPath
 from .record import AgentRecord, RunRecord, ready_at, walk_agents, write_atomic
 from .viz import colour, critical_path, graph_svg, timeline_svg
 
@@ -151,16 +152,16 @@ def _plan_section(record: RunRecord) -> str:
     return "\n".join(parts)
 
 
-def _anchor(path: str) -> str:
-    return "agent-" + path.replace(".", "-")
+def _anchor(path: AgentPath) -> str:
+    return "agent-" + "-".join(str(step) for step in path.steps)
 
 
-def _agents(agents: list[AgentRecord], origin: float, critical: set[int], prefix: str = "") -> str:
-    return "\n".join(_agent(agent, agents, origin, critical if not prefix else set(), prefix) for agent in agents)
+def _agents(agents: list[AgentRecord], origin: float, critical: set[int]) -> str:
+    return "\n".join(_agent(agent, agents, origin, critical) for agent in agents)
 
 
-def _agent(agent: AgentRecord, siblings: list[AgentRecord], origin: float, critical: set[int], prefix: str) -> str:
-    path = agent.path or f"{prefix}{agent.id}"
+def _agent(agent: AgentRecord, siblings: list[AgentRecord], origin: float, critical: set[int]) -> str:
+    path = agent.path
     status = escape(agent.status) + (" (reused)" if agent.reused else "")
     facts = [f"layer {agent.layer}", f'<span class="status status-{escape(agent.status)}">{status}</span>']
     ready = ready_at(agent, siblings)
@@ -178,13 +179,13 @@ def _agent(agent: AgentRecord, siblings: list[AgentRecord], origin: float, criti
     if agent.id in critical:
         facts.append("<b>on the critical path</b>")
     inputs = [
-        f'<a href="#{_anchor(f"{prefix}{dep}")}">agent {prefix}{dep} ({escape(siblings[dep].role)})</a>'
+        f'<a href="#{_anchor(path.parent.child(dep))}">agent {path.parent.child(dep)} ({escape(siblings[dep].role)})</a>'
         + ("" if dep in agent.inputs_from or agent.status != "ok" else " <span class=error>(missing)</span>")
         for dep in agent.depends_on
     ]
     parts = [
         f'<article class="agent{" critical" if agent.id in critical else ""}" id="{_anchor(path)}" style="border-left-color:{colour(agent.layer)}">',
-        f"<h3>Agent {escape(path)} · {escape(agent.role)}</h3>",
+        f"<h3>Agent {path} · {escape(agent.role)}</h3>",
         f'<p class="muted">{" · ".join(facts)}</p>',
         f'<p><b>Task:</b> <span class="task">{escape(agent.task)}</span></p>',
         f"<p><b>Inputs:</b> {', '.join(inputs) if inputs else 'none'}</p>",
@@ -196,7 +197,7 @@ def _agent(agent: AgentRecord, siblings: list[AgentRecord], origin: float, criti
         parts += [
             f'<div class="sub-run"><p><b>Delegated</b> to a sub-plan of {len(sub.agents)} agents: {escape(sub.plan.description)}</p>',
             f'<div class="picture">{graph_svg(sub.plan, sub.agents)}</div>',
-            _agents(sub.agents, origin, set(), prefix=f"{path}."),
+            _agents(sub.agents, origin, set()),
             "</div>",
         ]
     if agent.output:

@@ -40,6 +40,7 @@ from .executors import Executor, release_executors, start_executors, wait_starte
 from .hub import AgentDone, AgentOrder, NodeLost, RunLimits, Submission, agent_order, plan_orders, run_hub
 from .interrupts import exit_code, run_ended, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig, TextCallback
+from .paths import ROOT, AgentPath
 from .plan import ExecutionPlan
 from .plan_stream import ReadyAgent, StreamedPlan
 from .record import (
@@ -245,14 +246,13 @@ class _Run:
         """The order for an agent the streamed plan made safe to start: the finished plan gives the same."""
         dependency_specs = {dep: streamed.started[dep] for dep in agent.spec.depends_on}
         return agent_order(
-            agent.agent_id,
+            ROOT.child(agent.agent_id),
             agent.spec,
             dependency_specs,
             query=query,
             llm=self.llm,
             limits=self.limits.agent,
             depth=0,
-            prefix="",
             layer=agent.layer,
             priority=agent.priority,
         )
@@ -354,7 +354,7 @@ class _Follower:
 
     def __init__(self, hub: Any, run_id: str, on_event: EventHandler) -> None:
         self.hub, self.run_id, self.on_event = hub, run_id, on_event
-        self.announced: dict[str, int] = {}  # agent path -> the latest execution whose start was reported
+        self.announced: dict[AgentPath, int] = {}  # agent path -> the latest execution whose start was reported
         self.early: list[Event | AgentDone | NodeLost] = []  # events that wait for the record
         self.next_events = hub.next_batch.remote(run_id)
 
@@ -467,7 +467,7 @@ class _Checkpoints:
             self.written_at, self.dirty_since = time.monotonic(), None
 
 
-def _agent_at(record: RunRecord, path: str) -> AgentRecord:
+def _agent_at(record: RunRecord, path: AgentPath) -> AgentRecord:
     agents, index = record.find(path)
     return agents[index]
 

@@ -178,7 +178,7 @@ def timeline_svg(record: RunRecord) -> str:
         y = MARGIN + row * row_h
         began, ended = agent.started_at, agent.finished_at
         assert began is not None and ended is not None
-        label = agent.path or str(agent.id)
+        label = str(agent.path)
         indent = "    " * label.count(".")
         parts.append(
             f'<text x="{MARGIN}" y="{y + 15}" xml:space="preserve">{indent}Agent {escape(label)} · {escape(agent.role)} (layer {agent.layer})</text>'
@@ -188,7 +188,7 @@ def timeline_svg(record: RunRecord) -> str:
                 f'<rect x="{x_of(ready):.1f}" y="{y + 8}" width="{(began - ready) * scale:.1f}" height="6" fill="#ddd" stroke="#aaa">'
                 f"<title>queued {began - ready:.2f} s: dependencies done, waiting for an LLM slot or a Ray worker</title></rect>"
             )
-        on_path = "." not in label and agent.id in critical
+        on_path = agent.path.depth == 0 and agent.id in critical
         stroke = "#c00" if agent.status != "ok" else ("#000" if on_path else "#333")
         width = 3 if on_path else 1
         parts.append(

@@ -12,6 +12,7 @@ from metaagent_ray.llm import LLMConfig, LLMRequest, get_llm
 from metaagent_ray.llm.bounds import cut_repetition
 from metaagent_ray.llm.local import LocalOptions
 from metaagent_ray.llm.local.client import request_body
+from metaagent_ray.paths import AgentPath
 from metaagent_ray.plan import AgentSpec, Role
 from metaagent_ray.prompts import load_prompt
 from metaagent_ray.record import AgentRecord
@@ -124,7 +125,7 @@ LIMITS = run_limits(RunSettings()).agent
 @pytest.mark.parametrize("delegates", [True, False])
 def test_delegation_is_offered_only_to_models_that_can_use_it(delegates: bool):
     spec = AgentSpec(role=Role.RESEARCHER, task="Research Rust", depends_on=[])
-    context = AgentContext(agent_id=0, spec=spec, query="Compare Python and Rust", llm=recorder(delegates=delegates), limits=LIMITS)
+    context = AgentContext(path=AgentPath((0,)), spec=spec, query="Compare Python and Rust", llm=recorder(delegates=delegates), limits=LIMITS)
     result = run_agent(context, [], {})
     request = REQUESTS[-1]
     offer = load_prompt("agent_delegation")
@@ -136,7 +137,7 @@ def test_delegation_is_offered_only_to_models_that_can_use_it(delegates: bool):
 def test_a_base_model_gets_its_roles_worked_example_as_one_document_and_a_paragraph_budget():
     spec = AgentSpec(role=Role.ANALYZER, task="Compare Python and Rust", depends_on=[0])
     llm = recorder(delegates=False, prompt_style="document")
-    context = AgentContext(agent_id=1, spec=spec, query="Compare Python and Rust", llm=llm, limits=LIMITS)
+    context = AgentContext(path=AgentPath((1,)), spec=spec, query="Compare Python and Rust", llm=llm, limits=LIMITS)
     research = AgentRecord(id=0, role="RESEARCHER", task="Research Python", depends_on=[], layer=0, status="ok", output="Python is  easy.\nIt has Django.")
     run_agent(context, [research], {0: AgentSpec(role=Role.RESEARCHER, task="Research Python", depends_on=[])})
     request = REQUESTS[-1]

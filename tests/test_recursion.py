@@ -50,7 +50,7 @@ def test_recursive_plans_finish_under_few_slots(slots: int, max_depth: int):
         sub_run = level.sub_run
         assert sub_run is not None and len(sub_run.agents) == len(sub_run.plan.agents) == 3
         assert sub_run.plan.depth == depth and sub_run.layers == [[0], [1], [2]]
-        assert [agent.path for agent in sub_run.agents] == [f"{level.path}.{index}" for index in range(3)]
+        assert [str(agent.path) for agent in sub_run.agents] == [f"{level.path}.{index}" for index in range(3)]
         assert level.output == sub_run.agents[2].output  # the sub-plan's final output is the parent's
         level = sub_run.agents[0]
     assert record.agents[2].inputs_from == [0, 1]

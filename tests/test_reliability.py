@@ -73,7 +73,7 @@ def test_killing_the_worker_mid_agent_still_completes_the_run(latency_file):
     killed: list[int] = []
 
     def kill_agent_1(event: object) -> None:
-        if isinstance(event, AgentStarted) and event.path == "1" and event.attempt == 1 and event.pid:
+        if isinstance(event, AgentStarted) and str(event.path) == "1" and event.attempt == 1 and event.pid:
             os.kill(event.pid, signal.SIGKILL)
             killed.append(event.pid)
 

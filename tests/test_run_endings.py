@@ -282,7 +282,7 @@ def test_attempts_count_every_execution_when_ray_retries_run_out(latency_file):
     latency = latency_file({"default": 0.0, "1": 30.0})
 
     def kill_agent_1(event: object) -> None:
-        if isinstance(event, AgentStarted) and event.path == "1" and event.pid:
+        if isinstance(event, AgentStarted) and str(event.path) == "1" and event.pid:
             os.kill(event.pid, signal.SIGKILL)
 
     record = MetaAgent(llm="fake", llm_options={"latency": latency}, on_event=kill_agent_1).execute(json.loads(PLAN.read_text()), "q", save=False)

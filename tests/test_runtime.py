@@ -46,7 +46,7 @@ def test_each_agent_runs_once_and_receives_exactly_its_dependencies(tmp_path: Pa
         assert agent.started_at <= agent.finished_at
         assert all(record.agents[dep].finished_at <= agent.started_at for dep in spec.depends_on)
         assert agent.node
-    starts = [event.agent_id for event in events if isinstance(event, AgentStarted)]
+    starts = [event.path.index for event in events if isinstance(event, AgentStarted)]
     finishes = [event.agent.id for event in events if isinstance(event, AgentFinished)]
     assert sorted(starts) == sorted(finishes) == list(range(9))
     assert isinstance(events[0], Notice) and events[0].text.startswith("🌐 Ray cluster at ")  # where the run runs, first
@@ -174,7 +174,7 @@ def test_a_failed_agent_is_recorded_and_its_dependents_still_run(tmp_path: Path)
 KEPT_EXECUTORS_SCRIPT = """
 from metaagent_ray import AgentStarted, MetaAgent
 pids = []
-with MetaAgent(llm="fake", slots=2, on_event=lambda e: isinstance(e, AgentStarted) and pids.append((e.path, e.pid))) as meta:
+with MetaAgent(llm="fake", slots=2, on_event=lambda e: isinstance(e, AgentStarted) and pids.append((str(e.path), e.pid))) as meta:
     for _ in range(2):
         meta.execute({"agents": [{"role": "RESEARCHER", "task": "t", "depends_on": []}]}, save=False)
 print(pids)

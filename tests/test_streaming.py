@@ -18,9 +18,9 @@ def test_tokens_stream_from_the_coordinator_and_every_agent_while_they_answer():
     assert record.status == "ok"
     assert any(isinstance(event, PlanningStarted) for event in events)
     tokens = [event for event in events if isinstance(event, TokensArrived)]
-    assert {event.path for event in tokens} == {COORDINATOR, *(str(agent.id) for agent in record.agents)}
+    assert {event.path for event in tokens} == {COORDINATOR, *(agent.path for agent in record.agents)}
     for agent in record.agents:
-        mine = [event for event in tokens if event.path == str(agent.id)]
+        mine = [event for event in tokens if event.path == agent.path]
         counts = [event.tokens for event in mine]
         assert counts == sorted(counts) and counts[-1] <= agent.tokens.completion  # type: ignore[union-attr]
         assert agent.output.startswith("".join(event.text for event in mine))  # in order, nothing lost on the way
@@ -52,7 +52,7 @@ def test_a_delegating_agent_announces_its_sub_plan():
     plan = {"agents": [{"role": "RESEARCHER", "task": "Survey [delegate]", "depends_on": []}]}
     record = MetaAgent(llm="fake", max_depth=1, on_event=events.append).execute(plan, "q", save=False)
     sub_plans = [event for event in events if isinstance(event, SubPlanReady)]
-    assert len(sub_plans) == 1 and sub_plans[0].path == "0"
+    assert len(sub_plans) == 1 and str(sub_plans[0].path) == "0"
     assert record.agents[0].sub_run is not None and len(sub_plans[0].plan.agents) == len(record.agents[0].sub_run.agents)
     assert all(sub.submitted_at is not None for sub in record.agents[0].sub_run.agents)
 
