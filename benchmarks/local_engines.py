@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 from metaagent_ray.agents import AgentContext, build_messages
-from metaagent_ray.api import run_limits
 from metaagent_ray.coordinator import coordinator_messages
 from metaagent_ray.llm import LLMConfig, LLMRequest
 from metaagent_ray.llm.llama_server import PLAIN_STOP, plain_prompt
@@ -53,7 +52,7 @@ from metaagent_ray.plan import AgentSpec, ExecutionPlan, Role, plan_json_schema
 from metaagent_ray.settings import RunSettings
 
 QUERY = "Compare Python, Rust, Go, Java, C#, Ruby, Elixir and Kotlin for web development"
-LIMITS = run_limits(RunSettings()).agent  # what a run with default settings gives its agents
+LIMITS = RunSettings().limits()  # what a run with default settings gives its agents
 TOPICS = ["Python", "Rust", "Go", "Java", "C#", "Ruby", "Elixir", "Kotlin"]
 PLAN_QUERIES = [
     "Compare Python and Rust for web development",

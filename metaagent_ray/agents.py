@@ -10,20 +10,21 @@ budget by role, the stops of its prompt, and what is kept cut at template marker
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, replace
-from typing import Literal, Sequence
+from typing import Sequence
+
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from .coordinator import make_plan
 from .llm import LLM, LLMConfig, LLMError, LLMRequest, LLMResponse, Message, PromptStyle, TextCallback, get_llm
-from .llm.bounds import TEMPLATE_MARKERS, AnswerBudgets, finish_answer
+from .llm.bounds import TEMPLATE_MARKERS, finish_answer
 from .paths import AgentPath
 from .plan import AgentSpec
 from .prompts import load_prompt
 from .record import AgentRecord, FailureKind, SubRunRecord, valid_text
+from .settings import Limits
 
-FailurePolicy = Literal["continue", "stop"]
 DELEGATE = "DELEGATE"
 # An agent's document prompt (its role's worked examples, then its notes and task) ends where the
 # model starts the next example, a note of its own ("- ..."), a new paragraph, or a second answer
@@ -31,22 +32,15 @@ DELEGATE = "DELEGATE"
 DOCUMENT_STOP = ("\nNotes received:", "\nTask:", "\n- ", "\n\n", "\n###")
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 8.0
+DEADLINE_GRACE_S = 5.0
 
 
-@dataclass(frozen=True)
-class AgentLimits:
-    """How hard an agent tries, and how far it may recurse: the same for every agent of a run.
-
-    No defaults here: a run's limits come from its settings (settings.RunSettings, api.run_limits).
-    """
-
-    retries: int
-    call_timeout: float | None
-    max_tokens: int | None  # every answer's budget (--max-tokens); None: `answer_tokens`'s, by style and role
-    answer_tokens: AnswerBudgets
-    on_failure: FailurePolicy
-    max_depth: int
-    max_agents: int
+def agent_deadline_s(limits: Limits) -> float | None:
+    """How long one agent's work may take before the runtime abandons it: every try, and the backoff between."""
+    call = limits.call_timeout
+    if call is None:
+        return None
+    return call * (limits.retries + 1) + BACKOFF_MAX_S * limits.retries + DEADLINE_GRACE_S
 
 
 @dataclass(frozen=True)
@@ -57,7 +51,7 @@ class AgentContext:
     spec: AgentSpec
     query: str
     llm: LLMConfig
-    limits: AgentLimits
+    limits: Limits
     depth: int = 0
     layer: int = 0
     delegation_allowed: bool = True  # False once the run's total agent budget is spent
@@ -137,7 +131,7 @@ def answer_stops(messages: list[Message]) -> tuple[str, ...]:
     return TEMPLATE_MARKERS
 
 
-def answer_budget(limits: AgentLimits, role: str, style: PromptStyle) -> int:
+def answer_budget(limits: Limits, role: str, style: PromptStyle) -> int:
     """Most tokens the agent's answer may have: --max-tokens when given, else its role's budget for its model's prompt style."""
     return limits.max_tokens or limits.answer_tokens.of(style).of_role(role)
 
@@ -151,17 +145,24 @@ class CallFailed(Exception):
 
 
 def call_with_retries(llm: LLM, request: LLMRequest, retries: int) -> tuple[LLMResponse, int]:
-    """Call the LLM, retrying transient errors with exponential backoff and jitter; returns the tries used."""
-    attempt = 1
-    while True:
-        try:
-            return llm.complete(replace(request, attempt=attempt)), attempt
-        except LLMError as error:
-            if not error.transient or attempt > retries:
-                raise CallFailed(error, attempt) from error
-        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (attempt - 1))
-        time.sleep(delay * random.uniform(0.5, 1.0))
-        attempt += 1
+    """Call the LLM, retrying transient errors with exponential backoff and full jitter; returns the tries used."""
+    retrying = Retrying(
+        stop=stop_after_attempt(retries + 1),
+        wait=wait_random_exponential(multiplier=BACKOFF_BASE_S, max=BACKOFF_MAX_S),
+        retry=retry_if_exception(lambda error: isinstance(error, LLMError) and error.transient),
+        reraise=True,
+    )
+    tries = 0
+
+    def once() -> LLMResponse:
+        nonlocal tries
+        tries += 1
+        return llm.complete(replace(request, attempt=tries))
+
+    try:
+        return retrying(once), tries
+    except LLMError as error:
+        raise CallFailed(error, tries) from error
 
 
 def agent_record(context: AgentContext, **fields: object) -> AgentRecord:

@@ -9,13 +9,11 @@ from typing import Any, Callable
 
 from pydantic import ValidationError
 
-from .agents import AgentLimits
 from .connect import RayConnection, RayOptions, cluster_address, ensure_ray, ray_started, shutdown_ray
 from .coordinator import make_plan, planned_notice
 from .errors import ConfigError, PlanError
 from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
 from .executors import stop_kept_executors
-from .hub import RunLimits
 from .interrupts import exit_code, stop_signals_ignored
 from .llm import LLM, LLMConfig, TextCallback, create_llm
 from .llm.auto import resolve_auto
@@ -295,7 +293,7 @@ class MetaAgent:
                 self._ready_llm(),
                 max_agents=self.settings.max_agents,
                 ray_options=self._ray_options(),
-                limits=run_limits(self.settings),
+                limits=self.settings.limits(),
                 on_event=self.on_event,
                 run_dir=lambda: self._directory(run_dir, query, save),
                 settings=self.settings.stored(),
@@ -423,7 +421,7 @@ class MetaAgent:
                 query,
                 self._ready_llm(),
                 ray_options=self._ray_options(),
-                limits=run_limits(self.settings),
+                limits=self.settings.limits(),
                 on_event=self.on_event,
                 run_dir=directory,
                 coordinator=coordinator,
@@ -448,20 +446,6 @@ class MetaAgent:
             if ray_timeline is not None:
                 write_ray_timeline(Path(ray_timeline))
         return record
-
-
-def run_limits(settings: RunSettings) -> RunLimits:
-    """The limits agents and the runtime work under, as the settings give them."""
-    agent = AgentLimits(
-        retries=settings.retries,
-        call_timeout=settings.agent_timeout,
-        max_tokens=settings.max_tokens,
-        answer_tokens=settings.answer_tokens,
-        on_failure=settings.on_failure,
-        max_depth=settings.max_depth,
-        max_agents=settings.max_agents,
-    )
-    return RunLimits(agent=agent, max_total_agents=settings.max_total_agents)
 
 
 def _keep(record: RunRecord, record_path: Path | str | None) -> None:

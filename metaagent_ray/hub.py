@@ -24,34 +24,19 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .agents import BACKOFF_MAX_S, AgentContext, AgentLimits, agent_record
+from .agents import AgentContext, agent_deadline_s, agent_record
 from .events import AgentStarted, Event, Notice, SubPlanReady
 from .executors import Executor, NoSlotsLeft, SlotPool
 from .llm import LLMConfig
 from .paths import ROOT, AgentPath
 from .plan import AgentSpec, ExecutionPlan
 from .record import AgentRecord, FailureKind, compose_final_output, kept_agents
+from .settings import Limits
 
 # The executor running an agent died (its process, and Ray restarts it) or cannot come back (its node is gone).
 EXECUTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
-RAY_TASK_RETRIES = 3  # further executions of an agent whose executor died mid-call
-DEADLINE_GRACE_S = 5.0
+EXECUTOR_LOSS_RERUNS = 3  # how often the hub runs an agent again whose executor died mid-call
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class RunLimits:
-    """Bounds on one run: per agent (tries, time, tokens, failure policy, depth) and for the whole tree."""
-
-    agent: AgentLimits
-    max_total_agents: int
-
-    def deadline(self) -> float | None:
-        """How long one agent's task may run before it is cancelled: every try, and the backoff between."""
-        call = self.agent.call_timeout
-        if call is None:
-            return None
-        return call * (self.agent.retries + 1) + BACKOFF_MAX_S * self.agent.retries + DEADLINE_GRACE_S
 
 
 @dataclass(frozen=True)
@@ -60,7 +45,7 @@ class Submission:
 
     run_id: str
     llm: LLMConfig
-    limits: RunLimits
+    limits: Limits
     stream: bool = False  # agents stream their answers to the driver as `TokensArrived` events
 
 
@@ -78,7 +63,7 @@ def plan_orders(
     plan: ExecutionPlan,
     query: str,
     llm: LLMConfig,
-    limits: AgentLimits,
+    limits: Limits,
     *,
     parent: AgentPath = ROOT,
     kept: dict[int, AgentRecord] | None = None,
@@ -114,7 +99,7 @@ def agent_order(
     *,
     query: str,
     llm: LLMConfig,
-    limits: AgentLimits,
+    limits: Limits,
     depth: int,
     layer: int,
     priority: int,
@@ -287,7 +272,7 @@ class RunHub:
                 if isinstance(error, ray.exceptions.ActorUnschedulableError) or not _node_alive(run.executors[index].node):
                     _lose_node(run, index)
                 executions = run.executions.get(context.path, 1)
-                if executions > RAY_TASK_RETRIES:
+                if executions > EXECUTOR_LOSS_RERUNS:
                     return _failure(run, context, FailureKind.EXECUTOR_LOST, f"the agent's executor died {executions} times: {type(error).__name__}")
                 continue
             if result.failure is FailureKind.TIMED_OUT:
@@ -312,7 +297,7 @@ class RunHub:
 
     async def _await_work(self, run: _Run, context: AgentContext, work: ray.ObjectRef) -> AgentRecord:
         """Wait for the work, at most `deadline` seconds from its start."""
-        deadline = run.submission.limits.deadline()
+        deadline = agent_deadline_s(run.submission.limits)
         try:
             result = await (work if deadline is None else asyncio.wait_for(work, timeout=deadline))
         except asyncio.TimeoutError:
@@ -343,7 +328,7 @@ class RunHub:
             return result
         run.publish(SubPlanReady(path=context.path, query=sub_run.query, plan=plan, layers=sub_run.layers))
         kept = kept_agents(plan, sub_run.agents)
-        self._submit(run, plan_orders(plan, sub_run.query, submission.llm, submission.limits.agent, parent=context.path, kept=kept))
+        self._submit(run, plan_orders(plan, sub_run.query, submission.llm, submission.limits, parent=context.path, kept=kept))
         sub_run.agents = list(await asyncio.gather(*(run.results[context.path.child(index)] for index in range(len(plan.agents)))))
         sinks_ok = all(sub_run.agents[index].status == "ok" for index in plan.sinks())
         parent.status = "ok" if sinks_ok else "failed"

@@ -37,7 +37,7 @@ from .events import (
     TokenCounter,
 )
 from .executors import Executor, release_executors, start_executors, wait_started
-from .hub import AgentDone, AgentOrder, NodeLost, RunLimits, Submission, agent_order, plan_orders, run_hub
+from .hub import AgentDone, AgentOrder, NodeLost, Submission, agent_order, plan_orders, run_hub
 from .interrupts import exit_code, run_ended, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig, TextCallback
 from .paths import ROOT, AgentPath
@@ -55,6 +55,7 @@ from .record import (
     walk_agents,
 )
 from .resources import SLOT_RESOURCE
+from .settings import Limits
 
 CHECKPOINT_INTERVAL_S = 1.0  # the most a run killed outright can lose of its record
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ def execute_plan(
     llm: LLMConfig,
     *,
     ray_options: RayOptions,
-    limits: RunLimits,
+    limits: Limits,
     on_event: EventHandler,
     run_dir: RunDirectory | None = None,
     coordinator: CoordinatorRecord | None = None,
@@ -130,7 +131,7 @@ def plan_and_execute(
     *,
     max_agents: int,
     ray_options: RayOptions,
-    limits: RunLimits,
+    limits: Limits,
     on_event: EventHandler,
     run_dir: Callable[[], RunDirectory | None],
     settings: dict[str, Any] | None = None,
@@ -152,7 +153,7 @@ def plan_and_execute(
 class _Run:
     """One run seen from the driver: its executors, its hub run, and the event stream it follows."""
 
-    def __init__(self, llm: LLMConfig, ray_options: RayOptions, limits: RunLimits, on_event: EventHandler, stream: bool) -> None:
+    def __init__(self, llm: LLMConfig, ray_options: RayOptions, limits: Limits, on_event: EventHandler, stream: bool) -> None:
         self.connection = ensure_ray(ray_options, llm)  # the API connects first, so a run that cannot start leaves nothing on disk
         self.llm, self.ray_options, self.limits, self.on_event, self.stream = llm, ray_options, limits, on_event, stream
         self.hub = run_hub()
@@ -251,7 +252,7 @@ class _Run:
             dependency_specs,
             query=query,
             llm=self.llm,
-            limits=self.limits.agent,
+            limits=self.limits,
             depth=0,
             layer=agent.layer,
             priority=agent.priority,
@@ -301,7 +302,7 @@ class _Run:
         try:
             with stop_signals_interrupt():
                 rest = set(range(len(plan.agents))) - (already_submitted or set())
-                self._submit(plan_orders(plan, query, self.llm, self.limits.agent, kept=kept, only=rest))
+                self._submit(plan_orders(plan, query, self.llm, self.limits, kept=kept, only=rest))
                 self.follower.until_done(record, run_dir)
         except KeyboardInterrupt as interrupt:
             with stop_signals_ignored():

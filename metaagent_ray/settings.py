@@ -1,12 +1,13 @@
 """How to run: `RunSettings`, every option of a run with its one default.
 
 The API takes these settings, the limits agents and the runtime work under are made from them
-(api.run_limits), the CLI's help shows their defaults, and the slot count is capped by the default
+(`RunSettings.limits`), the CLI's help shows their defaults, and the slot count is capped by the default
 agent limit (resources.py). The record stores them, so `resume` runs alike.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +17,7 @@ from .llm.bounds import AnswerBudget, AnswerBudgets
 from .plan import Role
 from .pool import PoolSpec
 
+FailurePolicy = Literal["continue", "stop"]  # what an agent does when an input failed: run without it, or skip
 INJECTED_FAULTS = "fail"  # the fake backend's fault-injection option: never stored for a resume
 SECRET_WORDS = ("key", "token", "secret", "password")  # a backend option named with one is never stored: records are shared
 
@@ -43,6 +45,23 @@ def default_answer_tokens() -> AnswerBudgets:
     )
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How hard each agent tries, how far it may recurse, and how many agents the whole run may have.
+
+    Sent with every agent; made from a run's settings (`RunSettings.limits`), so no defaults here.
+    """
+
+    retries: int
+    call_timeout: float | None
+    max_tokens: int | None  # every answer's budget (--max-tokens); None: `answer_tokens`'s, by style and role
+    answer_tokens: AnswerBudgets
+    on_failure: FailurePolicy
+    max_depth: int
+    max_agents: int  # in one plan
+    max_total_agents: int  # in the run, sub-plans included
+
+
 class RunSettings(BaseModel):
     """How to run: backend, resources and limits. Stored in the record, so `resume` can run alike."""
 
@@ -55,7 +74,7 @@ class RunSettings(BaseModel):
     address: str | None = None
     retries: int = Field(default=2, ge=0, le=10)
     agent_timeout: float | None = Field(default=CALL_TIMEOUT_S, gt=0)
-    on_failure: Literal["continue", "stop"] = "continue"
+    on_failure: FailurePolicy = "continue"
     max_depth: int = Field(default=2, ge=0)
     max_agents: int = Field(default=64, ge=1)
     max_total_agents: int = Field(default=200, ge=1)
@@ -67,6 +86,19 @@ class RunSettings(BaseModel):
     def default(cls, name: str) -> Any:
         """The default of one setting, e.g. for the CLI's help."""
         return cls.model_fields[name].default
+
+    def limits(self) -> Limits:
+        """The limits the run and its agents work under."""
+        return Limits(
+            retries=self.retries,
+            call_timeout=self.agent_timeout,
+            max_tokens=self.max_tokens,
+            answer_tokens=self.answer_tokens,
+            on_failure=self.on_failure,
+            max_depth=self.max_depth,
+            max_agents=self.max_agents,
+            max_total_agents=self.max_total_agents,
+        )
 
     def stored(self) -> dict[str, Any]:
         """What a resume may reuse: everything but injected faults and secrets (an API key comes again from its variable)."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from metaagent_ray.agents import AgentContext, run_agent
-from metaagent_ray.api import run_limits
 from metaagent_ray.coordinator import coordinator_request, make_plan, nearest_example
 from metaagent_ray.llm import LLMConfig, LLMRequest, get_llm
 from metaagent_ray.llm.bounds import cut_repetition
@@ -119,7 +118,7 @@ def recorder(**options: object) -> LLMConfig:
     return LLMConfig(backend="scripted", options={"function": f"{__name__}:answer_twice", **options})
 
 
-LIMITS = run_limits(RunSettings()).agent
+LIMITS = RunSettings().limits()
 
 
 @pytest.mark.parametrize("delegates", [True, False])
