@@ -38,7 +38,6 @@ class RayOptions:
     address: str | None = None
     slots: int | None = None
     verbose: bool = False
-    num_gpus: int | None = None  # logical GPUs for embedded Ray (tests); None lets Ray detect them
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,6 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> RayConnecti
                 address="local",  # a new instance of our own, even when another Ray runs on this machine
                 _node_ip_address=LOOPBACK,
                 resources=resources,
-                num_gpus=options.num_gpus,
                 **common,
             )
         )
