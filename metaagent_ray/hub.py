@@ -143,7 +143,7 @@ class NodeLost:
 
 
 @dataclass
-class _Run:
+class _HubRun:
     """What the hub keeps for one run until the driver forgets it."""
 
     submission: Submission
@@ -177,18 +177,18 @@ class RunHub:
     """
 
     def __init__(self) -> None:
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, _HubRun] = {}
         self._me = ray.get_runtime_context().current_actor
 
     async def open_run(self, submission: Submission, executors: list[Executor]) -> None:
         slots = SlotPool({index: executor.slots for index, executor in enumerate(executors)})
-        self._runs[submission.run_id] = _Run(submission, executors, slots)
+        self._runs[submission.run_id] = _HubRun(submission, executors, slots)
 
     async def submit(self, run_id: str, orders: list[AgentOrder]) -> None:
         """Start supervising these agents (each order after its dependencies' orders)."""
         self._submit(self._runs[run_id], orders)
 
-    def _submit(self, run: _Run, orders: list[AgentOrder]) -> None:
+    def _submit(self, run: _HubRun, orders: list[AgentOrder]) -> None:
         run.total_agents += len(orders)
         for order in orders:
             path = order.context.path
@@ -256,7 +256,7 @@ class RunHub:
         run.publish(AgentDone(path, result))
         return result
 
-    async def _execute(self, run: _Run, order: AgentOrder, inputs: tuple[AgentRecord, ...]) -> AgentRecord:
+    async def _execute(self, run: _HubRun, order: AgentOrder, inputs: tuple[AgentRecord, ...]) -> AgentRecord:
         """Run the agent on an executor with a free slot; an execution lost with its executor is tried again."""
         context, slots = order.context, run.slots
         while True:
@@ -281,7 +281,7 @@ class RunHub:
                 slots.release(index)
             return result
 
-    async def _run_on(self, run: _Run, order: AgentOrder, inputs: tuple[AgentRecord, ...], index: int) -> tuple[AgentRecord, ray.ObjectRef]:
+    async def _run_on(self, run: _HubRun, order: AgentOrder, inputs: tuple[AgentRecord, ...], index: int) -> tuple[AgentRecord, ray.ObjectRef]:
         """One execution on executor `index`, whose slot the caller holds: a free thread of a process that is up,
         so the agent starts as its call arrives, and the hub says so itself (no call back from the executor)."""
         context, submission = order.context, run.submission
@@ -295,7 +295,7 @@ class RunHub:
         run.publish(AgentStarted(path=context.path, role=context.spec.role.value, attempt=execution, pid=pid, node=node))
         return await self._await_work(run, context, work), work
 
-    async def _await_work(self, run: _Run, context: AgentContext, work: ray.ObjectRef) -> AgentRecord:
+    async def _await_work(self, run: _HubRun, context: AgentContext, work: ray.ObjectRef) -> AgentRecord:
         """Wait for the work, at most `deadline` seconds from its start."""
         deadline = agent_deadline_s(run.submission.limits)
         try:
@@ -311,7 +311,7 @@ class RunHub:
         result.attempts += run.executions[context.path] - 1  # each earlier execution died with its executor: one try each
         return result
 
-    async def _delegate(self, run: _Run, order: AgentOrder, inputs: tuple[AgentRecord, ...], parent: AgentRecord) -> AgentRecord:
+    async def _delegate(self, run: _HubRun, order: AgentOrder, inputs: tuple[AgentRecord, ...], parent: AgentRecord) -> AgentRecord:
         """Run the agent's sub-plan as agents like any other; its final output becomes the agent's.
 
         The sub-plan's agents that already finished (a resumed run) are kept as they are.
@@ -340,7 +340,7 @@ class RunHub:
         return parent
 
 
-def _failure(run: _Run, context: AgentContext, kind: FailureKind, error: str) -> AgentRecord:
+def _failure(run: _HubRun, context: AgentContext, kind: FailureKind, error: str) -> AgentRecord:
     """A work task that never returned: each execution Ray made counts as a try."""
     return agent_record(
         context,
@@ -379,7 +379,7 @@ def _node_alive(node: str) -> bool:
     return any(entry["NodeID"] == node and entry["Alive"] for entry in ray.nodes())
 
 
-def _lose_node(run: _Run, index: int) -> None:
+def _lose_node(run: _HubRun, index: int) -> None:
     """The executor's node died: its slots leave the run, and the driver hears it once per node."""
     if run.slots.drop(index):
         node = run.executors[index].node
