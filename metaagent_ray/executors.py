@@ -23,9 +23,9 @@ import heapq
 import itertools
 import os
 from dataclasses import dataclass
-from typing import Any
 
 import ray
+from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .agents import AgentContext, run_agent
@@ -48,7 +48,7 @@ class AgentExecutor:
         """Its node and process id, once it is up (again, after Ray restarted it)."""
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    def run(self, context: AgentContext, dependency_specs: dict[int, AgentSpec], stream_to: Any, run_id: str, *inputs: AgentRecord) -> AgentRecord:
+    def run(self, context: AgentContext, dependency_specs: dict[int, AgentSpec], stream_to: ActorHandle | None, run_id: str, *inputs: AgentRecord) -> AgentRecord:
         """One agent's work, on a thread the hub's slot pool reserved for it, so it starts on arrival.
 
         With a hub to `stream_to`, the answer's tokens go there as they arrive (a few events a second, not
@@ -64,7 +64,7 @@ class AgentExecutor:
 class Executor:
     """One executor of a run: its actor, its node and how many agents it runs at once."""
 
-    actor: Any
+    actor: ActorHandle[AgentExecutor]
     node: str
     slots: int
 

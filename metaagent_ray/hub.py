@@ -19,9 +19,9 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import ray
+from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .agents import AgentContext, agent_deadline_s, agent_record
@@ -355,10 +355,10 @@ def _failure(run: _HubRun, context: AgentContext, kind: FailureKind, error: str)
 
 # (the driver's node, its Ray job) -> its hub; holding the handle keeps the actor alive. The node's id
 # tells Ray instances apart: one process may stop its Ray and start another, whose first job has the same id.
-_hubs: dict[tuple[str, str], Any] = {}
+_hubs: dict[tuple[str, str], ActorHandle[RunHub]] = {}
 
 
-def run_hub() -> Any:
+def run_hub() -> ActorHandle[RunHub]:
     """This driver's hub, created on first use."""
     context = ray.get_runtime_context()
     key = (context.get_node_id(), context.get_job_id())

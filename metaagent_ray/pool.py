@@ -35,6 +35,7 @@ from typing import Any
 import httpx
 import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from ray.actor import ActorHandle
 
 from .errors import MetaAgentError
 from .llm import LLMConfig
@@ -239,7 +240,7 @@ class LLMServer:
 class LLMPool:
     """Routes calls to instances and owns them: `acquire` lends the least-busy instance with room."""
 
-    def __init__(self, servers: list[Any], urls: list[str], requests_per_instance: int) -> None:
+    def __init__(self, servers: list[ActorHandle[LLMServer]], urls: list[str], requests_per_instance: int) -> None:
         self._servers = servers
         self._capacity = requests_per_instance
         self._busy = dict.fromkeys(urls, 0)
@@ -300,7 +301,8 @@ class LLMPool:
 class PoolHandle:
     """A running pool, for the driver: `llm_config()` for the agents, `stop()` when done."""
 
-    def __init__(self, spec: PoolSpec, name: str, namespace: str, instances: list[ServerInfo], pool: Any, servers: list[Any]) -> None:
+    def __init__(self, spec: PoolSpec, name: str, namespace: str, instances: list[ServerInfo], pool: ActorHandle[LLMPool], servers: list[ActorHandle[LLMServer]]
+    ) -> None:
         self.spec = spec
         self.name = name  # the pool actor's name, which the `pooled` backend looks up
         self.namespace = namespace
