@@ -142,6 +142,13 @@ class CoordinatorRecord(BaseModel):
     set_aside: str | None = None  # why what they did was cancelled and not kept, when it was
 
 
+class RecordedLLM(BaseModel):
+    """The backend a run used, as the record keeps it: never its options, which may hold secrets."""
+
+    backend: str = ""  # "" in records that did not say
+    model: str | None = None
+
+
 class RunRecord(BaseModel):
     """Everything a run did. Other tools read this: add fields, never rename or remove them."""
 
@@ -155,8 +162,10 @@ class RunRecord(BaseModel):
     status: RunState = "running"
     started_at: float = Field(default_factory=time.time)
     finished_at: float | None = None
-    llm: dict[str, Any] = Field(default_factory=dict)  # backend and model, never secrets
-    settings: dict[str, Any] = Field(default_factory=dict)  # what `resume` reuses: options, limits
+    llm: RecordedLLM = Field(default_factory=RecordedLLM)
+    # What `resume` reuses (RunSettings.stored()): kept as written, and validated as RunSettings when a resume
+    # uses it, so a record written by another release still opens.
+    settings: dict[str, Any] = Field(default_factory=dict)
     slots: int | None = None
     run_dir: str | None = None
     ray_started_at: float | None = None  # epoch seconds: the run started or connected to Ray ...

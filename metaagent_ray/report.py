@@ -77,7 +77,7 @@ def _origin(record: RunRecord) -> float:
 
 def _run_meta(record: RunRecord) -> str:
     started = datetime.fromtimestamp(_origin(record), timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    llm = " ".join(str(value) for value in (record.llm.get("backend"), record.llm.get("model")) if value)
+    llm = " ".join(value for value in (record.llm.backend, record.llm.model) if value)
     fields = [
         f'status <span class="status status-{escape(record.status)}">{escape(record.status)}</span>',
         f"started {started}",

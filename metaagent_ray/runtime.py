@@ -47,6 +47,7 @@ from .record import (
     AgentRecord,
     CoordinatorRecord,
     FailureKind,
+    RecordedLLM,
     RunDirectory,
     RunDirectoryError,
     RunRecord,
@@ -279,7 +280,7 @@ class _Run:
         record = RunRecord.start(
             plan,
             query,
-            llm={"backend": self.llm.backend, "model": self.llm.model},
+            llm=RecordedLLM(backend=self.llm.backend, model=self.llm.model),
             settings=settings,
             slots=self.ray_options.slots or int(ray.cluster_resources().get(SLOT_RESOURCE, 0)) or None,
             run_dir=str(run_dir.path) if run_dir else None,

@@ -51,7 +51,7 @@ def test_every_process_finds_the_built_in_backends_and_the_installed_third_party
 @pytest.mark.usefixtures("ray_session")
 def test_a_third_party_backend_answers_every_agent_on_ray_workers():
     record = MetaAgent(llm="echo").execute(PLAN, save=False)
-    assert record.status == "ok" and record.llm["backend"] == "echo"
+    assert record.status == "ok" and record.llm.backend == "echo"
     for agent in record.agents:
         answer = re.fullmatch(r"echo-backend pid (\d+): agent (\d+) (\w+)", agent.output)
         assert answer is not None, agent.output

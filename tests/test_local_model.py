@@ -253,6 +253,6 @@ def test_the_readme_query_runs_end_to_end_on_the_embedded_model(tmp_path) -> Non
     assert result.exit_code == 0, result.output
     record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
     assert record.coordinator is not None and not record.coordinator.fallback  # a valid plan from the model itself
-    assert record.llm["backend"] == "local"
+    assert record.llm.backend == "local"
     assert all(agent.status == "ok" and agent.output.strip() for agent in record.agents)
     assert record.final_output.strip() and record.final_output.strip() in result.stdout

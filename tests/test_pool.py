@@ -212,5 +212,5 @@ def test_the_cli_serves_a_run_from_a_gpu_pool(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "🖥️ LLM pool: " in result.output
     record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
-    assert record.llm["backend"] == "pooled" and record.slots == 2
+    assert record.llm.backend == "pooled" and record.slots == 2
     assert all(agent.status == "ok" and agent.output.startswith("Answer to:") for agent in record.agents)
