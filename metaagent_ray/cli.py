@@ -19,7 +19,7 @@ from typing import Annotated, Any, Callable, Iterator, Optional, TextIO, get_typ
 import typer
 from rich.console import Console
 
-from .api import DEFAULT_MAX_AGENTS, MetaAgent, check_output_file, load_plan, load_record
+from .api import DEFAULT_MAX_AGENTS, MetaAgent, check_output_file, load_plan, write_pictures, write_report
 from .console import ConsoleView, layer_lines
 from .errors import ConfigError, MetaAgentError
 from .interrupts import command_started, exit_code
@@ -27,13 +27,12 @@ from .jobs import JobLog, JobRequest, follow_job, print_run_archive, stop_job, s
 from .live import LiveView
 from .llm import LLMConfig
 from .pool import PoolSpec
-from .record import RunRecord, cannot_write, run_dir_name
-from .report import write_report
+from .record import RunRecord
 from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
+from .run_directory import run_dir_name
 from .runtime import RunStopped
 from .settings import RunSettings
 from .version import __version__
-from .viz import write_pictures
 
 DEFAULTS = {name: RunSettings.default(name) for name in RunSettings.model_fields}  # the help's [default: ...]
 POOL_DEFAULTS = {name: field.default for name, field in PoolSpec.model_fields.items()}
@@ -295,7 +294,7 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _finish(options: RunOptions, run: Callable[[], RunRecord]) -> None:
+def _run_and_say_how_it_ended(options: RunOptions, run: Callable[[], RunRecord]) -> None:
     """Run; say where the run is kept and how to resume it; exit 1 if any agent did not succeed.
 
     In a submitted job (--ship-run-dir) the run directory goes to the job's log, also when interrupted.
@@ -341,7 +340,9 @@ def exec_command(
     plan = load_plan(plan_file, max_agents=options.max_agents or DEFAULT_MAX_AGENTS)
     run_dir = _job_run_dir(options, query or plan.description)
     with options.meta_agent() as agent:
-        _finish(options, lambda: agent.execute(plan, query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
+        _run_and_say_how_it_ended(
+            options, lambda: agent.execute(plan, query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline)
+        )
 
 
 @app.command("run")
@@ -360,7 +361,9 @@ def run_command(
     """Plan QUERY with the coordinator, show the plan's layers, execute it, print the final answer."""
     run_dir = _job_run_dir(options, query)
     with options.meta_agent(stream_plan=stream_plan) as agent:
-        _finish(options, lambda: agent.run(query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
+        _run_and_say_how_it_ended(
+            options, lambda: agent.run(query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline)
+        )
 
 
 @app.command("plan")
@@ -406,7 +409,7 @@ def resume_command(
     settings = options.settings()
     view = options.view()
     with watching(view):
-        _finish(
+        _run_and_say_how_it_ended(
             options,
             lambda: MetaAgent.resume(
                 earlier_run,
@@ -579,21 +582,12 @@ def node_resources_command(*, options: SlotOptions) -> None:
     print(node_resources_json(options.slot_plan()))
 
 
-def _drawn(earlier_run: Path, draw: Callable[[RunRecord, Path], Any]) -> Any:
-    """Draw a run into its own directory; a directory that refuses the files is one line."""
-    record = load_record(earlier_run)
-    try:
-        return draw(record, earlier_run)
-    except OSError as error:
-        raise cannot_write(earlier_run, error, existing=True) from None
-
-
 @app.command("viz")
 def viz_command(
     earlier_run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The directory of a run.", show_default=False)],
 ) -> None:
     """Draw a run: graph.svg (layers, colours, dependencies), timeline.svg and graph.mmd (Mermaid), in RUN_DIR."""
-    for path in _guarded(False, lambda: _drawn(earlier_run, write_pictures)):
+    for path in _guarded(False, lambda: write_pictures(earlier_run)):
         print(path)
 
 
@@ -603,7 +597,7 @@ def report_command(
     open_it: Annotated[bool, typer.Option("--open", help="Open the report in the web browser.")] = False,
 ) -> None:
     """Write RUN_DIR/report.html again: the query, plan, graph, timeline and every agent's output in one page."""
-    path = _guarded(False, lambda: _drawn(earlier_run, write_report))
+    path = _guarded(False, lambda: write_report(earlier_run))
     print(path)
     if open_it and not webbrowser.open(path.resolve().as_uri()):
         _fail(f"no web browser found to open {path}; open it yourself", 1)

@@ -32,7 +32,8 @@ from ray.job_submission import JobSubmissionClient
 
 from .connect import check_port, token_advice
 from .errors import ConfigError
-from .record import RunDirectory, RunRecord
+from .record import RunRecord
+from .run_directory import RunDirectory
 
 ARCHIVE_BEGIN = "=== metaagent run directory: tar.gz, base64 ==="
 ARCHIVE_END = "=== end of metaagent run directory ==="
