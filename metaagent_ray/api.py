@@ -1,8 +1,10 @@
-"""The public Python API; the CLI is a thin layer over it."""
+"""The public Python API; the CLI is a thin layer over it (it imports only this module, its views and
+the command's signal handling)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,19 +13,58 @@ from pydantic import ValidationError
 from .agents import AgentLimits
 from .connect import RayConnection, RayOptions, cluster_address, ensure_ray, ray_started, shutdown_ray
 from .coordinator import make_plan, planned_notice
-from .errors import ConfigError, PlanError
+from .errors import ConfigError, MetaAgentError, PlanError
 from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
 from .executors import stop_kept_executors
 from .hub import RunLimits
 from .interrupts import exit_code, stop_signals_ignored
+from .jobs import JobLog, JobOutcome, JobRequest, dashboard_address, follow_job, job_run_dir, print_run_archive, stop_job, submit_job
 from .llm import LLM, LLMConfig, TextCallback, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
-from .pool import PoolHandle, start_pool
+from .pool import PoolHandle, PoolSpec, start_pool
 from .record import CoordinatorRecord, RunRecord, resume_choice, valid_text
+from .resources import SlotPlan, default_slots
 from .run_directory import NOT_SAVED, RunDirectory, RunFiles, nearest_existing, save_record, write_problem
 from .runtime import PlanningInterrupted, RunStopped, execute_plan, plan_and_execute, write_ray_timeline
 from .settings import RunSettings
+from .version import __version__
+
+__all__ = [  # this module's own names, and those it passes on from the rooms below it
+    "DEFAULT_MAX_AGENTS",
+    "ConfigError",
+    "ExecutionPlan",
+    "JobLog",
+    "JobOutcome",
+    "JobRequest",
+    "MetaAgent",
+    "MetaAgentError",
+    "PlanError",
+    "PoolSpec",
+    "RunRecord",
+    "RunSettings",
+    "RunStopped",
+    "SlotPlan",
+    "__version__",
+    "check_output_file",
+    "copy_record",
+    "dashboard_address",
+    "follow_job",
+    "job_run_dir",
+    "load_plan",
+    "load_record",
+    "node_slots",
+    "parse_plan",
+    "plan_json",
+    "print_run_archive",
+    "resume_summary",
+    "run_limits",
+    "save_plan",
+    "stop_job",
+    "submit_job",
+    "write_pictures",
+    "write_report",
+]
 
 DEFAULT_MAX_AGENTS = RunSettings.default("max_agents")
 
@@ -90,6 +131,23 @@ def load_plan(path: Path | str, *, max_agents: int = DEFAULT_MAX_AGENTS) -> Exec
     return parse_plan(data, source=str(path), max_agents=max_agents)
 
 
+def plan_json(plan: ExecutionPlan) -> str:
+    """A plan as the JSON `load_plan` and `metaagent exec` read."""
+    return plan.model_dump_json(indent=2, exclude={"depth"})
+
+
+def save_plan(plan: ExecutionPlan, path: Path | str) -> None:
+    """Write a plan file (`plan_json`); missing directories are made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plan_json(plan) + "\n", encoding="utf-8")
+
+
+def node_slots(llm: str = "auto", model: str | None = None, options: dict[str, Any] | None = None) -> SlotPlan:
+    """This node's LLM slots for a backend (RAM, cores, GPUs and the model's footprint), with the reasoning."""
+    return default_slots(LLMConfig(backend=llm, model=model, options=options or {}))
+
+
 def check_output_file(path: Path, option: str) -> None:
     """A file a run will write at its end can be written (missing directories are made then): checked
     before anything runs."""
@@ -126,6 +184,11 @@ def write_pictures(run_dir: Path | str) -> list[Path]:
 def write_report(run_dir: Path | str) -> Path:
     """Write a run's report.html again in its directory; returns its path."""
     return RunDirectory(Path(run_dir)).write_report(load_record(run_dir))
+
+
+def copy_record(run_dir: Path | str, path: Path | str) -> None:
+    """Copy a run's record.json to `path` (as `--record` does)."""
+    shutil.copyfile(RunDirectory(Path(run_dir)).record_file, path)
 
 
 def resume_summary(previous: RunRecord) -> str:

@@ -1,38 +1,50 @@
-"""`metaagent`: a thin command line over the public API."""
+"""`metaagent`: a thin command line over the public API: it parses options, calls the API (api.py) and
+chooses the view (views.py). Only the stop signals' handling (interrupts.py) is its own besides."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
-import os
-import shlex
-import shutil
 import sys
-import tempfile
 import webbrowser
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional, TextIO, get_type_hints
 
 import typer
-from rich.console import Console
 
-from .api import DEFAULT_MAX_AGENTS, MetaAgent, check_output_file, load_plan, write_pictures, write_report
-from .console import ConsoleView, layer_lines
-from .errors import ConfigError, MetaAgentError
+from .api import (
+    DEFAULT_MAX_AGENTS,
+    ConfigError,
+    JobLog,
+    JobRequest,
+    MetaAgent,
+    MetaAgentError,
+    PoolSpec,
+    RunRecord,
+    RunSettings,
+    RunStopped,
+    SlotPlan,
+    __version__,
+    check_output_file,
+    copy_record,
+    dashboard_address,
+    follow_job,
+    job_run_dir,
+    load_plan,
+    node_slots,
+    plan_json,
+    print_run_archive,
+    save_plan,
+    stop_job,
+    submit_job,
+    write_pictures,
+    write_report,
+)
 from .interrupts import command_started, exit_code
-from .jobs import JobLog, JobRequest, follow_job, print_run_archive, stop_job, submit_job
-from .live import LiveView
-from .llm import LLMConfig
-from .pool import PoolSpec
-from .record import RunRecord
-from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
-from .run_directory import run_dir_name
-from .runtime import RunStopped
-from .settings import RunSettings
-from .version import __version__
+from .views import View, choose_view, is_live, say, say_where_run_is, show_node_resources, show_plan, show_slot_plan, watching
 
 DEFAULTS = {name: RunSettings.default(name) for name in RunSettings.model_fields}  # the help's [default: ...]
 POOL_DEFAULTS = {name: field.default for name, field in PoolSpec.model_fields.items()}
@@ -208,34 +220,18 @@ class RunOptions:
         }
         return {key: value for key, value in given.items() if value is not None}
 
-    def view(self, stream: TextIO | None = None) -> ConsoleView | LiveView:
+    def view(self, stream: TextIO | None = None) -> View:
         """The live view in a terminal (or with --progress live), else the seed's plain lines on `stream` (default stdout)."""
-        if self.progress not in PROGRESS_MODES:
-            raise ConfigError(f"--progress {self.progress}: use one of {', '.join(PROGRESS_MODES)}")
-        if stream is None and not self.quiet and self.progress != "plain":
-            if self.progress == "live":
-                return LiveView(Console(force_terminal=True))
-            console = Console()
-            if console.is_terminal and not console.is_dumb_terminal:
-                return LiveView(console)
-        return ConsoleView(stream, quiet=self.quiet)
+        return choose_view(self.progress, quiet=self.quiet, stream=stream)
 
     @contextmanager
     def meta_agent(self, stream: TextIO | None = None, *, stream_plan: bool = True) -> Iterator[MetaAgent]:
         """The API object these options describe, reporting to `stream` (default stdout); the live view ends with it."""
         settings = self.settings()
         view = self.view(stream)
-        live = isinstance(view, LiveView)
+        live = is_live(view)
         with watching(view), MetaAgent(on_event=view, verbose=self.verbose, stream=live, stream_plan=stream_plan, **settings) as agent:
             yield agent
-
-
-PROGRESS_MODES = ("auto", "live", "plain")
-
-
-def watching(view: ConsoleView | LiveView) -> AbstractContextManager[Any]:
-    """The live view draws until the block ends, however it ends; plain lines need nothing."""
-    return view if isinstance(view, LiveView) else nullcontext()
 
 
 def with_options(options_class: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -290,7 +286,7 @@ def _guarded(verbose: bool, action: Callable[[], Any]) -> Any:
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    say(f"error: {message}")
     raise typer.Exit(code)
 
 
@@ -307,22 +303,16 @@ def _run_and_say_how_it_ended(options: RunOptions, run: Callable[[], RunRecord])
         raise
     if options.ship_run_dir and record.run_dir:
         print_run_archive(Path(record.run_dir), sys.stdout)
-    if record.run_dir:
-        print(f"\n💾 Run saved in {record.run_dir}", file=sys.stderr)
+    say_where_run_is(record)
     if record.status != "ok":
-        if record.run_dir:
-            print(f"↩️ To re-run what did not finish: metaagent resume {shlex.quote(record.run_dir)}", file=sys.stderr)
         raise typer.Exit(1)
 
 
 def _job_run_dir(options: RunOptions, slug_source: str) -> Path | None:
-    """--run-dir; in a job from `submit`, a directory of its own outside the job's working directory.
-
-    Ray may unpack the working directory again while the job runs: a run kept there lost its runs/.
-    """
+    """--run-dir; in a job from `submit`, a directory of its own outside the job's working directory."""
     if options.run_dir is not None or not options.ship_run_dir:
         return options.run_dir
-    return Path(tempfile.mkdtemp(prefix="metaagent-job-")) / run_dir_name(slug_source)
+    return job_run_dir(slug_source)
 
 
 QueryArgument = Annotated[str, typer.Argument(help="What you want the agents to do.", show_default=False)]
@@ -379,18 +369,9 @@ def plan_command(
         check_output_file(output, "-o")
     with options.meta_agent(stream=sys.stderr) as agent:
         plan = agent.plan(query)
-    text = plan.model_dump_json(indent=2, exclude={"depth"})
-    for warning in plan.warnings:
-        print(warning, file=sys.stderr)
-    if output is None:
-        print(text)
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text + "\n", encoding="utf-8")
-    for line in layer_lines(plan, plan.get_execution_layers()):
-        print(line, file=sys.stderr if output is None else sys.stdout)
     if output is not None:
-        print(f"💾 Plan saved to {output}; run it with: metaagent exec {output} --query {shlex.quote(query)}")
+        save_plan(plan, output)
+    show_plan(plan, plan_json(plan), saved_to=output, query=query)
 
 
 @app.command("resume")
@@ -415,7 +396,7 @@ def resume_command(
                 earlier_run,
                 on_event=view,
                 verbose=options.verbose,
-                stream=isinstance(view, LiveView),
+                stream=is_live(view),
                 record_path=options.record,
                 ray_timeline=options.ray_timeline,
                 **settings,
@@ -475,9 +456,7 @@ def submit_command(
     if not options.verbose:  # Ray's INFO lines about uploading the working directory and closing the log's socket
         for name in [name for name in logging.root.manager.loggerDict if name.startswith("ray.dashboard")]:
             logging.getLogger(name).setLevel(logging.WARNING)
-    address = options.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise ConfigError("submit needs the head's dashboard: --address http://HEAD:8265 (or RAY_ADDRESS)")
+    address = dashboard_address(options.address)
     if options.run_dir is not None and options.run_dir.exists() and any(options.run_dir.iterdir()):
         raise ConfigError(f"--run-dir {options.run_dir} exists and is not empty; the job's run directory comes back into a new one")
     job_id = attach
@@ -495,12 +474,12 @@ def submit_command(
             env_vars=_key_values(env or []),
         )
         job_id = submit_job(request, plan_file=plan_file)
-        print(f"🚀 Submitted Ray job {job_id} to {address}", file=sys.stderr, flush=True)
+        say(f"🚀 Submitted Ray job {job_id} to {address}")
     elif query is not None or plan_file is not None:
         raise ConfigError("--attach follows a job already submitted; it takes no QUERY or --plan")
     if no_wait:
         print(job_id)
-        print(f"Follow it and bring its run back with: metaagent submit --attach {job_id} --address {address}", file=sys.stderr)
+        say(f"Follow it and bring its run back with: metaagent submit --attach {job_id} --address {address}")
         return
     _follow(address, job_id, options)
 
@@ -515,17 +494,14 @@ def _follow(address: str, job_id: str, options: RunOptions) -> None:
         except KeyboardInterrupt:
             if _ask_stop(job_id):
                 stop_job(address, job_id)
-                print(f"🛑 Stopping job {job_id}; its run saves what finished", file=sys.stderr, flush=True)
+                say(f"🛑 Stopping job {job_id}; its run saves what finished")
                 continue
-            print(
-                f"Detached; job {job_id} runs on. Follow it again with: metaagent submit --attach {job_id} --address {address}",
-                file=sys.stderr,
-            )
+            say(f"Detached; job {job_id} runs on. Follow it again with: metaagent submit --attach {job_id} --address {address}")
             return
     if outcome.run_dir is not None:
-        print(f"💾 Run brought back to {outcome.run_dir}", file=sys.stderr)
+        say(f"💾 Run brought back to {outcome.run_dir}")
         if options.record is not None:
-            shutil.copyfile(outcome.run_dir / "record.json", options.record)
+            copy_record(outcome.run_dir, options.record)
     if outcome.status == "SUCCEEDED":
         return
     reason = next(iter(outcome.message.splitlines()), "")  # Ray appends the log's tail, which was printed already
@@ -562,24 +538,21 @@ class SlotOptions:
         options = {"host": self.ollama_host} if self.ollama_host is not None else {}
         if self.fake_model_mb is not None:
             options = {"model_mb": self.fake_model_mb}
-        return default_slots(LLMConfig(backend=self.llm, model=self.model, options=options))
+        return node_slots(self.llm, self.model, options)
 
 
 @app.command("resources")
 @with_options(SlotOptions)
 def resources_command(*, options: SlotOptions) -> None:
     """Print this node's LLM slots: RAM, cores, GPUs, the model's footprint, the reasoning and the count."""
-    plan = options.slot_plan()
-    print("\n".join(plan.reasons))
-    print(f"\n{SLOT_RESOURCE} = {plan.slots}: Ray started here gets this many LLM slots (--slots N overrides).")
-    print(f"On a cluster node: ray start --resources '{node_resources_json(plan)}'")
+    show_slot_plan(options.slot_plan())
 
 
 @app.command("node-resources")
 @with_options(SlotOptions)
 def node_resources_command(*, options: SlotOptions) -> None:
     """Print only the JSON for `ray start --resources '<json>'` on this cluster node."""
-    print(node_resources_json(options.slot_plan()))
+    show_node_resources(options.slot_plan())
 
 
 @app.command("viz")
