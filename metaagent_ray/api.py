@@ -1,9 +1,10 @@
-"""The public Python API; the CLI is a thin layer over it."""
+"""The public Python API; the CLI is a thin layer over it (it imports only this module, its views and
+the command's signal handling)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,29 +12,56 @@ from pydantic import ValidationError
 
 from .connect import RayConnection, RayOptions, cluster_address, ensure_ray, ray_started, shutdown_ray
 from .coordinator import make_plan, planned_notice
-from .errors import ConfigError, PlanError
+from .errors import ConfigError, MetaAgentError, PlanError
 from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
 from .executors import stop_kept_executors
 from .interrupts import exit_code, stop_signals_ignored
+from .jobs import JobLog, JobOutcome, JobRequest, dashboard_address, follow_job, job_run_dir, print_run_archive, stop_job, submit_job
 from .llm import LLM, LLMConfig, TextCallback, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain
-from .pool import PoolHandle, start_pool
-from .record import (
-    CoordinatorRecord,
-    RunDirectory,
-    RunRecord,
-    cannot_write,
-    nearest_existing,
-    resume_choice,
-    save_record,
-    valid_text,
-    write_problem,
-)
-from .report import write_report
+from .pool import PoolHandle, PoolSpec, start_pool
+from .record import CoordinatorRecord, RunRecord, resume_choice, valid_text
+from .resources import SlotPlan, default_slots
+from .run_directory import NOT_SAVED, RunDirectory, RunFiles, nearest_existing, save_record, write_problem
 from .runtime import PlanningInterrupted, RunStopped, execute_plan, plan_and_execute, write_ray_timeline
 from .settings import RunSettings
-from .viz import write_pictures
+from .version import __version__
+
+__all__ = [  # this module's own names, and those it passes on from the rooms below it
+    "DEFAULT_MAX_AGENTS",
+    "ConfigError",
+    "ExecutionPlan",
+    "JobLog",
+    "JobOutcome",
+    "JobRequest",
+    "MetaAgent",
+    "MetaAgentError",
+    "PlanError",
+    "PoolSpec",
+    "RunRecord",
+    "RunSettings",
+    "RunStopped",
+    "SlotPlan",
+    "__version__",
+    "check_output_file",
+    "copy_record",
+    "dashboard_address",
+    "follow_job",
+    "job_run_dir",
+    "load_plan",
+    "load_record",
+    "node_slots",
+    "parse_plan",
+    "plan_json",
+    "print_run_archive",
+    "resume_summary",
+    "save_plan",
+    "stop_job",
+    "submit_job",
+    "write_pictures",
+    "write_report",
+]
 
 DEFAULT_MAX_AGENTS = RunSettings.default("max_agents")
 
@@ -100,6 +128,23 @@ def load_plan(path: Path | str, *, max_agents: int = DEFAULT_MAX_AGENTS) -> Exec
     return parse_plan(data, source=str(path), max_agents=max_agents)
 
 
+def plan_json(plan: ExecutionPlan) -> str:
+    """A plan as the JSON `load_plan` and `metaagent exec` read."""
+    return plan.model_dump_json(indent=2, exclude={"depth"})
+
+
+def save_plan(plan: ExecutionPlan, path: Path | str) -> None:
+    """Write a plan file (`plan_json`); missing directories are made."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(plan_json(plan) + "\n", encoding="utf-8")
+
+
+def node_slots(llm: str = "auto", model: str | None = None, options: dict[str, Any] | None = None) -> SlotPlan:
+    """This node's LLM slots for a backend (RAM, cores, GPUs and the model's footprint), with the reasoning."""
+    return default_slots(LLMConfig(backend=llm, model=model, options=options or {}))
+
+
 def check_output_file(path: Path, option: str) -> None:
     """A file a run will write at its end can be written (missing directories are made then): checked
     before anything runs."""
@@ -117,7 +162,7 @@ def check_output_file(path: Path, option: str) -> None:
 
 def load_record(run_dir: Path | str) -> RunRecord:
     """The record a run left in its directory."""
-    path = Path(run_dir) / "record.json"
+    path = RunDirectory(Path(run_dir)).record_file
     try:
         return RunRecord.model_validate_json(read_input_file(path))
     except OSError as error:
@@ -126,6 +171,21 @@ def load_record(run_dir: Path | str) -> RunRecord:
         raise ConfigError(f"{path}: not a valid run record ({explain(error)})") from None
     except ValueError as error:
         raise ConfigError(f"{path}: not a valid run record ({error})") from None
+
+
+def write_pictures(run_dir: Path | str) -> list[Path]:
+    """Draw a run again in its directory: graph.svg, timeline.svg and graph.mmd; returns their paths."""
+    return RunDirectory(Path(run_dir)).write_pictures(load_record(run_dir))
+
+
+def write_report(run_dir: Path | str) -> Path:
+    """Write a run's report.html again in its directory; returns its path."""
+    return RunDirectory(Path(run_dir)).write_report(load_record(run_dir))
+
+
+def copy_record(run_dir: Path | str, path: Path | str) -> None:
+    """Copy a run's record.json to `path` (as `--record` does)."""
+    shutil.copyfile(RunDirectory(Path(run_dir)).record_file, path)
 
 
 def resume_summary(previous: RunRecord) -> str:
@@ -148,10 +208,6 @@ def _check_outputs(run_dir: Path | str | None, record_path: Path | str | None, r
     for path, option in ((record_path, "--record"), (ray_timeline, "--ray-timeline")):
         if path is not None:
             check_output_file(Path(path), option)
-
-
-def _locked(directory: RunDirectory | None) -> contextlib.AbstractContextManager[None]:
-    return directory.locked() if directory is not None else contextlib.nullcontext()
 
 
 class MetaAgent:
@@ -270,7 +326,7 @@ class MetaAgent:
         if not self.stream_plan:
             plan, coordinator = self._plan(query, connect=True)
             directory = self._directory(run_dir, query, save)
-            with _locked(directory):
+            with directory.locked():
                 return self._execute(plan, query, directory, record_path, coordinator=coordinator, ray_timeline=ray_timeline)
         llm = self._planning(query)
         self.on_event(PlanningStarted(llm=llm.describe()))
@@ -286,7 +342,7 @@ class MetaAgent:
                 timeout=self.settings.agent_timeout,
             )
 
-        return self._kept(
+        return self._run_and_write_extras(
             lambda: plan_and_execute(
                 query,
                 planner,
@@ -323,7 +379,7 @@ class MetaAgent:
         self._connect()
         query = valid_text(query or plan.description)
         directory = self._directory(run_dir, query, save)
-        with _locked(directory):
+        with directory.locked():
             return self._execute(plan, query, directory, record_path, ray_timeline=ray_timeline)
 
     @classmethod
@@ -345,8 +401,7 @@ class MetaAgent:
         """
         _check_outputs(None, record_path, ray_timeline, save=False)
         load_record(run_dir)  # a run directory, before its lock is taken
-        RunDirectory.check_writable(Path(run_dir), existing=True)
-        directory = RunDirectory(Path(run_dir))
+        directory = RunDirectory.earlier(Path(run_dir))
         with directory.locked():
             previous = load_record(run_dir)  # as it is now that no one else writes it
             settings = {**previous.settings, **overrides}
@@ -397,8 +452,8 @@ class MetaAgent:
         return llm
 
     @staticmethod
-    def _directory(run_dir: Path | str | None, query: str, save: bool) -> RunDirectory | None:
-        return RunDirectory.create(Path(run_dir) if run_dir else None, query or "plan") if save else None
+    def _directory(run_dir: Path | str | None, query: str, save: bool) -> RunFiles:
+        return RunDirectory.create(Path(run_dir) if run_dir else None, query or "plan") if save else NOT_SAVED
 
     def _ready_llm(self) -> LLMConfig:
         assert self._llm_config is not None, "the backend is checked before a run"
@@ -408,14 +463,14 @@ class MetaAgent:
         self,
         plan: ExecutionPlan,
         query: str,
-        directory: RunDirectory | None,
+        directory: RunFiles,
         record_path: Path | str | None,
         *,
         coordinator: CoordinatorRecord | None = None,
         earlier: RunRecord | None = None,
         ray_timeline: Path | str | None = None,
     ) -> RunRecord:
-        return self._kept(
+        return self._run_and_write_extras(
             lambda: execute_plan(
                 plan,
                 query,
@@ -434,30 +489,25 @@ class MetaAgent:
         )
 
     @staticmethod
-    def _kept(run: Callable[[], RunRecord], record_path: Path | str | None, ray_timeline: Path | str | None) -> RunRecord:
-        """Run, then keep the record's extra copy, pictures and report, and Ray's timeline, however the run ended."""
+    def _run_and_write_extras(run: Callable[[], RunRecord], record_path: Path | str | None, ray_timeline: Path | str | None) -> RunRecord:
+        """Run (the run directory keeps its own files), then write the files asked for outside it: the
+        record's copy (`--record`) however the run ended, and Ray's timeline when it finished."""
         try:
             record = run()
         except RunStopped as stop:
-            _keep(stop.record, record_path)
+            _copy_record(stop.record, record_path)
             raise
         with stop_signals_ignored():  # the run has ended: what it did is kept whole
-            _keep(record, record_path)
+            _copy_record(record, record_path)
             if ray_timeline is not None:
                 write_ray_timeline(Path(ray_timeline))
         return record
 
 
-def _keep(record: RunRecord, record_path: Path | str | None) -> None:
-    """The record's extra copy (`--record`), and the run directory's pictures and report."""
+def _copy_record(record: RunRecord, record_path: Path | str | None) -> None:
+    """The record's extra copy (`--record`), when one was asked for."""
     if record_path is not None:
         try:
             save_record(Path(record_path), record)
         except OSError as error:
             raise ConfigError(f"--record {record_path}: cannot write it ({(error.strerror or str(error)).lower()})") from None
-    if record.run_dir is not None:
-        try:
-            write_pictures(record, Path(record.run_dir))
-            write_report(record, Path(record.run_dir))
-        except OSError as error:
-            raise cannot_write(Path(record.run_dir), error, existing=True) from None

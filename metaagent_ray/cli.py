@@ -1,39 +1,50 @@
-"""`metaagent`: a thin command line over the public API."""
+"""`metaagent`: a thin command line over the public API: it parses options, calls the API (api.py) and
+chooses the view (views.py). Only the stop signals' handling (interrupts.py) is its own besides."""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
-import os
-import shlex
-import shutil
 import sys
-import tempfile
 import webbrowser
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterator, Optional, TextIO, get_type_hints
 
 import typer
-from rich.console import Console
 
-from .api import DEFAULT_MAX_AGENTS, MetaAgent, check_output_file, load_plan, load_record
-from .console import ConsoleView, layer_lines
-from .errors import ConfigError, MetaAgentError
+from .api import (
+    DEFAULT_MAX_AGENTS,
+    ConfigError,
+    JobLog,
+    JobRequest,
+    MetaAgent,
+    MetaAgentError,
+    PoolSpec,
+    RunRecord,
+    RunSettings,
+    RunStopped,
+    SlotPlan,
+    __version__,
+    check_output_file,
+    copy_record,
+    dashboard_address,
+    follow_job,
+    job_run_dir,
+    load_plan,
+    node_slots,
+    plan_json,
+    print_run_archive,
+    save_plan,
+    stop_job,
+    submit_job,
+    write_pictures,
+    write_report,
+)
 from .interrupts import command_started, exit_code
-from .jobs import JobLog, JobRequest, follow_job, print_run_archive, stop_job, submit_job
-from .live import LiveView
-from .llm import LLMConfig
-from .pool import PoolSpec
-from .record import RunRecord, cannot_write, run_dir_name
-from .report import write_report
-from .resources import SLOT_RESOURCE, SlotPlan, default_slots, node_resources_json
-from .runtime import RunStopped
-from .settings import RunSettings
-from .version import __version__
-from .viz import write_pictures
+from .views import View, choose_view, is_live, say, say_where_run_is, show_node_resources, show_plan, show_slot_plan, watching
 
 DEFAULTS = {name: RunSettings.default(name) for name in RunSettings.model_fields}  # the help's [default: ...]
 POOL_DEFAULTS = {name: field.default for name, field in PoolSpec.model_fields.items()}
@@ -209,34 +220,18 @@ class RunOptions:
         }
         return {key: value for key, value in given.items() if value is not None}
 
-    def view(self, stream: TextIO | None = None) -> ConsoleView | LiveView:
+    def view(self, stream: TextIO | None = None) -> View:
         """The live view in a terminal (or with --progress live), else the seed's plain lines on `stream` (default stdout)."""
-        if self.progress not in PROGRESS_MODES:
-            raise ConfigError(f"--progress {self.progress}: use one of {', '.join(PROGRESS_MODES)}")
-        if stream is None and not self.quiet and self.progress != "plain":
-            if self.progress == "live":
-                return LiveView(Console(force_terminal=True))
-            console = Console()
-            if console.is_terminal and not console.is_dumb_terminal:
-                return LiveView(console)
-        return ConsoleView(stream, quiet=self.quiet)
+        return choose_view(self.progress, quiet=self.quiet, stream=stream)
 
     @contextmanager
     def meta_agent(self, stream: TextIO | None = None, *, stream_plan: bool = True) -> Iterator[MetaAgent]:
         """The API object these options describe, reporting to `stream` (default stdout); the live view ends with it."""
         settings = self.settings()
         view = self.view(stream)
-        live = isinstance(view, LiveView)
+        live = is_live(view)
         with watching(view), MetaAgent(on_event=view, verbose=self.verbose, stream=live, stream_plan=stream_plan, **settings) as agent:
             yield agent
-
-
-PROGRESS_MODES = ("auto", "live", "plain")
-
-
-def watching(view: ConsoleView | LiveView) -> AbstractContextManager[Any]:
-    """The live view draws until the block ends, however it ends; plain lines need nothing."""
-    return view if isinstance(view, LiveView) else nullcontext()
 
 
 def with_options(options_class: type) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -291,11 +286,11 @@ def _guarded(verbose: bool, action: Callable[[], Any]) -> Any:
 
 
 def _fail(message: str, code: int) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    say(f"error: {message}")
     raise typer.Exit(code)
 
 
-def _finish(options: RunOptions, run: Callable[[], RunRecord]) -> None:
+def _run_and_say_how_it_ended(options: RunOptions, run: Callable[[], RunRecord]) -> None:
     """Run; say where the run is kept and how to resume it; exit 1 if any agent did not succeed.
 
     In a submitted job (--ship-run-dir) the run directory goes to the job's log, also when interrupted.
@@ -308,22 +303,16 @@ def _finish(options: RunOptions, run: Callable[[], RunRecord]) -> None:
         raise
     if options.ship_run_dir and record.run_dir:
         print_run_archive(Path(record.run_dir), sys.stdout)
-    if record.run_dir:
-        print(f"\n💾 Run saved in {record.run_dir}", file=sys.stderr)
+    say_where_run_is(record)
     if record.status != "ok":
-        if record.run_dir:
-            print(f"↩️ To re-run what did not finish: metaagent resume {shlex.quote(record.run_dir)}", file=sys.stderr)
         raise typer.Exit(1)
 
 
 def _job_run_dir(options: RunOptions, slug_source: str) -> Path | None:
-    """--run-dir; in a job from `submit`, a directory of its own outside the job's working directory.
-
-    Ray may unpack the working directory again while the job runs: a run kept there lost its runs/.
-    """
+    """--run-dir; in a job from `submit`, a directory of its own outside the job's working directory."""
     if options.run_dir is not None or not options.ship_run_dir:
         return options.run_dir
-    return Path(tempfile.mkdtemp(prefix="metaagent-job-")) / run_dir_name(slug_source)
+    return job_run_dir(slug_source)
 
 
 QueryArgument = Annotated[str, typer.Argument(help="What you want the agents to do.", show_default=False)]
@@ -341,7 +330,9 @@ def exec_command(
     plan = load_plan(plan_file, max_agents=options.max_agents or DEFAULT_MAX_AGENTS)
     run_dir = _job_run_dir(options, query or plan.description)
     with options.meta_agent() as agent:
-        _finish(options, lambda: agent.execute(plan, query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
+        _run_and_say_how_it_ended(
+            options, lambda: agent.execute(plan, query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline)
+        )
 
 
 @app.command("run")
@@ -360,7 +351,9 @@ def run_command(
     """Plan QUERY with the coordinator, show the plan's layers, execute it, print the final answer."""
     run_dir = _job_run_dir(options, query)
     with options.meta_agent(stream_plan=stream_plan) as agent:
-        _finish(options, lambda: agent.run(query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline))
+        _run_and_say_how_it_ended(
+            options, lambda: agent.run(query, run_dir=run_dir, record_path=options.record, ray_timeline=options.ray_timeline)
+        )
 
 
 @app.command("plan")
@@ -376,18 +369,9 @@ def plan_command(
         check_output_file(output, "-o")
     with options.meta_agent(stream=sys.stderr) as agent:
         plan = agent.plan(query)
-    text = plan.model_dump_json(indent=2, exclude={"depth"})
-    for warning in plan.warnings:
-        print(warning, file=sys.stderr)
-    if output is None:
-        print(text)
-    else:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(text + "\n", encoding="utf-8")
-    for line in layer_lines(plan, plan.get_execution_layers()):
-        print(line, file=sys.stderr if output is None else sys.stdout)
     if output is not None:
-        print(f"💾 Plan saved to {output}; run it with: metaagent exec {output} --query {shlex.quote(query)}")
+        save_plan(plan, output)
+    show_plan(plan, plan_json(plan), saved_to=output, query=query)
 
 
 @app.command("resume")
@@ -406,13 +390,13 @@ def resume_command(
     settings = options.settings()
     view = options.view()
     with watching(view):
-        _finish(
+        _run_and_say_how_it_ended(
             options,
             lambda: MetaAgent.resume(
                 earlier_run,
                 on_event=view,
                 verbose=options.verbose,
-                stream=isinstance(view, LiveView),
+                stream=is_live(view),
                 record_path=options.record,
                 ray_timeline=options.ray_timeline,
                 **settings,
@@ -472,9 +456,7 @@ def submit_command(
     if not options.verbose:  # Ray's INFO lines about uploading the working directory and closing the log's socket
         for name in [name for name in logging.root.manager.loggerDict if name.startswith("ray.dashboard")]:
             logging.getLogger(name).setLevel(logging.WARNING)
-    address = options.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise ConfigError("submit needs the head's dashboard: --address http://HEAD:8265 (or RAY_ADDRESS)")
+    address = dashboard_address(options.address)
     if options.run_dir is not None and options.run_dir.exists() and any(options.run_dir.iterdir()):
         raise ConfigError(f"--run-dir {options.run_dir} exists and is not empty; the job's run directory comes back into a new one")
     job_id = attach
@@ -492,12 +474,12 @@ def submit_command(
             env_vars=_key_values(env or []),
         )
         job_id = submit_job(request, plan_file=plan_file)
-        print(f"🚀 Submitted Ray job {job_id} to {address}", file=sys.stderr, flush=True)
+        say(f"🚀 Submitted Ray job {job_id} to {address}")
     elif query is not None or plan_file is not None:
         raise ConfigError("--attach follows a job already submitted; it takes no QUERY or --plan")
     if no_wait:
         print(job_id)
-        print(f"Follow it and bring its run back with: metaagent submit --attach {job_id} --address {address}", file=sys.stderr)
+        say(f"Follow it and bring its run back with: metaagent submit --attach {job_id} --address {address}")
         return
     _follow(address, job_id, options)
 
@@ -512,17 +494,14 @@ def _follow(address: str, job_id: str, options: RunOptions) -> None:
         except KeyboardInterrupt:
             if _ask_stop(job_id):
                 stop_job(address, job_id)
-                print(f"🛑 Stopping job {job_id}; its run saves what finished", file=sys.stderr, flush=True)
+                say(f"🛑 Stopping job {job_id}; its run saves what finished")
                 continue
-            print(
-                f"Detached; job {job_id} runs on. Follow it again with: metaagent submit --attach {job_id} --address {address}",
-                file=sys.stderr,
-            )
+            say(f"Detached; job {job_id} runs on. Follow it again with: metaagent submit --attach {job_id} --address {address}")
             return
     if outcome.run_dir is not None:
-        print(f"💾 Run brought back to {outcome.run_dir}", file=sys.stderr)
+        say(f"💾 Run brought back to {outcome.run_dir}")
         if options.record is not None:
-            shutil.copyfile(outcome.run_dir / "record.json", options.record)
+            copy_record(outcome.run_dir, options.record)
     if outcome.status == "SUCCEEDED":
         return
     reason = next(iter(outcome.message.splitlines()), "")  # Ray appends the log's tail, which was printed already
@@ -559,33 +538,21 @@ class SlotOptions:
         options = {"host": self.ollama_host} if self.ollama_host is not None else {}
         if self.fake_model_mb is not None:
             options = {"model_mb": self.fake_model_mb}
-        return default_slots(LLMConfig(backend=self.llm, model=self.model, options=options))
+        return node_slots(self.llm, self.model, options)
 
 
 @app.command("resources")
 @with_options(SlotOptions)
 def resources_command(*, options: SlotOptions) -> None:
     """Print this node's LLM slots: RAM, cores, GPUs, the model's footprint, the reasoning and the count."""
-    plan = options.slot_plan()
-    print("\n".join(plan.reasons))
-    print(f"\n{SLOT_RESOURCE} = {plan.slots}: Ray started here gets this many LLM slots (--slots N overrides).")
-    print(f"On a cluster node: ray start --resources '{node_resources_json(plan)}'")
+    show_slot_plan(options.slot_plan())
 
 
 @app.command("node-resources")
 @with_options(SlotOptions)
 def node_resources_command(*, options: SlotOptions) -> None:
     """Print only the JSON for `ray start --resources '<json>'` on this cluster node."""
-    print(node_resources_json(options.slot_plan()))
-
-
-def _drawn(earlier_run: Path, draw: Callable[[RunRecord, Path], Any]) -> Any:
-    """Draw a run into its own directory; a directory that refuses the files is one line."""
-    record = load_record(earlier_run)
-    try:
-        return draw(record, earlier_run)
-    except OSError as error:
-        raise cannot_write(earlier_run, error, existing=True) from None
+    show_node_resources(options.slot_plan())
 
 
 @app.command("viz")
@@ -593,7 +560,7 @@ def viz_command(
     earlier_run: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The directory of a run.", show_default=False)],
 ) -> None:
     """Draw a run: graph.svg (layers, colours, dependencies), timeline.svg and graph.mmd (Mermaid), in RUN_DIR."""
-    for path in _guarded(False, lambda: _drawn(earlier_run, write_pictures)):
+    for path in _guarded(False, lambda: write_pictures(earlier_run)):
         print(path)
 
 
@@ -603,7 +570,7 @@ def report_command(
     open_it: Annotated[bool, typer.Option("--open", help="Open the report in the web browser.")] = False,
 ) -> None:
     """Write RUN_DIR/report.html again: the query, plan, graph, timeline and every agent's output in one page."""
-    path = _guarded(False, lambda: _drawn(earlier_run, write_report))
+    path = _guarded(False, lambda: write_report(earlier_run))
     print(path)
     if open_it and not webbrowser.open(path.resolve().as_uri()):
         _fail(f"no web browser found to open {path}; open it yourself", 1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import shlex
 import shutil
 import sys
@@ -32,7 +33,8 @@ from ray.job_submission import JobSubmissionClient
 
 from .connect import check_port, token_advice
 from .errors import ConfigError
-from .record import RunDirectory, RunRecord
+from .record import RunRecord
+from .run_directory import RunDirectory, run_dir_name
 
 ARCHIVE_BEGIN = "=== metaagent run directory: tar.gz, base64 ==="
 ARCHIVE_END = "=== end of metaagent run directory ==="
@@ -58,6 +60,20 @@ class JobRequest:
         if self.env_vars:
             env["env_vars"] = dict(self.env_vars)
         return env
+
+
+def dashboard_address(given: str | None) -> str:
+    """The head's dashboard to submit to: `given`, else $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS."""
+    address = given or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError("submit needs the head's dashboard: --address http://HEAD:8265 (or RAY_ADDRESS)")
+    return address
+
+
+def job_run_dir(slug_source: str) -> Path:
+    """The run directory of a run inside a submitted job: a directory of its own outside the job's working
+    directory (Ray may unpack the working directory again while the job runs: a run kept there lost its runs/)."""
+    return Path(tempfile.mkdtemp(prefix="metaagent-job-")) / run_dir_name(slug_source)
 
 
 def job_client(address: str) -> JobSubmissionClient:

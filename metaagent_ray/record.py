@@ -1,38 +1,23 @@
-"""The run record, a public JSON contract, and the run directory that keeps it on disk.
+"""The run record, a public JSON contract: what a run did, agent by agent.
 
-`record.json` is rewritten atomically as agents finish, sub-plan agents included, at most once a
-second (the runtime's checkpoints) and once at the end, so a run that stops for any reason leaves
-behind everything that had finished (one killed outright, all but its last second). A run
-directory belongs to one run: a new run refuses a directory that holds files, and an OS file lock
-keeps a second run or resume from writing it at the same time.
+The run directory that keeps it on disk, with the agents' outputs, the pictures and the report, is
+run_directory.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import fcntl
-import os
-import re
-import shlex
-import tempfile
 import time
-from datetime import datetime, timezone
 from enum import Enum
-from pathlib import Path
 from typing import Any, Iterator, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from .errors import ConfigError, MetaAgentError
 from .llm import Usage
 from .paths import ROOT, AgentPath
 from .plan import ExecutionPlan
 from .version import __version__
 
 RECORD_VERSION = 1
-RUNS = Path("runs")  # where runs are kept unless --run-dir says otherwise
-RUN_DIR_MODE = 0o755  # a run directory and the directories made for it: others may read them, never write them
 # "delegated": the agent's task went to a sub-plan still running; the runtime ends it as ok or failed.
 AgentState = Literal["pending", "ok", "failed", "skipped", "delegated"]
 RunState = Literal["running", "ok", "failed", "interrupted"]
@@ -50,7 +35,6 @@ class FailureKind(str, Enum):
     SUPERVISION = "supervision"  # the hub's supervision of it failed
     SUB_PLAN = "sub_plan"  # it delegated, and its sub-plan's final agent did not succeed
     INPUT_MISSING = "input_missing"  # skipped: an input failed, under --on-failure stop
-
 
 
 class AgentRecord(BaseModel):
@@ -193,6 +177,12 @@ class RunRecord(BaseModel):
     def compose_final_output(self) -> str:
         return compose_final_output(self.plan, self.agents)
 
+    def end(self, status: RunState) -> None:
+        """The run ended with `status`: its final output as the agents left it, and the time."""
+        self.status = status
+        self.final_output = self.compose_final_output()
+        self.finished_at = time.time()
+
     def failed_agents(self) -> list[int]:
         return [agent.id for agent in self.agents if agent.status != "ok"]
 
@@ -281,172 +271,3 @@ def valid_text(text: str) -> str:
     except UnicodeEncodeError:
         return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     return text
-
-
-def slugify(text: str, limit: int = 40) -> str:
-    """A short, safe file-name fragment of any text (LLM output never becomes a path as is)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-    return slug[:limit].rstrip("-") or "run"
-
-
-def run_dir_name(slug_source: str) -> str:
-    """A run directory's default name: `<UTC time>-<slug>`."""
-    return f"{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}-{slugify(slug_source)}"
-
-
-class RunDirectoryError(MetaAgentError):
-    """A run directory cannot be written (read-only, full, not permitted); the line says what to do."""
-
-
-def cannot_write(directory: Path, error: OSError, *, existing: bool) -> RunDirectoryError:
-    """The line for a run directory that refused a write, with what to do: `existing` is a run being
-    resumed (or drawn); a new run whose record is already there can be resumed once writes work again."""
-    reason = (error.strerror or type(error).__name__).lower()
-    where = shlex.quote(str(directory))
-    full = error.errno in (errno.ENOSPC, errno.EDQUOT)
-    if existing:
-        fix = "free some space there" if full else "make it writable, or copy it to a writable place and use the copy"
-    elif (directory / "record.json").is_file():
-        fix = ("free some space there" if full else "make it writable") + f", then: metaagent resume {where}"
-    else:
-        fix = "free some space there, or pass --run-dir to another file system" if full else "pass --run-dir to a writable place"
-    return RunDirectoryError(f"cannot write the run directory {where}: {reason}; {fix}")
-
-
-def write_problem(directory: Path) -> OSError | None:
-    """Why a file cannot be written in `directory` now (None: it can), found by writing one: the
-    permission bits alone miss read-only mounts, full disks, and root's exemption from them."""
-    try:
-        with tempfile.TemporaryFile(dir=directory) as probe:
-            probe.write(b"metaagent")
-            probe.flush()
-    except OSError as error:
-        return error
-    return None
-
-
-def nearest_existing(path: Path) -> Path:
-    """`path` itself, or the closest of its parents that exists: where writing it starts."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-class RunDirectory:
-    """`runs/<UTC time>-<slug>/` with record.json, plan.json, final.md and agents/NN-role.md.
-
-    A write it cannot make (a read-only or full file system) is one line saying what to do:
-    `existing` tells a run being resumed from a new one, whose fix is another --run-dir.
-    """
-
-    def __init__(self, path: Path, *, existing: bool = True) -> None:
-        self.path = path
-        self.existing = existing
-
-    @staticmethod
-    def check_writable(base: Path | None, *, existing: bool) -> None:
-        """A run can write `base` (default: under ./runs): checked before Ray starts or anything runs."""
-        target = base if base is not None else RUNS
-        place = nearest_existing(target)
-        if not place.is_dir():
-            option = "--run-dir" if base is not None else "the runs directory"
-            raise ConfigError(f"{option} {shlex.quote(str(target))}: {place} is a file, not a directory")
-        problem = write_problem(place)
-        if problem is not None:
-            raise cannot_write(target, problem, existing=existing)
-
-    @contextlib.contextmanager
-    def _writing(self) -> Iterator[None]:
-        try:
-            yield
-        except OSError as error:
-            raise cannot_write(self.path, error, existing=self.existing) from None
-
-    @staticmethod
-    def check_new(base: Path) -> None:
-        """`base` can hold a new run: missing or an empty directory (checked before anything runs)."""
-        if base.exists() and not base.is_dir():
-            raise ConfigError(f"--run-dir {base}: a file is in the way, not a directory")
-        if base.is_dir() and any(base.iterdir()):
-            earlier = f"; to continue that run: metaagent resume {shlex.quote(str(base))}" if (base / "record.json").is_file() else ""
-            raise ConfigError(f"--run-dir {base}: the directory is not empty (a run directory belongs to one run){earlier}")
-
-    @classmethod
-    def create(cls, base: Path | None, slug_source: str) -> RunDirectory:
-        """A new directory: `base` itself when given (it must be new or empty), else a fresh one under ./runs."""
-        if base is not None:
-            cls.check_new(base)
-            directory = cls(base, existing=False)
-            with directory._writing():
-                make_directories(base)
-            return directory
-        name = run_dir_name(slug_source)
-        path, suffix = RUNS / name, 1
-        while path.exists():
-            suffix += 1
-            path = RUNS / f"{name}-{suffix}"
-        directory = cls(path, existing=False)
-        with directory._writing():
-            make_directories(RUNS)
-            path.mkdir(mode=RUN_DIR_MODE)
-        return directory
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the directory's lock while a run writes it; the OS releases it however the process ends."""
-        with self._writing():
-            handle = open(self.path / ".lock", "a", encoding="utf-8", opener=lambda path, flags: os.open(path, flags, 0o644))
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise ConfigError(f"{self.path}: another run or resume is writing this directory now; wait until it ends") from None
-            yield
-
-    def write_plan(self, plan: ExecutionPlan) -> None:
-        with self._writing():
-            write_atomic(self.path / "plan.json", plan.model_dump_json(indent=2))
-
-    def write_agent_output(self, agent: AgentRecord) -> str:
-        """Write one agent's output; returns its path relative to the run directory."""
-        number = "-".join(f"{step:02d}" for step in agent.path.steps)
-        relative = f"agents/{number}-{slugify(agent.role, 20)}.md"
-        body = agent.output if agent.status == "ok" else f"(agent {agent.status}: {agent.error})"
-        with self._writing():
-            write_atomic(self.path / relative, f"# Agent {agent.id}: {agent.role}\n\n{agent.task}\n\n---\n\n{body}\n")
-        return relative
-
-    def write_record(self, record: RunRecord) -> None:
-        with self._writing():
-            save_record(self.path / "record.json", record)
-
-    def write_final(self, text: str) -> None:
-        with self._writing():
-            write_atomic(self.path / "final.md", text + "\n")
-
-
-def make_directories(path: Path) -> None:
-    """`path` and its missing parents, each at most RUN_DIR_MODE whatever the umask (`mkdir -p` would
-    leave the parents world-writable under umask 0, where others could rename or replace a run)."""
-    for directory in [*reversed(path.parents), path]:
-        if not directory.exists():
-            directory.mkdir(mode=RUN_DIR_MODE, exist_ok=True)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` in one step, so a reader never sees half a file."""
-    make_directories(path.parent)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide the run's files from other users
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def save_record(path: Path, record: RunRecord) -> None:
-    """Write a record as JSON (the run directory's and `--record PATH`'s copy)."""
-    write_atomic(path, record.model_dump_json(indent=2))

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from html import escape
-from pathlib import Path
 
 from .llm import Usage
 from .paths import AgentPath
-from .record import AgentRecord, RunRecord, ready_at, walk_agents, write_atomic
+from .record import AgentRecord, RunRecord, ready_at, walk_agents
 from .viz import colour, critical_path, graph_svg, timeline_svg
 
 STYLE = """
@@ -60,13 +59,6 @@ def report_html(record: RunRecord) -> str:
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
-
-
-def write_report(record: RunRecord, directory: Path) -> Path:
-    """Write `report.html` into the run directory; returns its path."""
-    path = directory / "report.html"
-    write_atomic(path, report_html(record))
-    return path
 
 
 def _origin(record: RunRecord) -> float:

@@ -9,11 +9,9 @@ thread follows the stream: each agent goes to the hub the moment the plan makes 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import shlex
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,17 +46,16 @@ from .record import (
     CoordinatorRecord,
     FailureKind,
     RecordedLLM,
-    RunDirectory,
-    RunDirectoryError,
     RunRecord,
+    RunState,
     SubRunRecord,
     kept_agents,
     walk_agents,
 )
 from .resources import SLOT_RESOURCE
+from .run_directory import NOT_SAVED, RunDirectoryError, RunFiles
 from .settings import Limits
 
-CHECKPOINT_INTERVAL_S = 1.0  # the most a run killed outright can lose of its record
 log = logging.getLogger(__name__)
 
 # The coordinator's call, given where its answer streams to and what to call when an answer is rejected.
@@ -107,13 +104,13 @@ def execute_plan(
     ray_options: RayOptions,
     limits: Limits,
     on_event: EventHandler,
-    run_dir: RunDirectory | None = None,
+    run_dir: RunFiles = NOT_SAVED,
     coordinator: CoordinatorRecord | None = None,
     settings: dict[str, Any] | None = None,
     earlier: RunRecord | None = None,
     stream: bool = False,
 ) -> RunRecord:
-    """Run every agent of `plan` on Ray and return the record; checkpoints `run_dir` as agents finish.
+    """Run every agent of `plan` on Ray and return the record; `run_dir` keeps what the agents do as they finish.
 
     When resuming, `earlier` is the record being resumed: what `resume_choice` keeps of it is not
     run again. With `stream`, agents' tokens arrive as `TokensArrived` events while they answer.
@@ -134,7 +131,7 @@ def plan_and_execute(
     ray_options: RayOptions,
     limits: Limits,
     on_event: EventHandler,
-    run_dir: Callable[[], RunDirectory | None],
+    run_dir: Callable[[], RunFiles],
     settings: dict[str, Any] | None = None,
     stream: bool = False,
 ) -> RunRecord:
@@ -147,7 +144,7 @@ def plan_and_execute(
     with _Run(llm, ray_options, limits, on_event, stream) as run:
         plan, coordinator, started = run.plan_streamed(query, planner, max_agents)
         directory = run_dir()
-        with directory.locked() if directory is not None else contextlib.nullcontext():
+        with directory.locked():
             return run.execute(plan, query, directory, coordinator, settings or {}, None, already_submitted=started)
 
 
@@ -270,7 +267,7 @@ class _Run:
         self,
         plan: ExecutionPlan,
         query: str,
-        run_dir: RunDirectory | None,
+        run_dir: RunFiles,
         coordinator: CoordinatorRecord | None,
         settings: dict[str, Any],
         earlier: RunRecord | None,
@@ -283,7 +280,6 @@ class _Run:
             llm=RecordedLLM(backend=self.llm.backend, model=self.llm.model),
             settings=settings,
             slots=self.ray_options.slots or int(ray.cluster_resources().get(SLOT_RESOURCE, 0)) or None,
-            run_dir=str(run_dir.path) if run_dir else None,
             coordinator=coordinator,
             ray_started_at=self.connection.started_at,
             ray_ready_at=self.connection.ready_at,
@@ -293,13 +289,11 @@ class _Run:
             kept = kept_agents(plan, earlier.agents)
             for agent_id, agent in kept.items():
                 record.agents[agent_id] = earlier.agents[agent_id].model_copy(update={"reused": agent.reused}, deep=True)
-        if run_dir is not None:
-            run_dir.write_plan(plan)
-            run_dir.write_record(record)
+        run_dir.start(record)
         reused = tuple(sorted(index for index, agent in kept.items() if agent.reused))
         self.on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir, slots=record.slots, reused=reused))
 
-        saved = f" in {run_dir.path}; resume with: metaagent resume {shlex.quote(str(run_dir.path))}" if run_dir else ""
+        saved = f" in {run_dir.path}; resume with: metaagent resume {shlex.quote(str(run_dir.path))}" if run_dir.path else ""
         try:
             with stop_signals_interrupt():
                 rest = set(range(len(plan.agents))) - (already_submitted or set())
@@ -308,13 +302,13 @@ class _Run:
         except KeyboardInterrupt as interrupt:
             with stop_signals_ignored():
                 _cancel(self.hub, self.submission.run_id)
-                _finish(record, run_dir, "interrupted")
+                _end_run(record, run_dir, "interrupted")
             raise RunInterrupted(f"interrupted; the agents that finished are saved{saved}", record, exit_code(interrupt)) from None
         except ray.exceptions.RayError as error:
-            _finish(record, run_dir, "failed")
+            _end_run(record, run_dir, "failed")
             raise RunBroken(f"{_what_died(error)}; the agents that finished are saved{saved}", record, 1) from None
         except NoNodeLeft as lost:  # the hub fails the agents still waiting for a slot
-            _finish(record, run_dir, "failed")
+            _end_run(record, run_dir, "failed")
             raise RunBroken(f"{lost}; the agents that finished are saved{saved}", record, 1) from None
         except RunDirectoryError:  # the run can no longer be kept (a full disk): its agents stop with it
             with stop_signals_ignored():
@@ -322,7 +316,7 @@ class _Run:
             raise
         run_ended()  # every agent has finished: a stop signal now could only lose the record
         with stop_signals_ignored():
-            _finish(record, run_dir, "ok" if not record.failed_agents() else "failed")
+            _end_run(record, run_dir, "ok" if not record.failed_agents() else "failed")
             self.abandoned_calls = any(agent.failure is FailureKind.TIMED_OUT for agent in walk_agents(record.agents))
             self.on_event(RunFinished(record=record))
         return record
@@ -349,9 +343,8 @@ class _Follower:
     """Reports the hub's events as they happen and keeps the record of what they say.
 
     Before the plan is complete there is no record: agents' starts are reported at once, and what
-    needs the record (results, sub-plans, warnings) waits for it. The record is written at most once
-    every CHECKPOINT_INTERVAL_S while agents finish (and by `_finish` at the end), so thousands of
-    agents do not rewrite it thousands of times; a run killed outright loses at most that last interval.
+    needs the record (results, sub-plans, warnings) waits for it. What changes in the record goes to the
+    run's files (`RunFiles`), which decide when to write it; the follower waits no longer than they say.
     """
 
     def __init__(self, hub: Any, run_id: str, on_event: EventHandler) -> None:
@@ -381,19 +374,18 @@ class _Follower:
                 else:
                     self._report(event)
 
-    def until_done(self, record: RunRecord, run_dir: RunDirectory | None) -> None:
+    def until_done(self, record: RunRecord, run_dir: RunFiles) -> None:
         """Follow until every agent of the plan has its result."""
         waiting = {agent.path for agent in record.agents if not agent.reused}
-        checkpoints = _Checkpoints(record, run_dir)
         events, self.early = self.early, []
         while True:
             for event in events:
-                self._record(event, record, run_dir, waiting, checkpoints)
+                self._record(event, record, run_dir, waiting)
             if not waiting:
                 return
-            batch = self._batch(checkpoints.due_in())
+            batch = self._batch(run_dir.checkpoint_due_in())
             if batch is None:
-                checkpoints.write()
+                run_dir.checkpoint()
                 events = []
             else:
                 events = batch
@@ -402,29 +394,26 @@ class _Follower:
         self,
         event: Event | AgentDone | NodeLost | _Planned,
         record: RunRecord,
-        run_dir: RunDirectory | None,
+        run_dir: RunFiles,
         waiting: set[str],
-        checkpoints: _Checkpoints,
     ) -> None:
         if isinstance(event, SubPlanReady):
             parent = _agent_at(record, event.path)
             if parent.sub_run is None:  # a resumed sub-plan keeps what it had
                 parent.sub_run = SubRunRecord.start(event.path, event.query, event.plan)
-            checkpoints.changed()
+            run_dir.record_changed()
         elif isinstance(event, AgentDone):
             agents, index = record.find(event.path)
             agent = agents[index] = event.result
             if agent.path not in self.announced and agent.started_at is not None:
                 self._report(AgentStarted(path=agent.path, role=agent.role, attempt=1, pid=0))
             waiting.discard(event.path)
-            if run_dir is not None:
-                _write_outputs(run_dir, agent)
-            checkpoints.changed()
+            run_dir.agent_finished(agent)
             self.on_event(AgentFinished(agent=agent))
             return
         elif isinstance(event, NodeLost):
             record.warnings.append(event.describe())
-            checkpoints.changed()
+            run_dir.record_changed()
             if not event.nodes_left:
                 raise NoNodeLeft(event.describe())
             event = Notice(event.describe(), warning=True)
@@ -442,33 +431,6 @@ class _Follower:
         self.on_event(event)
 
 
-class _Checkpoints:
-    """Writes the record when it changed, at most once every CHECKPOINT_INTERVAL_S."""
-
-    def __init__(self, record: RunRecord, run_dir: RunDirectory | None) -> None:
-        self.record, self.run_dir = record, run_dir
-        self.dirty_since: float | None = None
-        self.written_at = 0.0
-
-    def changed(self) -> None:
-        if self.run_dir is None:
-            return
-        self.dirty_since = self.dirty_since or time.monotonic()
-        if time.monotonic() - self.written_at >= CHECKPOINT_INTERVAL_S:
-            self.write()
-
-    def due_in(self) -> float | None:
-        """Seconds until unsaved changes must be written; None when there are none."""
-        if self.dirty_since is None:
-            return None
-        return max(0.0, self.written_at + CHECKPOINT_INTERVAL_S - time.monotonic())
-
-    def write(self) -> None:
-        if self.run_dir is not None and self.dirty_since is not None:
-            self.run_dir.write_record(self.record)
-            self.written_at, self.dirty_since = time.monotonic(), None
-
-
 def _agent_at(record: RunRecord, path: AgentPath) -> AgentRecord:
     agents, index = record.find(path)
     return agents[index]
@@ -480,17 +442,7 @@ def write_ray_timeline(path: Path) -> None:
     ray.timeline(filename=str(path))
 
 
-def _write_outputs(run_dir: RunDirectory, agent: AgentRecord) -> None:
-    """One file per agent output, sub-run agents included."""
-    agent.output_file = run_dir.write_agent_output(agent)
-    for sub_agent in agent.sub_run.agents if agent.sub_run else []:
-        _write_outputs(run_dir, sub_agent)
-
-
-def _finish(record: RunRecord, run_dir: RunDirectory | None, status: str) -> None:
-    record.status = status  # type: ignore[assignment]
-    record.final_output = record.compose_final_output()
-    record.finished_at = time.time()
-    if run_dir is not None:
-        run_dir.write_final(record.final_output)
-        run_dir.write_record(record)
+def _end_run(record: RunRecord, run_dir: RunFiles, status: RunState) -> None:
+    """The run ended with `status`: its record says so, and its files keep everything it leaves."""
+    record.end(status)
+    run_dir.finish(record)

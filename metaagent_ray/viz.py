@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import re
 from html import escape as escape_html
-from pathlib import Path
 
 from .plan import ExecutionPlan
-from .record import AgentRecord, RunRecord, ready_at, write_atomic
+from .record import AgentRecord, RunRecord, ready_at
 
 NOT_IN_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # characters XML 1.0 forbids
 
@@ -234,13 +233,6 @@ def mermaid(plan: ExecutionPlan) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_pictures(record: RunRecord, directory: Path) -> list[Path]:
-    """graph.svg, timeline.svg and graph.mmd for a run; returns their paths."""
-    files = {
-        directory / "graph.svg": graph_svg(record.plan, record.agents),
-        directory / "timeline.svg": timeline_svg(record),
-        directory / "graph.mmd": mermaid(record.plan),
-    }
-    for path, text in files.items():
-        write_atomic(path, text)
-    return list(files)
+def pictures(record: RunRecord) -> dict[str, str]:
+    """A run's pictures by file name: graph.svg, timeline.svg and graph.mmd (the run directory writes them)."""
+    return {"graph.svg": graph_svg(record.plan, record.agents), "timeline.svg": timeline_svg(record), "graph.mmd": mermaid(record.plan)}

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from metaagent_ray import AgentStarted, MetaAgent
 from metaagent_ray.cli import app
 from metaagent_ray.record import RunRecord
-from metaagent_ray.runtime import CHECKPOINT_INTERVAL_S
+from metaagent_ray.run_directory import CHECKPOINT_INTERVAL_S
 from tests.conftest import EXAMPLES
 
 PLAN = EXAMPLES / "business_plan.json"  # 0,1,2,3 -> 4(0,1), 5(0,1) -> 6(2,4), 7(3,4) -> 8(5,6,7)

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from metaagent_ray.api import load_plan
 from metaagent_ray.cli import app
-from metaagent_ray.record import RunDirectory, RunRecord
+from metaagent_ray.record import RunRecord
+from metaagent_ray.run_directory import RunDirectory
 from metaagent_ray.viz import colour, graph_svg, mermaid, timeline_svg
 from tests.conftest import EXAMPLES
 
