@@ -19,7 +19,7 @@ from .hub import RunLimits
 from .interrupts import exit_code, stop_signals_ignored
 from .llm import LLM, LLMConfig, TextCallback, create_llm
 from .llm.auto import resolve_auto
-from .plan import ExecutionPlan, explain
+from .plan import ExecutionPlan, explain, too_many_agents
 from .pool import PoolHandle, start_pool
 from .record import (
     CoordinatorRecord,
@@ -46,8 +46,8 @@ def parse_plan(data: Any, *, source: str = "plan", max_agents: int = DEFAULT_MAX
         plan = ExecutionPlan.model_validate(data)
     except ValidationError as error:
         raise PlanError(f"{source}: {explain(error)}") from None
-    if len(plan.agents) > max_agents:
-        raise PlanError(f"{source}: the plan has {len(plan.agents)} agents, more than --max-agents {max_agents}")
+    if (too_many := too_many_agents(len(plan.agents), max_agents)) is not None:
+        raise PlanError(f"{source}: {too_many}")
     return plan
 
 
@@ -318,8 +318,8 @@ class MetaAgent:
         """Run a plan and return its record, kept in a run directory (unless `save` is False)."""
         if not isinstance(plan, ExecutionPlan):
             plan = parse_plan(plan, max_agents=self.settings.max_agents)
-        elif len(plan.agents) > self.settings.max_agents:
-            raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.settings.max_agents}")
+        elif (too_many := too_many_agents(len(plan.agents), self.settings.max_agents)) is not None:
+            raise PlanError(too_many)
         _check_outputs(run_dir, record_path, ray_timeline, save=save)
         self._driver_llm()
         self._connect()

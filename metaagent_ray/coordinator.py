@@ -20,7 +20,7 @@ from .errors import MetaAgentError
 from .events import Notice
 from .llm import LLM, LLMError, LLMRequest, Message, TextCallback, Usage
 from .llm.bounds import AnswerBudgets
-from .plan import ExecutionPlan, explain, plan_json_schema
+from .plan import ExecutionPlan, explain, plan_json_schema, too_many_agents
 from .prompts import load_prompt
 from .record import CoordinatorRecord
 from .subjects import enumerated_subjects, sequential
@@ -66,8 +66,8 @@ def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
         plan = ExecutionPlan.model_validate(data)
     except ValidationError as error:
         raise ValueError(explain(error)) from None
-    if len(plan.agents) > max_agents:
-        raise ValueError(f"the plan has {len(plan.agents)} agents, more than the limit of {max_agents}")
+    if (too_many := too_many_agents(len(plan.agents), max_agents)) is not None:
+        raise ValueError(too_many)
     return plan
 
 
