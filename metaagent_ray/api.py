@@ -251,7 +251,7 @@ class MetaAgent:
 
     def plan(self, query: str) -> ExecutionPlan:
         """Ask the coordinator for a plan; nothing is executed. `plan.warnings` says if it fell back."""
-        return self._plan(query)[0]
+        return self._plan(query)
 
     def run(
         self,
@@ -269,29 +269,11 @@ class MetaAgent:
         """
         _check_outputs(run_dir, record_path, ray_timeline, save=save)
         query = valid_text(query)
-        if not self.stream_plan:
-            plan, coordinator = self._plan(query, connect=True)
-            directory = self._directory(run_dir, query, save)
-            with _locked(directory):
-                return self._execute(plan, query, directory, record_path, coordinator=coordinator, ray_timeline=ray_timeline)
         llm = self._planning(query)
-        self.on_event(PlanningStarted(llm=llm.describe()))
-
-        def planner(on_text: TextCallback, on_rejected: Callable[[str], None]) -> tuple[ExecutionPlan, CoordinatorRecord]:
-            return make_plan(
-                query,
-                llm,
-                max_agents=self.settings.max_agents,
-                answer_tokens=self.settings.answer_tokens,
-                on_text=on_text,
-                on_rejected=on_rejected,
-                timeout=self.settings.agent_timeout,
-            )
-
         return self._kept(
             lambda: plan_and_execute(
                 query,
-                planner,
+                self._planner(query, llm),
                 self._ready_llm(),
                 max_agents=self.settings.max_agents,
                 ray_options=self._ray_options(),
@@ -300,6 +282,8 @@ class MetaAgent:
                 run_dir=lambda: self._directory(run_dir, query, save),
                 settings=self.settings.stored(),
                 stream=self.stream,
+                stream_plan=self.stream_plan,
+                planning=PlanningStarted(llm=llm.describe()),
             ),
             record_path,
             ray_timeline,
@@ -368,29 +352,39 @@ class MetaAgent:
                     ray_timeline=ray_timeline,
                 )
 
-    def _plan(self, query: str, *, connect: bool = False) -> tuple[ExecutionPlan, CoordinatorRecord]:
-        """The coordinator's whole plan; with `connect`, Ray is reached first (after the backend's check), so
-        a run whose cluster is unreachable stops before the LLM plans."""
-        llm = self._planning(query, connect=connect)
+    def _plan(self, query: str) -> ExecutionPlan:
+        """The coordinator's whole plan, without Ray (`plan`: nothing runs)."""
+        llm = self._planning(query, connect=False)
         on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
         try:  # from the line that says the coordinator plans, a stop signal is one that interrupted the planning
             self.on_event(PlanningStarted(llm=llm.describe()))
-            plan, coordinator = make_plan(
+            plan, coordinator = self._planner(query, llm)(on_text, None)
+        except KeyboardInterrupt as interrupt:
+            raise PlanningInterrupted(exit_code(interrupt)) from None
+        self.on_event(planned_notice(plan, coordinator))
+        return plan
+
+    def _planner(self, query: str, llm: LLM) -> Callable[[TextCallback | None, Callable[[str], None] | None], tuple[ExecutionPlan, CoordinatorRecord]]:
+        """The coordinator's call for `query` (`make_plan` with this agent's settings), given where its answer
+        streams to and who hears why an answer was rejected: one call for `plan` and for `run`'s planning route."""
+
+        def planner(on_text: TextCallback | None, on_rejected: Callable[[str], None] | None) -> tuple[ExecutionPlan, CoordinatorRecord]:
+            return make_plan(
                 query,
                 llm,
                 max_agents=self.settings.max_agents,
                 answer_tokens=self.settings.answer_tokens,
                 on_text=on_text,
+                on_rejected=on_rejected,
                 timeout=self.settings.agent_timeout,
             )
-        except KeyboardInterrupt as interrupt:
-            raise PlanningInterrupted(exit_code(interrupt)) from None
-        self.on_event(planned_notice(plan, coordinator))
-        return plan, coordinator
+
+        return planner
 
     def _planning(self, query: str, *, connect: bool = True) -> LLM:
-        """Checks before the coordinator's call (the query, the backend, Ray when `connect`); the coordinator's LLM.
-        The caller says when the planning starts (`PlanningStarted`)."""
+        """Checks before the coordinator's call (the query, the backend, Ray when `connect`, so a run whose
+        cluster is unreachable stops before the LLM plans); the coordinator's LLM. The caller says when the
+        planning starts (`PlanningStarted`)."""
         if not query.strip():
             raise ConfigError("the query is empty")
         llm = self._driver_llm()
