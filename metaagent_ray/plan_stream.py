@@ -110,11 +110,12 @@ class StreamedPlan:
     def feed(self, piece: str) -> list[ReadyAgent]:
         if self.spoiled is not None:
             return []
-        for data in self._objects.feed(piece):
+        objects = self._objects.feed(piece)
+        for data in objects:
             self.agents.append(self._spec(data, len(self.agents)))
             if self.spoiled is not None:
                 return []
-        return self._ready()
+        return self._ready() if objects else []  # only a new agent can make one ready
 
     def _spec(self, data: object, index: int) -> AgentSpec | None:
         if (too_many := too_many_agents(index + 1, self.max_agents)) is not None:
@@ -146,9 +147,9 @@ class StreamedPlan:
                 progress = True
         if not ready:
             return ready
-        # The remaining path among the agents known so far (those not yet written cannot count).
-        known = self._graph.subgraph(index for index, spec in enumerate(self.agents) if spec is not None)
-        remaining = remaining_path(known, of=[agent.agent_id for agent in ready])
+        # The remaining path among the agents known so far: one not written yet is in the graph only as the
+        # start of an edge to an agent that names it, so it never lies after these.
+        remaining = remaining_path(self._graph, of=[agent.agent_id for agent in ready])
         for agent in ready:
             agent.priority = int(remaining[agent.agent_id])
         return ready
