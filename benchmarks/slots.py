@@ -41,18 +41,9 @@ def latencies(plan: ExecutionPlan, seed: int = 7) -> dict[int, float]:
     return {agent: round(generator.uniform(0.2, 1.2), 1) for agent in range(len(plan.agents))}
 
 
-def remaining_path(plan: ExecutionPlan, durations: dict[int, float]) -> dict[int, float]:
-    """Each agent's duration plus the longest chain of durations after it."""
-    graph = plan.graph()
-    remaining: dict[int, float] = {}
-    for agent in reversed(plan.topological_order()):
-        remaining[agent] = durations[agent] + max((remaining[next_] for next_ in graph.successors(agent)), default=0.0)
-    return remaining
-
-
 def list_schedule(plan: ExecutionPlan, durations: dict[int, float], slots: int) -> float:
     """The makespan of the longest-remaining-path-first list schedule on `slots` slots."""
-    priority = remaining_path(plan, durations)
+    priority = plan.remaining_path(durations)  # each agent's duration plus the longest chain of durations after it
     waiting = {agent: len(spec.depends_on) for agent, spec in enumerate(plan.agents)}
     graph = plan.graph()
     ready = [(-priority[agent], agent) for agent, count in waiting.items() if count == 0]

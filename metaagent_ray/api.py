@@ -19,7 +19,7 @@ from .interrupts import exit_code, stop_signals_ignored
 from .jobs import JobLog, JobOutcome, JobRequest, dashboard_address, follow_job, job_run_dir, print_run_archive, stop_job, submit_job
 from .llm import LLM, LLMConfig, TextCallback, create_llm
 from .llm.auto import resolve_auto
-from .plan import ExecutionPlan, explain
+from .plan import ExecutionPlan, explain, too_many_agents
 from .pool import PoolHandle, PoolSpec, start_pool
 from .record import CoordinatorRecord, RunRecord, resume_choice, valid_text
 from .resources import SlotPlan, default_slots
@@ -72,8 +72,8 @@ def parse_plan(data: Any, *, source: str = "plan", max_agents: int = DEFAULT_MAX
         plan = ExecutionPlan.model_validate(data)
     except ValidationError as error:
         raise PlanError(f"{source}: {explain(error)}") from None
-    if len(plan.agents) > max_agents:
-        raise PlanError(f"{source}: the plan has {len(plan.agents)} agents, more than --max-agents {max_agents}")
+    if (too_many := too_many_agents(len(plan.agents), max_agents)) is not None:
+        raise PlanError(f"{source}: {too_many}")
     return plan
 
 
@@ -305,7 +305,7 @@ class MetaAgent:
 
     def plan(self, query: str) -> ExecutionPlan:
         """Ask the coordinator for a plan; nothing is executed. `plan.warnings` says if it fell back."""
-        return self._plan(query)[0]
+        return self._plan(query)
 
     def run(
         self,
@@ -323,29 +323,11 @@ class MetaAgent:
         """
         _check_outputs(run_dir, record_path, ray_timeline, save=save)
         query = valid_text(query)
-        if not self.stream_plan:
-            plan, coordinator = self._plan(query, connect=True)
-            directory = self._directory(run_dir, query, save)
-            with directory.locked():
-                return self._execute(plan, query, directory, record_path, coordinator=coordinator, ray_timeline=ray_timeline)
         llm = self._planning(query)
-        self.on_event(PlanningStarted(llm=llm.describe()))
-
-        def planner(on_text: TextCallback, on_rejected: Callable[[str], None]) -> tuple[ExecutionPlan, CoordinatorRecord]:
-            return make_plan(
-                query,
-                llm,
-                max_agents=self.settings.max_agents,
-                answer_tokens=self.settings.answer_tokens,
-                on_text=on_text,
-                on_rejected=on_rejected,
-                timeout=self.settings.agent_timeout,
-            )
-
         return self._run_and_write_extras(
             lambda: plan_and_execute(
                 query,
-                planner,
+                self._planner(query, llm),
                 self._ready_llm(),
                 max_agents=self.settings.max_agents,
                 ray_options=self._ray_options(),
@@ -354,6 +336,8 @@ class MetaAgent:
                 run_dir=lambda: self._directory(run_dir, query, save),
                 settings=self.settings.stored(),
                 stream=self.stream,
+                stream_plan=self.stream_plan,
+                planning=PlanningStarted(llm=llm.describe()),
             ),
             record_path,
             ray_timeline,
@@ -372,8 +356,8 @@ class MetaAgent:
         """Run a plan and return its record, kept in a run directory (unless `save` is False)."""
         if not isinstance(plan, ExecutionPlan):
             plan = parse_plan(plan, max_agents=self.settings.max_agents)
-        elif len(plan.agents) > self.settings.max_agents:
-            raise PlanError(f"the plan has {len(plan.agents)} agents, more than --max-agents {self.settings.max_agents}")
+        elif (too_many := too_many_agents(len(plan.agents), self.settings.max_agents)) is not None:
+            raise PlanError(too_many)
         _check_outputs(run_dir, record_path, ray_timeline, save=save)
         self._driver_llm()
         self._connect()
@@ -421,29 +405,39 @@ class MetaAgent:
                     ray_timeline=ray_timeline,
                 )
 
-    def _plan(self, query: str, *, connect: bool = False) -> tuple[ExecutionPlan, CoordinatorRecord]:
-        """The coordinator's whole plan; with `connect`, Ray is reached first (after the backend's check), so
-        a run whose cluster is unreachable stops before the LLM plans."""
-        llm = self._planning(query, connect=connect)
+    def _plan(self, query: str) -> ExecutionPlan:
+        """The coordinator's whole plan, without Ray (`plan`: nothing runs)."""
+        llm = self._planning(query, connect=False)
         on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
         try:  # from the line that says the coordinator plans, a stop signal is one that interrupted the planning
             self.on_event(PlanningStarted(llm=llm.describe()))
-            plan, coordinator = make_plan(
+            plan, coordinator = self._planner(query, llm)(on_text, None)
+        except KeyboardInterrupt as interrupt:
+            raise PlanningInterrupted(exit_code(interrupt)) from None
+        self.on_event(planned_notice(plan, coordinator))
+        return plan
+
+    def _planner(self, query: str, llm: LLM) -> Callable[[TextCallback | None, Callable[[str], None] | None], tuple[ExecutionPlan, CoordinatorRecord]]:
+        """The coordinator's call for `query` (`make_plan` with this agent's settings), given where its answer
+        streams to and who hears why an answer was rejected: one call for `plan` and for `run`'s planning route."""
+
+        def planner(on_text: TextCallback | None, on_rejected: Callable[[str], None] | None) -> tuple[ExecutionPlan, CoordinatorRecord]:
+            return make_plan(
                 query,
                 llm,
                 max_agents=self.settings.max_agents,
                 answer_tokens=self.settings.answer_tokens,
                 on_text=on_text,
+                on_rejected=on_rejected,
                 timeout=self.settings.agent_timeout,
             )
-        except KeyboardInterrupt as interrupt:
-            raise PlanningInterrupted(exit_code(interrupt)) from None
-        self.on_event(planned_notice(plan, coordinator))
-        return plan, coordinator
+
+        return planner
 
     def _planning(self, query: str, *, connect: bool = True) -> LLM:
-        """Checks before the coordinator's call (the query, the backend, Ray when `connect`); the coordinator's LLM.
-        The caller says when the planning starts (`PlanningStarted`)."""
+        """Checks before the coordinator's call (the query, the backend, Ray when `connect`, so a run whose
+        cluster is unreachable stops before the LLM plans); the coordinator's LLM. The caller says when the
+        planning starts (`PlanningStarted`)."""
         if not query.strip():
             raise ConfigError("the query is empty")
         llm = self._driver_llm()

@@ -20,10 +20,10 @@ from .errors import MetaAgentError
 from .events import Notice
 from .llm import LLM, LLMError, LLMRequest, Message, TextCallback, Usage
 from .llm.bounds import AnswerBudgets
-from .plan import ExecutionPlan, explain, plan_json_schema
+from .plan import ExecutionPlan, explain, plan_json_schema, too_many_agents
 from .prompts import load_prompt
 from .record import CoordinatorRecord
-from .subjects import enumerated_subjects, sequential
+from .subjects import QueryShape
 
 COORDINATOR_TRIES = 2
 # The worked example shown last, by the request's shape: a small model copies the nearest example's
@@ -66,19 +66,19 @@ def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
         plan = ExecutionPlan.model_validate(data)
     except ValidationError as error:
         raise ValueError(explain(error)) from None
-    if len(plan.agents) > max_agents:
-        raise ValueError(f"the plan has {len(plan.agents)} agents, more than the limit of {max_agents}")
+    if (too_many := too_many_agents(len(plan.agents), max_agents)) is not None:
+        raise ValueError(too_many)
     return plan
 
 
-def coordinator_request(query: str) -> str:
+def coordinator_request(query: str, shape: QueryShape) -> str:
     """The user's request, with the subjects it enumerates named, so that every one gets an agent.
 
     The plan stays the LLM's: the subjects are a line of the prompt, and the schema and validation
     are the same whether or not the request enumerates any.
     """
     request = load_prompt("coordinator_user").format(query=query)
-    subjects, purpose = enumerated_subjects(query)
+    subjects, purpose = shape.subjects, shape.purpose
     if subjects:
         # "Research Rust for web development", not rust on steel; in longer lists the repeated purpose
         # made the small model chain and drop researchers (five modes of transport: three researchers)
@@ -89,25 +89,25 @@ def coordinator_request(query: str) -> str:
     return request
 
 
-def nearest_example(query: str) -> str:
-    """The worked example shaped like `query`: as many subjects as it enumerates, or steps, or one subject.
+def nearest_example(shape: QueryShape) -> str:
+    """The worked example shaped like the request: as many subjects as it enumerates, or steps, or one subject.
 
     With all the general examples before it, the last example is the one a small model copies:
     given only those, two-subject requests copied the four-subject example's dependencies (the
     analyzer depending on agents after it: a cycle) and longer lists lost researchers.
     """
-    subjects, _ = enumerated_subjects(query)
-    if len(subjects) >= 2:
-        return load_prompt(f"coordinator_example/{min(len(subjects), LARGEST_EXAMPLE)}_subjects")
-    return load_prompt("coordinator_example/steps" if sequential(query) else "coordinator_example/one_subject")
+    if len(shape.subjects) >= 2:
+        return load_prompt(f"coordinator_example/{min(len(shape.subjects), LARGEST_EXAMPLE)}_subjects")
+    return load_prompt("coordinator_example/steps" if shape.steps else "coordinator_example/one_subject")
 
 
 def coordinator_messages(query: str, max_agents: int) -> list[Message]:
     """The instructions and general examples (the same in every call: `cache_messages=1`), the nearest example, the request."""
+    shape = QueryShape.of(query)
     return [
         Message("system", load_prompt("coordinator").format(max_agents=max_agents)),
-        Message("system", nearest_example(query)),
-        Message("user", coordinator_request(query)),
+        Message("system", nearest_example(shape)),
+        Message("user", coordinator_request(query, shape)),
     ]
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import networkx as nx
 from pydantic import (
@@ -79,20 +79,9 @@ class ExecutionPlan(BaseModel):
     def _clean_dependencies(self) -> ExecutionPlan:
         count = len(self.agents)
         for index, agent in enumerate(self.agents):
-            kept: list[int] = []
-            dropped: list[str] = []
-            for dep in agent.depends_on:
-                if not 0 <= dep < count:
-                    dropped.append(f"{dep} (no such agent)")
-                elif dep == index:
-                    dropped.append(f"{dep} (itself)")
-                elif dep in kept:
-                    dropped.append(f"{dep} (repeated)")
-                else:
-                    kept.append(dep)
+            agent.depends_on, dropped = clean_dependencies(index, agent.depends_on, count)
             if dropped:
                 self._warnings.append(f"Agent {index}: dropped dependencies {', '.join(dropped)}")
-            agent.depends_on = kept
         cycle = _find_cycle(self.agents)
         if cycle is not None:
             self._cycle = cycle
@@ -149,29 +138,69 @@ class ExecutionPlan(BaseModel):
             found |= nx.descendants(graph, agent)
         return found
 
-    def remaining_path(self) -> dict[int, int]:
-        """Agent index -> how many agents lie on the longest chain from it to the end (itself included):
-        under a slot cap, starting the longest first keeps the critical path moving."""
-        graph = self.graph()
-        remaining: dict[int, int] = {}
-        for agent in reversed(self.topological_order()):
-            remaining[agent] = 1 + max((remaining[after] for after in graph.successors(agent)), default=0)
-        return remaining
+    def remaining_path(self, durations: Mapping[int, float] | None = None) -> dict[int, float]:
+        """Agent index -> the longest chain from it to the end, itself included: in agents, or in seconds
+        given each agent's duration (see `remaining_path`)."""
+        return remaining_path(self.graph(), durations)
 
     def critical_path(self, durations: Mapping[int, float]) -> tuple[float, list[int]]:
-        """The longest chain of dependent durations: no scheduler can finish sooner."""
-        finish: dict[int, float] = {}
-        previous: dict[int, int | None] = {}
-        for agent in self.topological_order():
-            deps = self.agents[agent].depends_on
-            before = max(deps, key=lambda dep: finish[dep], default=None)
-            previous[agent] = before
-            finish[agent] = durations[agent] + (finish[before] if before is not None else 0.0)
-        last = max(finish, key=lambda agent: finish[agent])
-        path = [last]
-        while (step := previous[path[-1]]) is not None:
-            path.append(step)
-        return finish[last], path[::-1]
+        """The longest chain of dependent durations, and its agents: no scheduler can finish sooner."""
+        graph = self.graph()
+        remaining = remaining_path(graph, durations)
+        path = [max(self.topological_order(), key=lambda agent: remaining[agent])]
+        while after := list(graph.successors(path[-1])):
+            path.append(max(sorted(after), key=lambda agent: remaining[agent]))
+        return remaining[path[0]], path
+
+
+def clean_dependencies(index: int, depends_on: list[int], count: int | None) -> tuple[list[int], list[str]]:
+    """Agent `index`'s dependencies without those on no agent, on itself, or repeated; and why each dropped one was.
+
+    `count` is the plan's number of agents, or None while the plan is still being written (plan_stream.py):
+    then only what is already certain is judged (a later agent may still come), so what an early start
+    keeps is what the finished plan keeps.
+    """
+    kept: list[int] = []
+    dropped: list[str] = []
+    for dep in depends_on:
+        if dep < 0 or (count is not None and dep >= count):
+            dropped.append(f"{dep} (no such agent)")
+        elif dep == index:
+            dropped.append(f"{dep} (itself)")
+        elif dep in kept:
+            dropped.append(f"{dep} (repeated)")
+        else:
+            kept.append(dep)
+    return kept, dropped
+
+
+def remaining_path(graph: nx.DiGraph, durations: Mapping[int, float] | None = None, of: Iterable[int] | None = None) -> dict[int, float]:
+    """Agent -> the longest chain from it to the end of `graph`, itself included: how many agents, or how many
+    seconds given each agent's duration. Under a slot cap, starting the longest first keeps the critical
+    path moving (hub.py).
+
+    `of` limits the answer to those agents (and what lies after them). A plan still being written may
+    hold a cycle: the agents of a cycle then count once each.
+    """
+    if of is not None:
+        wanted = set(of)
+        graph = graph.subgraph(wanted.union(*(nx.descendants(graph, agent) for agent in wanted)))
+    weight = (lambda agent: 1) if durations is None else durations.__getitem__
+    if nx.is_directed_acyclic_graph(graph):
+        components, members = graph, {agent: [agent] for agent in graph}
+    else:
+        components = nx.condensation(graph)
+        members = {component: data["members"] for component, data in components.nodes(data=True)}
+    length: dict[Any, float] = {}
+    for component in reversed(list(nx.topological_sort(components))):
+        after = max((length[next_] for next_ in components.successors(component)), default=0)
+        length[component] = sum(weight(agent) for agent in members[component]) + after
+    return {agent: length[component] for component, agents in members.items() for agent in agents}
+
+
+def too_many_agents(count: int, max_agents: int) -> str | None:
+    """Why a plan of `count` agents (or of `count` so far, while it is written) is refused, or None: the one `--max-agents` check."""
+    return f"the plan has {count} agents, more than --max-agents {max_agents}" if count > max_agents else None
 
 
 def _dependency_graph(agents: list[AgentSpec]) -> nx.DiGraph:

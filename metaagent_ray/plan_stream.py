@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+import networkx as nx
 from pydantic import ValidationError
 
-from .plan import AgentSpec, ExecutionPlan
+from .plan import AgentSpec, ExecutionPlan, clean_dependencies, remaining_path, too_many_agents
 
 
 class AgentObjects:
@@ -104,19 +105,21 @@ class StreamedPlan:
     layer_of: dict[int, int] = field(default_factory=dict)
     spoiled: str | None = None
     _objects: AgentObjects = field(default_factory=AgentObjects)
+    _graph: nx.DiGraph = field(default_factory=nx.DiGraph)  # an edge from each known dependency to its dependent
 
     def feed(self, piece: str) -> list[ReadyAgent]:
         if self.spoiled is not None:
             return []
-        for data in self._objects.feed(piece):
+        objects = self._objects.feed(piece)
+        for data in objects:
             self.agents.append(self._spec(data, len(self.agents)))
             if self.spoiled is not None:
                 return []
-        return self._ready()
+        return self._ready() if objects else []  # only a new agent can make one ready
 
     def _spec(self, data: object, index: int) -> AgentSpec | None:
-        if index >= self.max_agents:
-            self.spoiled = f"more than {self.max_agents} agents"
+        if (too_many := too_many_agents(index + 1, self.max_agents)) is not None:
+            self.spoiled = too_many
             return None
         try:
             spec = AgentSpec.model_validate(data)
@@ -124,11 +127,10 @@ class StreamedPlan:
             self.spoiled = f"agent {index} is not valid ({error.errors()[0]['msg']})"
             return None
         # The same cleaning the whole plan gets, for the dependencies it can already judge.
-        kept: list[int] = []
-        for dep in spec.depends_on:
-            if dep >= 0 and dep != index and dep not in kept:
-                kept.append(dep)
-        return spec.model_copy(update={"depends_on": kept})
+        self._graph.add_node(index)
+        spec.depends_on, _ = clean_dependencies(index, spec.depends_on, count=None)
+        self._graph.add_edges_from((dep, index) for dep in spec.depends_on)
+        return spec
 
     def _ready(self) -> list[ReadyAgent]:
         """Agents not started whose dependencies have all started (so none of them waits on a cycle)."""
@@ -143,15 +145,14 @@ class StreamedPlan:
                 self.layer_of[index] = 1 + max((self.layer_of[dep] for dep in spec.depends_on), default=-1)
                 ready.append(ReadyAgent(index, spec, self.layer_of[index], priority=1))
                 progress = True
+        if not ready:
+            return ready
+        # The remaining path among the agents known so far: one not written yet is in the graph only as the
+        # start of an edge to an agent that names it, so it never lies after these.
+        remaining = remaining_path(self._graph, of=[agent.agent_id for agent in ready])
         for agent in ready:
-            agent.priority = self._remaining(agent.agent_id)
+            agent.priority = int(remaining[agent.agent_id])
         return ready
-
-    def _remaining(self, index: int, seen: frozenset[int] = frozenset()) -> int:
-        """The longest chain of known agents from this one to the end, itself included (a cycle counts once)."""
-        seen = seen | {index}
-        after = [other for other, spec in enumerate(self.agents) if spec is not None and index in spec.depends_on and other not in seen]
-        return 1 + max((self._remaining(other, seen) for other in after), default=0)
 
     def discard(self, reason: str) -> None:
         """The coordinator's answer failed validation: nothing more starts from it."""

@@ -2,9 +2,11 @@
 
 The driver hands the plan's agents to the run hub (hub.py), which submits and supervises them, and
 then only waits (`ray.wait`) on the run's event stream, to report progress and checkpoint the
-record. With a streamed plan the coordinator writes in a thread of the driver while the main
-thread follows the stream: each agent goes to the hub the moment the plan makes it safe to start
-(plan_stream.py), and the record is made once the plan is complete.
+record. Every run takes one planning route: the plan is written in a thread of the driver while
+the executors start and the main thread follows the stream. Streamed, each agent goes to the hub
+the moment the coordinator's answer makes it safe to start (plan_stream.py); a plan not streamed
+(`--no-stream-plan`, a plan file, a resumed record) is a stream that arrives at once, whose agents
+all go to the hub when it is complete. The record is made once the plan is complete.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from .events import (
     Event,
     EventHandler,
     Notice,
+    PlanningStarted,
     PlanReady,
     RunFinished,
     SubPlanReady,
@@ -58,8 +61,14 @@ from .settings import Limits
 
 log = logging.getLogger(__name__)
 
-# The coordinator's call, given where its answer streams to and what to call when an answer is rejected.
-Planner = Callable[[TextCallback, Callable[[str], None]], tuple[ExecutionPlan, CoordinatorRecord]]
+# The coordinator's call, given where its answer streams to and what to call when an answer is rejected;
+# a plan already whole answers at once, with no coordinator record (`whole_plan`).
+Planner = Callable[[TextCallback, Callable[[str], None]], tuple[ExecutionPlan, CoordinatorRecord | None]]
+
+
+def whole_plan(plan: ExecutionPlan) -> Planner:
+    """A plan already whole (a plan file, a resumed record): the planning route's stream, arriving at once."""
+    return lambda on_text, on_rejected: (plan, None)
 
 
 class RunStopped(MetaAgentError):
@@ -84,10 +93,13 @@ class NoNodeLeft(Exception):
 
 
 class PlanningInterrupted(MetaAgentError):
-    """A stop signal arrived while the coordinator was still writing the plan: there is no run to save."""
+    """A stop signal arrived before the plan's run began (mostly while the coordinator wrote it): there is no run to save."""
 
-    def __init__(self, code: int) -> None:
-        super().__init__("interrupted while the coordinator planned; nothing was saved (no plan yet)")
+    def __init__(self, code: int, planned: bool = False) -> None:
+        if planned:  # a plan already whole, interrupted while the executors started
+            super().__init__("interrupted before the plan's agents started; nothing was saved")
+        else:
+            super().__init__("interrupted while the coordinator planned; nothing was saved (no plan yet)")
         self.exit_code = code
 
 
@@ -110,7 +122,8 @@ def execute_plan(
     earlier: RunRecord | None = None,
     stream: bool = False,
 ) -> RunRecord:
-    """Run every agent of `plan` on Ray and return the record; `run_dir` keeps what the agents do as they finish.
+    """Run every agent of `plan` on Ray and return the record; `run_dir` (whose lock the caller holds) keeps what
+    the agents do as they finish. The planning route of `plan_and_execute`, with a plan that arrives at once.
 
     When resuming, `earlier` is the record being resumed: what `resume_choice` keeps of it is not
     run again. With `stream`, agents' tokens arrive as `TokensArrived` events while they answer.
@@ -118,8 +131,8 @@ def execute_plan(
     saved with its final status.
     """
     with _Run(llm, ray_options, limits, on_event, stream) as run:
-        run.executors_started()
-        return run.execute(plan, query, run_dir, coordinator, settings or {}, earlier)
+        plan, _, started = run.plan(query, whole_plan(plan), max_agents=len(plan.agents), stream_plan=False)
+        return run.execute(plan, query, run_dir, coordinator, settings or {}, earlier, already_submitted=started)
 
 
 def plan_and_execute(
@@ -134,15 +147,18 @@ def plan_and_execute(
     run_dir: Callable[[], RunFiles],
     settings: dict[str, Any] | None = None,
     stream: bool = False,
+    stream_plan: bool = True,
+    planning: PlanningStarted | None = None,
 ) -> RunRecord:
-    """Plan with a streamed coordinator answer and run each agent as soon as the answer makes it safe.
+    """Plan with the coordinator and run the plan; with `stream_plan`, each agent as soon as the answer makes it safe.
 
     The executors start while the coordinator writes; `run_dir` is called (and locked) once the plan
     is complete. When the finished plan does not keep what started early (a cycle, a rejected
-    answer), that is cancelled, set aside and said, and the plan runs from the start.
+    answer), that is cancelled, set aside and said, and the plan runs from the start. `planning` is
+    said as the coordinator starts: from then on a stop signal is one that interrupted the planning.
     """
     with _Run(llm, ray_options, limits, on_event, stream) as run:
-        plan, coordinator, started = run.plan_streamed(query, planner, max_agents)
+        plan, coordinator, started = run.plan(query, planner, max_agents=max_agents, stream_plan=stream_plan, planning=planning)
         directory = run_dir()
         with directory.locked():
             return run.execute(plan, query, directory, coordinator, settings or {}, None, already_submitted=started)
@@ -189,8 +205,14 @@ class _Run:
         """Hand the hub these agents; waited for, so a fault in submitting them ends the run instead of leaving it waiting."""
         ray.get(self.hub.submit.remote(self.submission.run_id, orders))
 
-    def plan_streamed(self, query: str, planner: Planner, max_agents: int) -> tuple[ExecutionPlan, CoordinatorRecord, set[int]]:
-        """Let the coordinator plan in a thread while agents start from its answer; returns the plan and who started."""
+    def plan(
+        self, query: str, planner: Planner, *, max_agents: int, stream_plan: bool, planning: PlanningStarted | None = None
+    ) -> tuple[ExecutionPlan, CoordinatorRecord | None, set[int]]:
+        """Let the planner write in a thread while the executors start; returns the plan, its coordinator record and who started.
+
+        With `stream_plan` agents start from the coordinator's answer as it makes them safe; without, the
+        plan is a stream that arrives at once: nothing starts before it is complete.
+        """
         streamed = StreamedPlan(max_agents=max_agents)
         outcome: dict[str, Any] = {}
         run_id, hub = self.submission.run_id, self.hub
@@ -199,6 +221,8 @@ class _Run:
         def on_text(piece: str) -> None:
             if tokens is not None:
                 tokens(piece)
+            if not stream_plan:
+                return
             ready = streamed.feed(piece)
             if ready and not outcome:
                 # Waited for, so the hub has every early agent before it hears that the plan is complete.
@@ -212,16 +236,18 @@ class _Run:
             hub.post.remote(run_id, _Planned())
 
         coordinator = threading.Thread(target=coordinate, name="metaagent-coordinator", daemon=True)
-        coordinator.start()
         try:
             with stop_signals_interrupt():
+                if planning is not None:
+                    self.on_event(planning)
+                coordinator.start()
                 self.executors_started()
                 self.follower.until_planned()
         except KeyboardInterrupt as interrupt:
             outcome.setdefault("stopped", interrupt)  # the coordinator's thread starts nothing more
             with stop_signals_ignored():
                 _cancel(self.hub, run_id)
-            raise PlanningInterrupted(exit_code(interrupt)) from None
+            raise PlanningInterrupted(exit_code(interrupt), planned="plan" in outcome and outcome["plan"][1] is None) from None
         except BaseException:
             outcome.setdefault("stopped", True)
             raise
@@ -229,9 +255,11 @@ class _Run:
             _cancel(self.hub, run_id)
             raise outcome["error"]
         plan, record = outcome["plan"]
+        if record is None:  # a plan already whole: no coordinator spoke, nothing started early
+            return plan, None, set()
         self.on_event(planned_notice(plan, record))
         started = set(streamed.started)
-        record.streamed, record.started_early = True, sorted(started)
+        record.streamed, record.started_early = stream_plan, sorted(started)
         why = streamed.disagreement(plan) if started else None
         if why is not None:
             record.set_aside = why

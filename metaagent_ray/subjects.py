@@ -8,6 +8,7 @@ sequential ("X, then Y") enumerates steps, not subjects, and has none.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 _INTRO = re.compile(
     r"\b(?:compare|comparing|contrast|evaluate|evaluating|review|research|analy[sz]e|assess|covering|cover|with|between|including|of)\s+(.+)",
@@ -23,6 +24,22 @@ MAX_SUBJECT_WORDS = 5
 def sequential(query: str) -> bool:
     """Whether the request asks for steps in order ("X, then Y"), which enumerate no subjects."""
     return bool(_SEQUENTIAL.search(query))
+
+
+@dataclass(frozen=True)
+class QueryShape:
+    """What a request enumerates, read once: its subjects, what they are for, or that it asks for steps."""
+
+    subjects: list[str] = field(default_factory=list)
+    purpose: str = ""  # "for web development"
+    steps: bool = False  # "X, then Y": steps in order, no subjects
+
+    @classmethod
+    def of(cls, query: str) -> QueryShape:
+        if sequential(query):
+            return cls(steps=True)
+        subjects, purpose = enumerated_subjects(query)
+        return cls(subjects, purpose)
 
 
 def enumerated_subjects(query: str) -> tuple[list[str], str]:

@@ -16,7 +16,7 @@ from metaagent_ray.plan import AgentSpec, Role
 from metaagent_ray.prompts import load_prompt
 from metaagent_ray.record import AgentRecord
 from metaagent_ray.settings import RunSettings
-from metaagent_ray.subjects import enumerated_subjects
+from metaagent_ray.subjects import QueryShape, enumerated_subjects
 
 LOOP = (
     "Python is easy to read and has Django and FastAPI. "
@@ -59,19 +59,23 @@ def test_the_subjects_a_request_enumerates(query: str, subjects: list[str]):
     assert enumerated_subjects(query)[0] == subjects
 
 
+def request_for(query: str) -> str:
+    return coordinator_request(query, QueryShape.of(query))
+
+
 def test_the_coordinator_is_told_the_subjects_and_only_when_there_are_some():
-    assert coordinator_request("Compare Python, Rust, and Go for web development").splitlines() == [
+    assert request_for("Compare Python, Rust, and Go for web development").splitlines() == [
         "Compare Python, Rust, and Go for web development",
         "Subjects: Python; Rust; Go",
         'One RESEARCHER each: "Research Python for web development", "Research Rust for web development", "Research Go for web development"',
     ]
-    assert coordinator_request("Evaluate PostgreSQL, MySQL and SQLite").splitlines()[-1] == (
+    assert request_for("Evaluate PostgreSQL, MySQL and SQLite").splitlines()[-1] == (
         'One RESEARCHER each: "Research PostgreSQL", "Research MySQL", "Research SQLite"'  # no purpose to add
     )
-    assert coordinator_request("Compare trains, planes, buses, cars, and bicycles for travel").splitlines()[-1].startswith(
+    assert request_for("Compare trains, planes, buses, cars, and bicycles for travel").splitlines()[-1].startswith(
         'One RESEARCHER each: "Research trains", "Research planes"'  # a long list: the purpose once, in the request
     )
-    assert coordinator_request("Read the file, analyze it, then write a report") == "Read the file, analyze it, then write a report"
+    assert request_for("Read the file, analyze it, then write a report") == "Read the file, analyze it, then write a report"
 
 
 @pytest.mark.parametrize(
@@ -87,7 +91,7 @@ def test_the_coordinator_is_told_the_subjects_and_only_when_there_are_some():
 )
 def test_the_last_worked_example_has_the_requests_shape(query: str, example: str):
     """Subjects counted (five or more get the five-subject example), steps, or one subject."""
-    assert nearest_example(query).splitlines()[1] == example
+    assert nearest_example(QueryShape.of(query)).splitlines()[1] == example
 
 
 REQUESTS: list[LLMRequest] = []  # what the scripted backend was asked, in this process
@@ -101,7 +105,7 @@ def test_instruct_and_base_models_get_the_same_subject_hint(chat_template: bool)
     first = len(REQUESTS)
     make_plan(query, get_llm(recorder()), max_agents=8, answer_tokens=LIMITS.answer_tokens)
     request = REQUESTS[first]  # the first try (the scripted answer is no plan, so a retry follows)
-    assert request.messages[-1].content == coordinator_request(query)
+    assert request.messages[-1].content == request_for(query)
     _, body = request_body(request, LocalOptions(), chat_template, 1.0)
     prompt = body["messages"][-1]["content"] if chat_template else body["prompt"]
     assert 'One RESEARCHER each: "Research Python for backend development", "Research Rust for backend development"' in prompt

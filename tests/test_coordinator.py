@@ -52,7 +52,7 @@ def test_the_request_carries_the_plan_schema_and_a_valid_answer_is_used_as_is():
         (json.dumps({"steps": ["research", "write"]}), "agents: Field required"),
         (json.dumps({"description": "x", "agents": [{"role": "WIZARD", "task": "magic", "depends_on": []}]}), "unknown role 'WIZARD'"),
         (json.dumps({"description": "x", "agents": [{"role": "WRITER", "task": "w", "depends_on": "all"}]}), "must be a list of integers"),
-        (json.dumps({"description": "x", "agents": [{"role": "WRITER", "task": "w", "depends_on": []}] * 5}), "more than the limit of 4"),
+        (json.dumps({"description": "x", "agents": [{"role": "WRITER", "task": "w", "depends_on": []}] * 5}), "more than --max-agents 4"),
         (
             json.dumps({"description": "x", "agents": [{"role": "WRITER", "task": "w", "depend_on": []}]}),
             "agents[0]: unknown key 'depend_on' (did you mean 'depends_on'?)",

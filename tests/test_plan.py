@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from metaagent_ray.plan import CYCLE_WARNING, ExecutionPlan, Role, explain
+from metaagent_ray.plan import CYCLE_WARNING, ExecutionPlan, Role, explain, remaining_path
 
 
 def make_plan(*depends_on: list[int], role: str = "RESEARCHER") -> ExecutionPlan:
@@ -70,6 +70,14 @@ def test_seed_layers_and_critical_path():
     durations = {0: 1.0, 1: 2.0, 2: 1.0, 3: 1.0, 4: 1.0, 5: 5.0, 6: 1.0, 7: 1.0, 8: 1.0}
     assert plan.critical_path(durations) == (8.0, [1, 5, 8])
     assert plan.sinks() == [8]
+    assert plan.remaining_path() == {0: 4, 1: 4, 2: 3, 3: 3, 4: 3, 5: 2, 6: 2, 7: 2, 8: 1}
+    assert plan.remaining_path(durations)[1] == 8.0  # the critical path starts where the most time remains
+
+
+def test_the_remaining_path_of_a_graph_still_written_counts_a_cycle_once():
+    graph = nx.DiGraph([(0, 1), (1, 2), (2, 1), (2, 3), (4, 5)])  # 1 and 2 wait on each other
+    assert remaining_path(graph) == {0: 4, 1: 3, 2: 3, 3: 1, 4: 2, 5: 1}
+    assert remaining_path(graph, of=[4]) == {4: 2, 5: 1}  # only what lies after the agents asked about
 
 
 @st.composite

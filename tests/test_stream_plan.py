@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from metaagent_ray import MetaAgent, PlanReady
 from metaagent_ray.plan import ExecutionPlan
@@ -70,8 +72,19 @@ def test_an_invalid_agent_spoils_the_stream_at_once():
     assert streamed.spoiled and "agent 1 is not valid" in streamed.spoiled
     too_many = StreamedPlan(max_agents=1)
     assert [agent.agent_id for piece in pieces(json.dumps(PLAN), 5) for agent in too_many.feed(piece)] == [0]
-    assert too_many.spoiled == "more than 1 agents"
+    assert too_many.spoiled == "the plan has 2 agents, more than --max-agents 1"
     assert StreamedPlan(max_agents=64).feed(json.dumps(bad)) == []  # known to be spoiled before anything started
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(st.integers(min_value=0, max_value=11), max_size=4), min_size=1, max_size=12))
+def test_a_plan_that_arrives_at_once_starts_every_agent_with_the_whole_plans_layer_and_priority(draws: list[list[int]]):
+    data = {"agents": [{"role": "RESEARCHER", "task": "t", "depends_on": [d for d in deps if d < i]} for i, deps in enumerate(draws)]}
+    plan = ExecutionPlan.model_validate(data)
+    ready = {agent.agent_id: agent for agent in StreamedPlan(max_agents=64).feed(json.dumps(data))}
+    assert sorted(ready) == list(range(len(plan.agents)))
+    assert {i: agent.layer for i, agent in ready.items()} == plan.layer_of()
+    assert {i: agent.priority for i, agent in ready.items()} == plan.remaining_path()
 
 
 def plan_file(tmp_path: Path, plan: dict) -> str:
