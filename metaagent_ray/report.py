@@ -13,7 +13,7 @@ from html import escape
 from .llm import Usage
 from .paths import AgentPath
 from .record import AgentRecord, RunRecord, ready_at, walk_agents
-from .viz import colour, critical_path, graph_svg, timeline_svg
+from .viz import colour, graph_svg, measured_critical_path, timeline_svg
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 1.5em; color: #222; }
@@ -53,7 +53,7 @@ def report_html(record: RunRecord) -> str:
         '<p class="muted">Ray\'s start-up, the coordinator, and per agent the wait once its inputs were ready (grey) and its LLM call.</p>',
         f'<div class="picture">{timeline_svg(record)}</div>',
         '<h2 id="agents">Agents</h2>',
-        _agents(record.agents, _origin(record), set(critical_path(record))),
+        _agents(record.agents, _origin(record), set(measured_critical_path(record))),
         '<h2 id="final">Final output</h2>',
         f"<pre>{escape(record.final_output)}</pre>",
         "</body></html>",

@@ -125,7 +125,7 @@ def _timed_rows(agents: list[AgentRecord]) -> list[tuple[AgentRecord, float | No
     return rows
 
 
-def critical_path(record: RunRecord) -> list[int]:
+def measured_critical_path(record: RunRecord) -> list[int]:
     """The top-level agents on the longest chain of dependent LLM calls: what bounded the run's length."""
     if any(agent.started_at is None or agent.finished_at is None for agent in record.agents):
         return []
@@ -146,7 +146,7 @@ def timeline_svg(record: RunRecord) -> str:
     moments = [moment for _, start, end in phases for moment in (start, end)]
     moments += [moment for agent, ready in rows for moment in (ready, agent.started_at, agent.finished_at) if moment is not None]
     start, span = min(moments), (max(moments) - min(moments)) or 1.0
-    critical = set(critical_path(record))
+    critical = set(measured_critical_path(record))
     label_w, plot_w, row_h = 220, 640, 22
     count = len(phases) + len(rows)
     height = count * row_h + 2 * MARGIN + 50
