@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .paths import AgentPath
     from .plan import AgentSpec, ExecutionPlan, Role
     from .record import AgentRecord, FailureKind, RunRecord
-    from .runtime import RunInterrupted
+    from .stops import RunInterrupted
     from .version import __version__
 
 __all__ = [
@@ -61,7 +61,7 @@ __all__ = [
     "load_plan",
     "parse_plan",
 ]
-_DEFINED_IN = ("api", "errors", "events", "llm", "paths", "plan", "record", "runtime", "version")  # the modules the names above come from
+_DEFINED_IN = ("api", "errors", "events", "llm", "paths", "plan", "record", "stops", "version")  # the modules the names above come from
 
 
 def __getattr__(name: str) -> Any:

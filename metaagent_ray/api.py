@@ -24,8 +24,9 @@ from .pool import PoolHandle, PoolSpec, start_pool
 from .record import CoordinatorRecord, RunRecord, resume_choice, valid_text
 from .resources import SlotPlan, default_slots
 from .run_directory import NOT_SAVED, RunDirectory, RunFiles, nearest_existing, save_record, write_problem
-from .runtime import PlanningInterrupted, RunStopped, execute_plan, plan_and_execute, write_ray_timeline
+from .runtime import execute_plan, plan_and_execute, write_ray_timeline
 from .settings import RunSettings
+from .stops import PlanningInterrupted, RunStopped
 from .version import __version__
 
 __all__ = [  # this module's own names, and those it passes on from the rooms below it

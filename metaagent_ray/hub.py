@@ -19,6 +19,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field, replace
+from typing import Union
 
 import ray
 from ray.actor import ActorHandle
@@ -142,6 +143,15 @@ class NodeLost:
         return f"⚠️ {lost}; its agents run again on the {self.nodes_left} node{'s' if self.nodes_left > 1 else ''} left"
 
 
+@dataclass(frozen=True)
+class PlanComplete:
+    """Driver to driver, through its run's stream: its coordinator's thread has the plan (or failed), after every
+    early agent it submitted, so the thread that follows the stream hears it in order."""
+
+
+StreamItem = Union[Event, AgentDone, NodeLost, PlanComplete]  # what a run's stream carries to its driver
+
+
 @dataclass
 class _HubRun:
     """What the hub keeps for one run until the driver forgets it."""
@@ -149,7 +159,7 @@ class _HubRun:
     submission: Submission
     executors: list[Executor]
     slots: SlotPool
-    events: asyncio.Queue[Event | AgentDone | NodeLost | None] = field(default_factory=asyncio.Queue)  # None ends the stream
+    events: asyncio.Queue[StreamItem | None] = field(default_factory=asyncio.Queue)  # None ends the stream
     results: dict[AgentPath, ray.ObjectRef] = field(default_factory=dict)  # its supervised result
     orders: dict[AgentPath, AgentOrder] = field(default_factory=dict)  # until Ray starts its supervision
     work: list[ray.ObjectRef] = field(default_factory=list)
@@ -159,7 +169,7 @@ class _HubRun:
     processes: dict[int, asyncio.Future[tuple[str, int]]] = field(default_factory=dict)
     total_agents: int = 0
 
-    def publish(self, event: Event | AgentDone | NodeLost) -> None:
+    def publish(self, event: StreamItem) -> None:
         self.events.put_nowait(event)
 
     def process(self, index: int) -> asyncio.Future[tuple[str, int]]:
@@ -201,13 +211,13 @@ class RunHub:
             run.orders[path] = order
             run.results[path] = self._me.supervise.remote(run.submission.run_id, path, *inputs)
 
-    async def post(self, run_id: str, event: Event) -> None:
+    async def post(self, run_id: str, event: Event | PlanComplete) -> None:
         """An event from outside the hub (streamed tokens, the driver's own), in order with the hub's own."""
         run = self._runs.get(run_id)
         if run is not None:  # dropped once the run is over
             run.publish(event)
 
-    async def next_batch(self, run_id: str) -> list[Event | AgentDone | NodeLost]:
+    async def next_batch(self, run_id: str) -> list[StreamItem]:
         """The run's events since the last batch, waiting for one; none once the run is over."""
         run = self._runs.get(run_id)
         if run is None:
@@ -367,6 +377,44 @@ def run_hub() -> ActorHandle[RunHub]:
         here = NodeAffinitySchedulingStrategy(node_id=key[0], soft=False)
         _hubs[key] = RunHub.options(scheduling_strategy=here).remote()
     return _hubs[key]
+
+
+class RunChannel:
+    """The driver's side of one run in its hub: typed calls on the hub actor, as `ray.util.queue.Queue` is on its own.
+
+    `submit` and `open` are waited for, so a fault in them ends the run instead of leaving it waiting;
+    `post` is not (tokens, the driver's own markers). `cancel` is bounded: a hub that is gone or slow
+    cannot keep a stop from finishing.
+    """
+
+    CANCEL_TIMEOUT_S = 10.0
+
+    def __init__(self, submission: Submission, executors: list[Executor]) -> None:
+        self.run_id = submission.run_id
+        self._hub = run_hub()
+        ray.get(self._hub.open_run.remote(submission, executors))
+
+    def submit(self, orders: list[AgentOrder]) -> None:
+        ray.get(self._hub.submit.remote(self.run_id, orders))
+
+    def post(self, event: Event | PlanComplete) -> None:
+        """An event of the driver's into the run's stream, in order with the hub's."""
+        self._hub.post.remote(self.run_id, event)
+
+    def next_batch(self) -> ray.ObjectRef[list[StreamItem]]:
+        """The run's next events, when there are some: an ObjectRef of a list, to `ray.wait` on."""
+        return self._hub.next_batch.remote(self.run_id)
+
+    def cancel(self) -> None:
+        """Stop every agent of the run."""
+        try:
+            ray.get(self._hub.cancel.remote(self.run_id), timeout=self.CANCEL_TIMEOUT_S)
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            log.debug("cancelling the run's agents failed", exc_info=True)
+
+    def forget(self) -> None:
+        """The run is over: the hub lets go of it (not waited for)."""
+        self._hub.forget.remote(self.run_id)
 
 
 async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -> None:

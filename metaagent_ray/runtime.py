@@ -1,7 +1,7 @@
-"""The driver's side of a run: executors, the hub's event stream, the record and how a run ends.
+"""The driver's side of a run: its executors, its planning route, the record and how a run ends.
 
 The driver hands the plan's agents to the run hub (hub.py), which submits and supervises them, and
-then only waits (`ray.wait`) on the run's event stream, to report progress and checkpoint the
+then only follows the run's event stream (follow.py), to report progress and checkpoint the
 record. Every run takes one planning route: the plan is written in a thread of the driver while
 the executors start and the main thread follows the stream. Streamed, each agent goes to the hub
 the moment the coordinator's answer makes it safe to start (plan_stream.py); a plan not streamed
@@ -15,7 +15,6 @@ import logging
 import shlex
 import threading
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,25 +22,20 @@ import ray
 
 from .connect import RayOptions, embedded, ensure_ray
 from .coordinator import planned_notice
-from .errors import MetaAgentError
 from .events import (
     COORDINATOR,
-    AgentFinished,
-    AgentStarted,
-    Event,
     EventHandler,
-    Notice,
     PlanningStarted,
     PlanReady,
     RunFinished,
-    SubPlanReady,
     TokenCounter,
 )
 from .executors import Executor, release_executors, start_executors, wait_started
-from .hub import AgentDone, AgentOrder, NodeLost, Submission, agent_order, plan_orders, run_hub
+from .follow import EventFollower, NoNodeLeft
+from .hub import AgentOrder, PlanComplete, RunChannel, Submission, agent_order, plan_orders
 from .interrupts import exit_code, run_ended, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig, TextCallback
-from .paths import ROOT, AgentPath
+from .paths import ROOT
 from .plan import ExecutionPlan
 from .plan_stream import ReadyAgent, StreamedPlan
 from .record import (
@@ -51,13 +45,13 @@ from .record import (
     RecordedLLM,
     RunRecord,
     RunState,
-    SubRunRecord,
     kept_agents,
     walk_agents,
 )
 from .resources import SLOT_RESOURCE
 from .run_directory import NOT_SAVED, RunDirectoryError, RunFiles
 from .settings import Limits
+from .stops import PlanningInterrupted, RunBroken, RunInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -69,43 +63,6 @@ Planner = Callable[[TextCallback, Callable[[str], None]], tuple[ExecutionPlan, C
 def whole_plan(plan: ExecutionPlan) -> Planner:
     """A plan already whole (a plan file, a resumed record): the planning route's stream, arriving at once."""
     return lambda on_text, on_rejected: (plan, None)
-
-
-class RunStopped(MetaAgentError):
-    """The run ended before its agents did; what finished is saved in `record` (and its run directory)."""
-
-    def __init__(self, message: str, record: RunRecord, exit_code: int) -> None:
-        super().__init__(message)
-        self.record = record
-        self.exit_code = exit_code
-
-
-class RunInterrupted(RunStopped):
-    """A stop signal (Ctrl-C, SIGTERM, SIGHUP) ended the run: status `interrupted`, exit 128 + the signal."""
-
-
-class RunBroken(RunStopped):
-    """A Ray process the run needs (its hub actor, a raylet) died, or every node with its LLM slots: status `failed`, exit 1."""
-
-
-class NoNodeLeft(Exception):
-    """The follower's way out: the last node holding the run's LLM slots was lost."""
-
-
-class PlanningInterrupted(MetaAgentError):
-    """A stop signal arrived before the plan's run began (mostly while the coordinator wrote it): there is no run to save."""
-
-    def __init__(self, code: int, planned: bool = False) -> None:
-        if planned:  # a plan already whole, interrupted while the executors started
-            super().__init__("interrupted before the plan's agents started; nothing was saved")
-        else:
-            super().__init__("interrupted while the coordinator planned; nothing was saved (no plan yet)")
-        self.exit_code = code
-
-
-@dataclass(frozen=True)
-class _Planned:
-    """Driver's coordinator thread to its main thread, through the hub's stream: the plan is complete (or failed)."""
 
 
 def execute_plan(
@@ -170,7 +127,6 @@ class _Run:
     def __init__(self, llm: LLMConfig, ray_options: RayOptions, limits: Limits, on_event: EventHandler, stream: bool) -> None:
         self.connection = ensure_ray(ray_options, llm)  # the API connects first, so a run that cannot start leaves nothing on disk
         self.llm, self.ray_options, self.limits, self.on_event, self.stream = llm, ray_options, limits, on_event, stream
-        self.hub = run_hub()
         self.executors: list[Executor] = []
         self.abandoned_calls = False
         self._open()
@@ -179,12 +135,12 @@ class _Run:
         """Start the executors (they start while the caller goes on) and open the run in the hub."""
         self.executors = start_executors(self.ray_options.slots)
         self.submission = Submission(run_id=uuid.uuid4().hex, llm=self.llm, limits=self.limits, stream=self.stream)
-        ray.get(self.hub.open_run.remote(self.submission, self.executors))
-        self.follower = _Follower(self.hub, self.submission.run_id, self.on_event)
+        self.channel = RunChannel(self.submission, self.executors)
+        self.follower = EventFollower(self.channel, self.on_event)
 
     def _close(self, *, keep: bool = False) -> None:
         """End the run in the hub; keep its executors for the next run when `keep`, else stop them."""
-        self.hub.forget.remote(self.submission.run_id)
+        self.channel.forget()
         release_executors(self.executors, self.ray_options.slots, keep=keep)
 
     def __enter__(self) -> _Run:
@@ -203,7 +159,7 @@ class _Run:
 
     def _submit(self, orders: list[AgentOrder]) -> None:
         """Hand the hub these agents; waited for, so a fault in submitting them ends the run instead of leaving it waiting."""
-        ray.get(self.hub.submit.remote(self.submission.run_id, orders))
+        self.channel.submit(orders)
 
     def plan(
         self, query: str, planner: Planner, *, max_agents: int, stream_plan: bool, planning: PlanningStarted | None = None
@@ -215,8 +171,8 @@ class _Run:
         """
         streamed = StreamedPlan(max_agents=max_agents)
         outcome: dict[str, Any] = {}
-        run_id, hub = self.submission.run_id, self.hub
-        tokens = TokenCounter(COORDINATOR, lambda event: hub.post.remote(run_id, event)) if self.stream else None
+        channel = self.channel
+        tokens = TokenCounter(COORDINATOR, channel.post) if self.stream else None
 
         def on_text(piece: str) -> None:
             if tokens is not None:
@@ -226,14 +182,14 @@ class _Run:
             ready = streamed.feed(piece)
             if ready and not outcome:
                 # Waited for, so the hub has every early agent before it hears that the plan is complete.
-                ray.get(hub.submit.remote(run_id, [self._order(query, agent, streamed) for agent in ready]))
+                channel.submit([self._order(query, agent, streamed) for agent in ready])
 
         def coordinate() -> None:
             try:
                 outcome["plan"] = planner(on_text, streamed.discard)
             except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
                 outcome["error"] = error
-            hub.post.remote(run_id, _Planned())
+            channel.post(PlanComplete())
 
         coordinator = threading.Thread(target=coordinate, name="metaagent-coordinator", daemon=True)
         try:
@@ -246,13 +202,13 @@ class _Run:
         except KeyboardInterrupt as interrupt:
             outcome.setdefault("stopped", interrupt)  # the coordinator's thread starts nothing more
             with stop_signals_ignored():
-                _cancel(self.hub, run_id)
+                channel.cancel()
             raise PlanningInterrupted(exit_code(interrupt), planned="plan" in outcome and outcome["plan"][1] is None) from None
         except BaseException:
             outcome.setdefault("stopped", True)
             raise
         if "error" in outcome:
-            _cancel(self.hub, run_id)
+            channel.cancel()
             raise outcome["error"]
         plan, record = outcome["plan"]
         if record is None:  # a plan already whole: no coordinator spoke, nothing started early
@@ -286,7 +242,7 @@ class _Run:
 
     def _restart(self) -> None:
         """Cancel everything of this run and start afresh: what started early keeps no slot and leaves no result."""
-        _cancel(self.hub, self.submission.run_id)
+        self.channel.cancel()
         self._close()
         self._open()
         self.executors_started()
@@ -329,7 +285,7 @@ class _Run:
                 self.follower.until_done(record, run_dir)
         except KeyboardInterrupt as interrupt:
             with stop_signals_ignored():
-                _cancel(self.hub, self.submission.run_id)
+                self.channel.cancel()
                 _end_run(record, run_dir, "interrupted")
             raise RunInterrupted(f"interrupted; the agents that finished are saved{saved}", record, exit_code(interrupt)) from None
         except ray.exceptions.RayError as error:
@@ -340,7 +296,7 @@ class _Run:
             raise RunBroken(f"{lost}; the agents that finished are saved{saved}", record, 1) from None
         except RunDirectoryError:  # the run can no longer be kept (a full disk): its agents stop with it
             with stop_signals_ignored():
-                _cancel(self.hub, self.submission.run_id)
+                self.channel.cancel()
             raise
         run_ended()  # every agent has finished: a stop signal now could only lose the record
         with stop_signals_ignored():
@@ -350,14 +306,6 @@ class _Run:
         return record
 
 
-def _cancel(hub: Any, run_id: str) -> None:
-    """Stop the run's agent tasks; a hub that is gone or slow cannot keep the stop from finishing."""
-    try:
-        ray.get(hub.cancel.remote(run_id), timeout=10)
-    except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-        log.debug("cancelling the run's agents failed", exc_info=True)
-
-
 def _what_died(error: ray.exceptions.RayError) -> str:
     """One line naming the Ray part whose loss ended the run (details with -v)."""
     log.debug("the run lost a Ray process", exc_info=error)
@@ -365,103 +313,6 @@ def _what_died(error: ray.exceptions.RayError) -> str:
         return "the run's hub actor died (it supervises the agents and reports their progress)"
     first = next(iter(str(error).splitlines()), "")
     return f"a Ray process of this run died ({type(error).__name__}: {first})"
-
-
-class _Follower:
-    """Reports the hub's events as they happen and keeps the record of what they say.
-
-    Before the plan is complete there is no record: agents' starts are reported at once, and what
-    needs the record (results, sub-plans, warnings) waits for it. What changes in the record goes to the
-    run's files (`RunFiles`), which decide when to write it; the follower waits no longer than they say.
-    """
-
-    def __init__(self, hub: Any, run_id: str, on_event: EventHandler) -> None:
-        self.hub, self.run_id, self.on_event = hub, run_id, on_event
-        self.announced: dict[AgentPath, int] = {}  # agent path -> the latest execution whose start was reported
-        self.early: list[Event | AgentDone | NodeLost] = []  # events that wait for the record
-        self.next_events = hub.next_batch.remote(run_id)
-
-    def _batch(self, timeout: float | None) -> list[Event | AgentDone | NodeLost | _Planned] | None:
-        ready, _ = ray.wait([self.next_events], timeout=timeout)
-        if not ready:
-            return None
-        events = ray.get(self.next_events)
-        self.next_events = self.hub.next_batch.remote(self.run_id)
-        return events
-
-    def until_planned(self) -> None:
-        """Report starts and tokens until the coordinator's thread says the plan is complete."""
-        while True:
-            batch = self._batch(None) or []
-            for position, event in enumerate(batch):
-                if isinstance(event, _Planned):
-                    self.early.extend(batch[position + 1 :])  # for `until_done`, in order
-                    return
-                if isinstance(event, (AgentDone, SubPlanReady, NodeLost)) or (isinstance(event, Notice) and event.warning):
-                    self.early.append(event)
-                else:
-                    self._report(event)
-
-    def until_done(self, record: RunRecord, run_dir: RunFiles) -> None:
-        """Follow until every agent of the plan has its result."""
-        waiting = {agent.path for agent in record.agents if not agent.reused}
-        events, self.early = self.early, []
-        while True:
-            for event in events:
-                self._record(event, record, run_dir, waiting)
-            if not waiting:
-                return
-            batch = self._batch(run_dir.checkpoint_due_in())
-            if batch is None:
-                run_dir.checkpoint()
-                events = []
-            else:
-                events = batch
-
-    def _record(
-        self,
-        event: Event | AgentDone | NodeLost | _Planned,
-        record: RunRecord,
-        run_dir: RunFiles,
-        waiting: set[str],
-    ) -> None:
-        if isinstance(event, SubPlanReady):
-            parent = _agent_at(record, event.path)
-            if parent.sub_run is None:  # a resumed sub-plan keeps what it had
-                parent.sub_run = SubRunRecord.start(event.path, event.query, event.plan)
-            run_dir.record_changed()
-        elif isinstance(event, AgentDone):
-            agents, index = record.find(event.path)
-            agent = agents[index] = event.result
-            if agent.path not in self.announced and agent.started_at is not None:
-                self._report(AgentStarted(path=agent.path, role=agent.role, attempt=1, pid=0))
-            waiting.discard(event.path)
-            run_dir.agent_finished(agent)
-            self.on_event(AgentFinished(agent=agent))
-            return
-        elif isinstance(event, NodeLost):
-            record.warnings.append(event.describe())
-            run_dir.record_changed()
-            if not event.nodes_left:
-                raise NoNodeLeft(event.describe())
-            event = Notice(event.describe(), warning=True)
-        elif isinstance(event, Notice) and event.warning and event.text not in record.warnings:
-            record.warnings.append(event.text)
-        if not isinstance(event, _Planned):
-            self._report(event)
-
-    def _report(self, event: Event) -> None:
-        """Pass an event on; an agent's start only once per execution."""
-        if isinstance(event, AgentStarted):
-            if event.attempt <= self.announced.get(event.path, 0):
-                return
-            self.announced[event.path] = event.attempt
-        self.on_event(event)
-
-
-def _agent_at(record: RunRecord, path: AgentPath) -> AgentRecord:
-    agents, index = record.find(path)
-    return agents[index]
 
 
 def write_ray_timeline(path: Path) -> None:
