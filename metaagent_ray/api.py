@@ -5,25 +5,26 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
 from pydantic import ValidationError
 
 from .connect import RayConnection, RayOptions, cluster_address, ensure_ray, ray_started, shutdown_ray
-from .coordinator import make_plan, planned_notice
+from .coordinator import Coordinator, planned_notice
 from .errors import ConfigError, MetaAgentError, PlanError
 from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
 from .executors import stop_kept_executors
 from .interrupts import exit_code, stop_signals_ignored
 from .jobs import JobLog, JobOutcome, JobRequest, dashboard_address, follow_job, job_run_dir, print_run_archive, stop_job, submit_job
-from .llm import LLM, LLMConfig, TextCallback, create_llm
+from .llm import LLM, LLMConfig, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain, too_many_agents
 from .pool import PoolHandle, PoolSpec, start_pool
 from .record import CoordinatorRecord, RunRecord, resume_choice, valid_text
 from .resources import SlotPlan, default_slots
-from .run_directory import NOT_SAVED, RunDirectory, RunFiles, nearest_existing, save_record, write_problem
+from .run_directory import RunDirectory, RunFiles, nearest_existing, new_run_files, save_record, write_problem
 from .runtime import execute_plan, plan_and_execute, write_ray_timeline
 from .settings import RunSettings
 from .stops import PlanningInterrupted, RunStopped
@@ -328,13 +329,13 @@ class MetaAgent:
         return self._run_and_write_extras(
             lambda: plan_and_execute(
                 query,
-                self._planner(query, llm),
+                self._coordinator(query, llm),
                 self._ready_llm(),
                 max_agents=self.settings.max_agents,
                 ray_options=self._ray_options(),
                 limits=self.settings.limits(),
                 on_event=self.on_event,
-                run_dir=lambda: self._directory(run_dir, query, save),
+                run_dir=partial(new_run_files, run_dir, query, save),
                 settings=self.settings.stored(),
                 stream=self.stream,
                 stream_plan=self.stream_plan,
@@ -363,7 +364,7 @@ class MetaAgent:
         self._driver_llm()
         self._connect()
         query = valid_text(query or plan.description)
-        directory = self._directory(run_dir, query, save)
+        directory = new_run_files(run_dir, query, save)
         with directory.locked():
             return self._execute(plan, query, directory, record_path, ray_timeline=ray_timeline)
 
@@ -412,28 +413,16 @@ class MetaAgent:
         on_text = TokenCounter(COORDINATOR, self.on_event) if self.stream else None
         try:  # from the line that says the coordinator plans, a stop signal is one that interrupted the planning
             self.on_event(PlanningStarted(llm=llm.describe()))
-            plan, coordinator = self._planner(query, llm)(on_text, None)
+            plan, coordinator = self._coordinator(query, llm)(on_text, None)
         except KeyboardInterrupt as interrupt:
             raise PlanningInterrupted(exit_code(interrupt)) from None
         self.on_event(planned_notice(plan, coordinator))
         return plan
 
-    def _planner(self, query: str, llm: LLM) -> Callable[[TextCallback | None, Callable[[str], None] | None], tuple[ExecutionPlan, CoordinatorRecord]]:
-        """The coordinator's call for `query` (`make_plan` with this agent's settings), given where its answer
-        streams to and who hears why an answer was rejected: one call for `plan` and for `run`'s planning route."""
-
-        def planner(on_text: TextCallback | None, on_rejected: Callable[[str], None] | None) -> tuple[ExecutionPlan, CoordinatorRecord]:
-            return make_plan(
-                query,
-                llm,
-                max_agents=self.settings.max_agents,
-                answer_tokens=self.settings.answer_tokens,
-                on_text=on_text,
-                on_rejected=on_rejected,
-                timeout=self.settings.agent_timeout,
-            )
-
-        return planner
+    def _coordinator(self, query: str, llm: LLM) -> Coordinator:
+        """The coordinator's call for `query` with this agent's settings: one for `plan` and for `run`'s planning route."""
+        settings = self.settings
+        return Coordinator(query, llm, settings.max_agents, settings.answer_tokens, settings.agent_timeout)
 
     def _planning(self, query: str, *, connect: bool = True) -> LLM:
         """Checks before the coordinator's call (the query, the backend, Ray when `connect`, so a run whose
@@ -445,10 +434,6 @@ class MetaAgent:
         if connect:
             self._connect()
         return llm
-
-    @staticmethod
-    def _directory(run_dir: Path | str | None, query: str, save: bool) -> RunFiles:
-        return RunDirectory.create(Path(run_dir) if run_dir else None, query or "plan") if save else NOT_SAVED
 
     def _ready_llm(self) -> LLMConfig:
         assert self._llm_config is not None, "the backend is checked before a run"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 from pydantic import ValidationError
@@ -109,6 +110,29 @@ def coordinator_messages(query: str, max_agents: int) -> list[Message]:
         Message("system", nearest_example(shape)),
         Message("user", coordinator_request(query, shape)),
     ]
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    """The coordinator's call for one query under a run's settings; the planning route calls it with where its
+    answer streams and who hears why an answer was rejected (`make_plan`)."""
+
+    query: str
+    llm: LLM
+    max_agents: int
+    answer_tokens: AnswerBudgets
+    timeout: float | None
+
+    def __call__(self, on_text: TextCallback | None, on_rejected: Callable[[str], None] | None) -> tuple[ExecutionPlan, CoordinatorRecord]:
+        return make_plan(
+            self.query,
+            self.llm,
+            max_agents=self.max_agents,
+            answer_tokens=self.answer_tokens,
+            on_text=on_text,
+            on_rejected=on_rejected,
+            timeout=self.timeout,
+        )
 
 
 def make_plan(

@@ -317,3 +317,9 @@ def write_atomic(path: Path, text: str) -> None:
 def save_record(path: Path, record: RunRecord) -> None:
     """Write a record as JSON (the run directory's and `--record PATH`'s copy)."""
     write_atomic(path, record.model_dump_json(indent=2))
+
+
+def new_run_files(run_dir: Path | str | None, query: str, save: bool) -> RunFiles:
+    """Where a new run keeps its files: `run_dir` when given, else a fresh directory under ./runs named after the
+    query; nowhere when it does not `save`."""
+    return RunDirectory.create(Path(run_dir) if run_dir else None, query or "plan") if save else NOT_SAVED
