@@ -16,6 +16,7 @@ from metaagent_ray import AgentStarted, MetaAgent, parse_plan
 from metaagent_ray.cli import app
 from metaagent_ray.record import FailureKind, RunRecord
 from tests.conftest import EXAMPLES
+from tests.test_run_endings import start, wait_for_line
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -156,19 +157,10 @@ def test_every_agent_ends_in_one_final_state_that_agrees_with_the_policy(case: t
 
 
 def test_ctrl_c_cancels_saves_what_finished_and_prints_the_resume_command(ray_cluster, tmp_path: Path, latency_file):
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "run"
     latency = latency_file({"default": 0.2, "1": 30.0, "2": 30.0, "3": 30.0})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "metaagent_ray", "exec", str(PLAN), "--llm", "fake", "--fake-latency", latency,
-         "--address", ray_cluster.address, "--run-dir", str(run_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    assert process.stdout is not None
-    while "✅ [PARALLEL] Agent 0 completed" not in process.stdout.readline():
-        pass
+    process = start("exec", str(PLAN), "--llm", "fake", "--fake-latency", latency, "--address", ray_cluster.address, "--run-dir", str(run_dir))
+    wait_for_line(process, "✅ [PARALLEL] Agent 0 completed")  # fails with what it printed if the command ends first
     process.send_signal(signal.SIGINT)
     _, errors = process.communicate(timeout=60)
     assert process.returncode == 130

@@ -9,8 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import pytest
@@ -49,19 +51,33 @@ def start(*args: str, session: bool = False) -> subprocess.Popen[str]:
 
 
 def wait_for_line(process: subprocess.Popen[str], text: str, timeout: float = 90.0) -> list[str]:
-    """Read stdout until a line holds `text`; returns the lines read."""
+    """Read stdout until a line holds `text`; returns the lines read. Fails with what the command printed
+    if its output ends first (it exited), or if `timeout` seconds pass (then it is killed: a silent
+    command cannot hold the test forever)."""
     assert process.stdout is not None
     lines: list[str] = []
+    timed_out = threading.Event()
+    watchdog = threading.Timer(timeout, lambda: (timed_out.set(), process.kill()))
+    watchdog.start()
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if text in line:
+                return lines
+    finally:
+        watchdog.cancel()
+    code = process.wait(timeout=30)
+    errors = process.stderr.read() if process.stderr else ""
+    why = f"killed after {timeout:g} s" if timed_out.is_set() else f"exit code {code}"
+    raise AssertionError(f"never printed {text!r} ({why}); printed {lines}; stderr {errors}")
+
+
+def until(condition: Callable[[], object], what: str, timeout: float = 90.0) -> None:
+    """Wait until `condition()` holds; fail naming `what` never happened if `timeout` seconds pass first."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    errors = process.stderr.read() if process.poll() is not None and process.stderr else ""
-    raise AssertionError(f"never printed {text!r}; printed {lines}; stderr {errors}")
+    while not condition():
+        assert time.monotonic() < deadline, f"never {what}"
+        time.sleep(0.01)
 
 
 def descendants(pid: int) -> list[psutil.Process]:
