@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from metaagent_ray.cli import app
+from metaagent_ray.record import RunRecord
 from tests.conftest import EXAMPLES
 
 
@@ -71,6 +72,7 @@ def test_missing_plan_file_and_bad_options(tmp_path: Path):
         (["--llm", "ollama", "--fake-fail", "3"], "--fake-latency, --fake-fail and --fake-plan apply to --llm fake only"),
         (["--llm", "fake", "--prompt-style", "document"], "--openai-base-url and --prompt-style apply to --llm openai only"),
         (["--llm", "openai", "--prompt-style", "plain"], "openai backend: option prompt_style: Input should be 'auto', 'chat' or 'document'"),
+        (["--llm", "fake", "--on-failure", "maybe"], "on_failure: Input should be 'continue' or 'stop'"),
     ]:
         result = metaagent("exec", plan, *args, cwd=tmp_path)
         assert result.returncode == 2, result.stderr
@@ -103,15 +105,26 @@ def test_exec_prints_the_seed_lines_and_the_final_output(tmp_path: Path):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_failed_agents_exit_1_and_keep_what_finished(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("policy", "after_the_failure"),
+    [
+        ([], ["ok", "ok"]),  # continue, the default: the analyzer and the synthesizer run without agent 2
+        (["--on-failure", "stop"], ["skipped", "skipped"]),  # everything downstream of agent 2 is skipped
+    ],
+)
+def test_failed_agents_exit_1_and_keep_what_finished(tmp_path: Path, policy: list[str], after_the_failure: list[str]):
     result = CliRunner().invoke(
-        app, ["exec", str(EXAMPLES / "parallel_research.json"), "--llm", "fake", "--fake-fail", "2", "--run-dir", str(tmp_path / "run")]
+        app, ["exec", str(EXAMPLES / "parallel_research.json"), "--llm", "fake", "--fake-fail", "2", *policy, "--run-dir", str(tmp_path / "run")]
     )
     assert result.exit_code == 1
     assert "❌ [PARALLEL] Agent 2 failed: RESEARCHER" in result.output
-    record = json.loads((tmp_path / "run" / "record.json").read_text())
-    assert [agent["status"] for agent in record["agents"]] == ["ok", "ok", "failed", "ok", "ok"]
+    record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    assert [agent.status for agent in record.agents] == ["ok", "ok", "failed", *after_the_failure]
     assert (tmp_path / "run" / "agents" / "00-researcher.md").exists()
+    if policy:
+        assert "❌ [PARALLEL] Agent 3 skipped: ANALYZER - skipped: input from agent(s) [2] is missing (--on-failure stop)" in result.output
+        assert record.agents[3].started_at is None and record.agents[4].started_at is None  # no LLM call for them
+        assert record.settings["on_failure"] == "stop"  # what a resume of this run goes on with
 
 
 @pytest.mark.usefixtures("ray_session")
