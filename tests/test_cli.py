@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from metaagent_ray.cli import app
+from metaagent_ray.llm.fake import plan_for_query
 from metaagent_ray.record import RunRecord
 from tests.conftest import EXAMPLES
 
@@ -132,6 +134,34 @@ def test_quiet_prints_only_the_final_output(tmp_path: Path):
     result = CliRunner().invoke(app, ["exec", str(EXAMPLES / "parallel_research.json"), "-q", "--llm", "fake", "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0
     assert "PARALLEL" not in result.output and "Inputs from agents: 3" in result.output
+
+
+QUERY = "Compare Python, Rust, and Go for web development"
+
+
+def test_plan_prints_the_coordinators_plan_and_its_layers_and_runs_nothing(tmp_path: Path):
+    result = metaagent("plan", QUERY, "--llm", "fake", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == plan_for_query(QUERY)  # stdout holds the plan alone, as a file would
+    assert "🔀 Execution layers (parallel groups): 3" in result.stderr
+    assert "  Layer 0: 3 agents in parallel - ['RESEARCHER', 'RESEARCHER', 'RESEARCHER']" in result.stderr
+    assert "Agent 0" not in result.stdout + result.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_plan_saves_the_plan_and_the_command_it_prints_runs_it(tmp_path: Path):
+    saved = tmp_path / "plans" / "plan.json"
+    result = metaagent("plan", QUERY, "--llm", "fake", "-o", str(saved), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(saved.read_text()) == plan_for_query(QUERY)
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "🔀 Execution layers (parallel groups): 3"
+    assert lines[-1] == f"💾 Plan saved to {saved}; run it with: metaagent exec {saved} --query {shlex.quote(QUERY)}"
+    command = shlex.split(lines[-1].split("run it with: metaagent ", 1)[1])
+    run = CliRunner().invoke(app, [*command, "--llm", "fake", "--run-dir", str(tmp_path / "run")])
+    assert run.exit_code == 0, run.output
+    record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    assert record.query == QUERY and record.plan.model_dump(exclude={"depth"}) == plan_for_query(QUERY)
 
 
 def test_version_names_the_installed_distribution() -> None:
