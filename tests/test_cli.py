@@ -15,6 +15,7 @@ from metaagent_ray.cli import app
 from metaagent_ray.llm.fake import plan_for_query
 from metaagent_ray.record import RunRecord
 from tests.conftest import EXAMPLES
+from tests.stand_in_server import StandInServer
 
 
 def metaagent(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -162,6 +163,20 @@ def test_plan_saves_the_plan_and_the_command_it_prints_runs_it(tmp_path: Path):
     assert run.exit_code == 0, run.output
     record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
     assert record.query == QUERY and record.plan.model_dump(exclude={"depth"}) == plan_for_query(QUERY)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_max_tokens_is_every_agents_answer_budget(tmp_path: Path):
+    with StandInServer(api="openai", responder=lambda body: "one two three four five six seven eight") as server:
+        result = CliRunner().invoke(app, [
+            "exec", str(EXAMPLES / "parallel_research.json"), "--llm", "openai", "--openai-base-url", server.base_url,
+            "--model", "test-model", "--max-tokens", "3", "--run-dir", str(tmp_path / "run"),
+        ])
+        bodies = server.chat_bodies()
+    assert result.exit_code == 0, result.output
+    assert len(bodies) == 5 and {body["max_tokens"] for body in bodies} == {3}  # every role, whatever its own budget
+    record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    assert {(agent.output, agent.finish_reason) for agent in record.agents} == {("one two three", "length")}
 
 
 def test_version_names_the_installed_distribution() -> None:
