@@ -56,13 +56,19 @@ def install_echo_backend(site: Path) -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+def echo_backend(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The third-party `echo` backend is installed for the rest of the session (processes started from now on find it)."""
+    install_echo_backend(tmp_path_factory.mktemp("site-packages"))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(echo_backend: None):
     import logging
 
     import ray
     from ray.cluster_utils import Cluster
 
-    install_echo_backend(tmp_path_factory.mktemp("site-packages"))  # before Ray starts: its workers inherit PYTHONPATH
+    # `echo_backend` comes first: Ray's workers inherit the PYTHONPATH that finds it
     cluster = Cluster(
         initialize_head=True,
         head_node_args={

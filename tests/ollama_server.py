@@ -139,9 +139,10 @@ class BackgroundServer:
 class OllamaServer(BackgroundServer):
     """The server: start with `with OllamaServer(...) as server` (or start()/stop()); it listens at `url`.
 
-    `responder`, `delay`, `fault` and `hold` may be changed between calls; `reset()` restores them and
-    clears the records. `hold=N` makes each chat call wait until N have been in flight at once (at
-    most `hold_timeout` s), so overlap is shown by the count, not by timing.
+    `responder`, `delay`, `fault`, `hold` and `duration_ns` may be changed between calls; `reset()`
+    restores them and clears the records. `hold=N` makes each chat call wait until N have been in flight
+    at once (at most `hold_timeout` s), so overlap is shown by the count, not by timing. `duration_ns`
+    is the `total_duration` an answer reports (default: the time the server took), as a model's would.
     """
 
     def __init__(
@@ -154,15 +155,17 @@ class OllamaServer(BackgroundServer):
         hold: int | None = None,
         hold_timeout: float = 5.0,
         stall_seconds: float = 30.0,
+        duration_ns: int | None = None,
     ) -> None:
         self.models = dict(DEFAULT_MODELS if models is None else models)
         self.responder = responder
         self.delay = delay
         self.fault = fault
         self.hold = hold
+        self.duration_ns = duration_ns
         self.hold_timeout = hold_timeout
         self.stall_seconds = stall_seconds
-        self._initial = (responder, delay, fault, hold)
+        self._initial = (responder, delay, fault, hold, duration_ns)
         self._lock = threading.Condition()
         self._requests: list[RecordedRequest] = []
         self._in_flight = 0
@@ -207,7 +210,7 @@ class OllamaServer(BackgroundServer):
 
     def reset(self) -> None:
         """Forget the requests seen and the in-flight maximum; restore the behaviour given at start."""
-        self.responder, self.delay, self.fault, self.hold = self._initial
+        self.responder, self.delay, self.fault, self.hold, self.duration_ns = self._initial
         with self._lock:
             self._requests.clear()
             self._max_in_flight = 0
@@ -304,7 +307,7 @@ class OllamaServer(BackgroundServer):
             handler.send_json(500, {"error": f"test responder failed: {error!r}"})
             return
         prompt_tokens = sum(len(str(message.get("content", "")).split()) for message in body.get("messages", []))
-        total_ns = max(1, int((time.monotonic() - started) * 1e9))
+        total_ns = self.duration_ns or max(1, int((time.monotonic() - started) * 1e9))
         base = {"model": body.get("model", ""), "created_at": "2025-01-01T00:00:00Z"}
         last = {
             **base,

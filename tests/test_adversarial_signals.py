@@ -17,14 +17,13 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
 from tests.adversarial import TWO_AND_JOIN, invoke, write_plan
-from tests.test_run_endings import PLAN, descendants, load, start, wait_for_line
+from tests.test_run_endings import PLAN, descendants, load, start, until, wait_for_line
 
 CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -34,13 +33,6 @@ def catches(pid: int, signum: int) -> bool:
     status = Path(f"/proc/{pid}/status").read_text()
     mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
     return bool(mask & (1 << (signum - 1)))
-
-
-def until(condition, what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"never {what}"
-        time.sleep(0.01)
 
 
 def ray_children(pid: int) -> list[psutil.Process]:

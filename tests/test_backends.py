@@ -89,6 +89,7 @@ def test_bad_scripted_options_are_one_line(options: dict, message: str):
         create_llm(LLMConfig(backend="scripted", options=options))
 
 
+@pytest.mark.usefixtures("echo_backend")
 def test_an_unknown_backend_names_the_installed_ones_and_the_entry_point_group():
     with pytest.raises(ConfigError, match="unknown LLM backend 'nosuch' \\(backends: echo, fake, .*entry point in the group 'metaagent_ray.backends'"):
         create_llm(LLMConfig(backend="nosuch"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from metaagent_ray.cli import app
+from metaagent_ray.llm.fake import plan_for_query
+from metaagent_ray.record import RunRecord
 from tests.conftest import EXAMPLES
+from tests.stand_in_server import StandInServer
 
 
 def metaagent(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -71,6 +75,7 @@ def test_missing_plan_file_and_bad_options(tmp_path: Path):
         (["--llm", "ollama", "--fake-fail", "3"], "--fake-latency, --fake-fail and --fake-plan apply to --llm fake only"),
         (["--llm", "fake", "--prompt-style", "document"], "--openai-base-url and --prompt-style apply to --llm openai only"),
         (["--llm", "openai", "--prompt-style", "plain"], "openai backend: option prompt_style: Input should be 'auto', 'chat' or 'document'"),
+        (["--llm", "fake", "--on-failure", "maybe"], "on_failure: Input should be 'continue' or 'stop'"),
     ]:
         result = metaagent("exec", plan, *args, cwd=tmp_path)
         assert result.returncode == 2, result.stderr
@@ -103,15 +108,26 @@ def test_exec_prints_the_seed_lines_and_the_final_output(tmp_path: Path):
 
 
 @pytest.mark.usefixtures("ray_session")
-def test_failed_agents_exit_1_and_keep_what_finished(tmp_path: Path):
+@pytest.mark.parametrize(
+    ("policy", "after_the_failure"),
+    [
+        ([], ["ok", "ok"]),  # continue, the default: the analyzer and the synthesizer run without agent 2
+        (["--on-failure", "stop"], ["skipped", "skipped"]),  # everything downstream of agent 2 is skipped
+    ],
+)
+def test_failed_agents_exit_1_and_keep_what_finished(tmp_path: Path, policy: list[str], after_the_failure: list[str]):
     result = CliRunner().invoke(
-        app, ["exec", str(EXAMPLES / "parallel_research.json"), "--llm", "fake", "--fake-fail", "2", "--run-dir", str(tmp_path / "run")]
+        app, ["exec", str(EXAMPLES / "parallel_research.json"), "--llm", "fake", "--fake-fail", "2", *policy, "--run-dir", str(tmp_path / "run")]
     )
     assert result.exit_code == 1
     assert "❌ [PARALLEL] Agent 2 failed: RESEARCHER" in result.output
-    record = json.loads((tmp_path / "run" / "record.json").read_text())
-    assert [agent["status"] for agent in record["agents"]] == ["ok", "ok", "failed", "ok", "ok"]
+    record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    assert [agent.status for agent in record.agents] == ["ok", "ok", "failed", *after_the_failure]
     assert (tmp_path / "run" / "agents" / "00-researcher.md").exists()
+    if policy:
+        assert "❌ [PARALLEL] Agent 3 skipped: ANALYZER - skipped: input from agent(s) [2] is missing (--on-failure stop)" in result.output
+        assert record.agents[3].started_at is None and record.agents[4].started_at is None  # no LLM call for them
+        assert record.settings["on_failure"] == "stop"  # what a resume of this run goes on with
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -119,6 +135,48 @@ def test_quiet_prints_only_the_final_output(tmp_path: Path):
     result = CliRunner().invoke(app, ["exec", str(EXAMPLES / "parallel_research.json"), "-q", "--llm", "fake", "--run-dir", str(tmp_path / "run")])
     assert result.exit_code == 0
     assert "PARALLEL" not in result.output and "Inputs from agents: 3" in result.output
+
+
+QUERY = "Compare Python, Rust, and Go for web development"
+
+
+def test_plan_prints_the_coordinators_plan_and_its_layers_and_runs_nothing(tmp_path: Path):
+    result = metaagent("plan", QUERY, "--llm", "fake", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == plan_for_query(QUERY)  # stdout holds the plan alone, as a file would
+    assert "🔀 Execution layers (parallel groups): 3" in result.stderr
+    assert "  Layer 0: 3 agents in parallel - ['RESEARCHER', 'RESEARCHER', 'RESEARCHER']" in result.stderr
+    assert "Agent 0" not in result.stdout + result.stderr and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_plan_saves_the_plan_and_the_command_it_prints_runs_it(tmp_path: Path):
+    saved = tmp_path / "plans" / "plan.json"
+    result = metaagent("plan", QUERY, "--llm", "fake", "-o", str(saved), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(saved.read_text()) == plan_for_query(QUERY)
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == "🔀 Execution layers (parallel groups): 3"
+    assert lines[-1] == f"💾 Plan saved to {saved}; run it with: metaagent exec {saved} --query {shlex.quote(QUERY)}"
+    command = shlex.split(lines[-1].split("run it with: metaagent ", 1)[1])
+    run = CliRunner().invoke(app, [*command, "--llm", "fake", "--run-dir", str(tmp_path / "run")])
+    assert run.exit_code == 0, run.output
+    record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    assert record.query == QUERY and record.plan.model_dump(exclude={"depth"}) == plan_for_query(QUERY)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_max_tokens_is_every_agents_answer_budget(tmp_path: Path):
+    with StandInServer(api="openai", responder=lambda body: "one two three four five six seven eight") as server:
+        result = CliRunner().invoke(app, [
+            "exec", str(EXAMPLES / "parallel_research.json"), "--llm", "openai", "--openai-base-url", server.base_url,
+            "--model", "test-model", "--max-tokens", "3", "--run-dir", str(tmp_path / "run"),
+        ])
+        bodies = server.chat_bodies()
+    assert result.exit_code == 0, result.output
+    assert len(bodies) == 5 and {body["max_tokens"] for body in bodies} == {3}  # every role, whatever its own budget
+    record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
+    assert {(agent.output, agent.finish_reason) for agent in record.agents} == {("one two three", "length")}
 
 
 def test_version_names_the_installed_distribution() -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,9 +16,15 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from metaagent_ray import AgentStarted, MetaAgent, parse_plan
+from metaagent_ray.agents import AgentContext, run_agent
 from metaagent_ray.cli import app
-from metaagent_ray.record import FailureKind, RunRecord
+from metaagent_ray.llm import LLMConfig
+from metaagent_ray.paths import AgentPath
+from metaagent_ray.plan import AgentSpec, Role
+from metaagent_ray.record import AgentRecord, FailureKind, RunRecord
+from metaagent_ray.settings import RunSettings
 from tests.conftest import EXAMPLES
+from tests.test_run_endings import start, wait_for_line
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -51,6 +60,35 @@ def test_a_transient_failure_is_retried():
 def test_retries_run_out():
     record = run("2:5", retries=1)
     assert record.agents[2].status == "failed" and record.agents[2].attempts == 2
+
+
+def backoff_of(monkeypatch: pytest.MonkeyPatch, fail: str, retries: int, *, draw: str = "high") -> tuple[AgentRecord, list[float]]:
+    """Agent 0 run in this thread against the fake backend failing as `fail` says: its record, and the
+    seconds it slept between tries (time.sleep is recorded here, not slept; other threads still sleep).
+    The jitter's random draws give the `high` or the `low` end of their range."""
+    slept: list[float] = []
+    real_sleep, this_thread = time.sleep, threading.get_ident()
+    monkeypatch.setattr(time, "sleep", lambda seconds: slept.append(seconds) if threading.get_ident() == this_thread else real_sleep(seconds))
+    monkeypatch.setattr(random, "uniform", (lambda low, high: high) if draw == "high" else (lambda low, high: low))
+    spec = AgentSpec(role=Role.RESEARCHER, task="Research A", depends_on=[])
+    llm = LLMConfig(backend="fake", options={"fail": fail})
+    context = AgentContext(path=AgentPath((0,)), spec=spec, query="q", llm=llm, limits=RunSettings(retries=retries).limits())
+    return run_agent(context, [], {}), slept
+
+
+def test_retries_wait_an_exponential_backoff_with_jitter(monkeypatch: pytest.MonkeyPatch):
+    result, longest = backoff_of(monkeypatch, "0:6", retries=6, draw="high")
+    assert result.status == "ok" and result.attempts == 7
+    assert longest == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0]  # at most: doubling from 0.5 s up to the cap of 8 s
+    _, shortest = backoff_of(monkeypatch, "0:6", retries=6, draw="low")
+    assert len(shortest) == 6 and all(short < long for short, long in zip(shortest, longest))  # a random share of it
+
+
+@pytest.mark.parametrize(("fail", "retries", "attempts"), [("0", 3, 1), ("0:5", 2, 3)])
+def test_no_wait_after_a_permanent_failure_or_the_last_try(monkeypatch: pytest.MonkeyPatch, fail: str, retries: int, attempts: int):
+    result, slept = backoff_of(monkeypatch, fail, retries)
+    assert result.status == "failed" and result.attempts == attempts
+    assert len(slept) == attempts - 1  # a wait only between tries
 
 
 def test_a_hung_call_is_ended_by_the_agent_timeout():
@@ -156,19 +194,10 @@ def test_every_agent_ends_in_one_final_state_that_agrees_with_the_policy(case: t
 
 
 def test_ctrl_c_cancels_saves_what_finished_and_prints_the_resume_command(ray_cluster, tmp_path: Path, latency_file):
-    import subprocess
-    import sys
-
     run_dir = tmp_path / "run"
     latency = latency_file({"default": 0.2, "1": 30.0, "2": 30.0, "3": 30.0})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "metaagent_ray", "exec", str(PLAN), "--llm", "fake", "--fake-latency", latency,
-         "--address", ray_cluster.address, "--run-dir", str(run_dir)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    assert process.stdout is not None
-    while "✅ [PARALLEL] Agent 0 completed" not in process.stdout.readline():
-        pass
+    process = start("exec", str(PLAN), "--llm", "fake", "--fake-latency", latency, "--address", ray_cluster.address, "--run-dir", str(run_dir))
+    wait_for_line(process, "✅ [PARALLEL] Agent 0 completed")  # fails with what it printed if the command ends first
     process.send_signal(signal.SIGINT)
     _, errors = process.communicate(timeout=60)
     assert process.returncode == 130

@@ -7,6 +7,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import zlib
 from html import escape
 from pathlib import Path
@@ -116,6 +117,33 @@ def test_the_report_command_rebuilds_the_page(run_dir: Path):
     assert (run_dir / "report.html").exists() and str(run_dir / "report.html") in result.output
     missing = CliRunner().invoke(app, ["report", str(run_dir / "nope")])
     assert missing.exit_code == 2 and "not a run directory" in missing.output
+
+
+def open_report(run_dir: Path, tmp_path: Path, *, browser_exit: int) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """`metaagent report RUN_DIR --open` with a stand-in browser: $BROWSER names a script that writes the address
+    it is asked to open to a file and exits `browser_exit`; no other browser is found (no display, an empty PATH)."""
+    asked, script, empty = tmp_path / "asked.txt", tmp_path / "browser", tmp_path / "empty"
+    script.write_text(f'#!/bin/sh\nprintf "%s" "$1" > "{asked}"\nexit {browser_exit}\n')
+    script.chmod(0o755)
+    empty.mkdir()
+    environment = {key: value for key, value in os.environ.items() if key not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    environment.update(BROWSER=str(script), PATH=str(empty))
+    command = [sys.executable, "-m", "metaagent_ray", "report", str(run_dir), "--open"]
+    return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=120), asked
+
+
+def test_report_open_asks_the_browser_for_the_report(run_dir: Path, tmp_path: Path):
+    result, asked = open_report(run_dir, tmp_path, browser_exit=0)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(run_dir / "report.html")
+    assert asked.read_text() == (run_dir / "report.html").resolve().as_uri()
+
+
+def test_report_open_without_a_browser_that_opens_it_is_one_line_and_exit_1(run_dir: Path, tmp_path: Path):
+    result, asked = open_report(run_dir, tmp_path, browser_exit=1)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: no web browser found to open {run_dir / 'report.html'}; open it yourself"
+    assert asked.read_text() == (run_dir / "report.html").resolve().as_uri()  # it was asked, and said no
 
 
 def test_ray_timeline_writes_rays_chrome_trace_of_the_run(ray_session, tmp_path: Path):

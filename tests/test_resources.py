@@ -279,12 +279,12 @@ def test_resources_command_prints_figures_reasoning_and_count() -> None:
     assert f"llm_slot = {slots}: " in result.output
 
 
-def test_node_resources_command_prints_only_the_json() -> None:
-    result = runner.invoke(app, ["node-resources", "--llm", "fake"])
+def test_node_resources_command_prints_only_the_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 10 GiB free of 16: - 2 GiB headroom - 74 MiB executor = 7.9 GiB; / (2000 MB model + 160 KiB agent) per slot -> 4
+    monkeypatch.setattr(resources, "node_capacity", lambda: node(free_gib=10, total_gib=16, cpus=8))
+    result = runner.invoke(app, ["node-resources", "--llm", "fake", "--fake-model-mb", "2000"])
     assert result.exit_code == 0, result.output
-    assert len(result.output.splitlines()) == 1
-    resources_json = json.loads(result.output)
-    assert list(resources_json) == ["llm_slot"] and 1 <= resources_json["llm_slot"] <= MAX_SLOTS
+    assert result.output == '{"llm_slot": 4}\n'
 
 
 def test_resources_command_with_ollama_names_the_server_bound(monkeypatch: pytest.MonkeyPatch) -> None:
