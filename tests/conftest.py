@@ -33,6 +33,15 @@ HEAD_SLOTS, WORKER_SLOTS = 8, 4  # llm_slot per node; runs with --slots N <= 12 
 LOGICAL_GPUS = 2
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+# Agent 0 delegates (the fake LLM answers DELEGATE to a task marked [delegate]); 2 needs 0 and 1.
+DELEGATING_PLAN = {
+    "description": "one agent delegates",
+    "agents": [
+        {"role": "RESEARCHER", "task": "Survey the field [delegate]", "depends_on": []},
+        {"role": "RESEARCHER", "task": "Check the facts", "depends_on": []},
+        {"role": "SYNTHESIZER", "task": "Write it up", "depends_on": [0, 1]},
+    ],
+}
 PLUGIN = Path(__file__).resolve().parent / "plugin" / "metaagent_echo_backend.py"
 
 

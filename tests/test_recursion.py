@@ -10,17 +10,10 @@ import pytest
 
 from metaagent_ray import MetaAgent, Notice
 from metaagent_ray.record import AgentRecord
+from tests.conftest import DELEGATING_PLAN
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
-PLAN = {
-    "description": "recursive",
-    "agents": [
-        {"role": "RESEARCHER", "task": "Survey the field [delegate]", "depends_on": []},
-        {"role": "RESEARCHER", "task": "Check the facts", "depends_on": []},
-        {"role": "SYNTHESIZER", "task": "Write it up", "depends_on": [0, 1]},
-    ],
-}
 
 
 def depth_of(agent: AgentRecord) -> int:
@@ -37,7 +30,7 @@ def all_agents(agents: list[AgentRecord]) -> list[AgentRecord]:
 @pytest.mark.parametrize("slots", [1, 2])
 @pytest.mark.parametrize("max_depth", [2, 3])
 def test_recursive_plans_finish_under_few_slots(slots: int, max_depth: int):
-    record = MetaAgent(llm="fake", slots=slots, max_depth=max_depth).execute(PLAN, "q", save=False)
+    record = MetaAgent(llm="fake", slots=slots, max_depth=max_depth).execute(DELEGATING_PLAN, "q", save=False)
     assert record.status == "ok"
     delegating = record.agents[0]
     assert depth_of(delegating) == max_depth
@@ -59,7 +52,7 @@ def test_recursive_plans_finish_under_few_slots(slots: int, max_depth: int):
 
 def test_the_total_agent_budget_ends_delegation_with_a_warning():
     events: list = []
-    record = MetaAgent(llm="fake", max_depth=3, max_total_agents=6, on_event=events.append).execute(PLAN, "q", save=False)
+    record = MetaAgent(llm="fake", max_depth=3, max_total_agents=6, on_event=events.append).execute(DELEGATING_PLAN, "q", save=False)
     assert record.status == "ok"
     assert depth_of(record.agents[0]) == 1  # 3 top-level + 3 in the first sub-plan; the next would exceed 6
     warnings = [event.text for event in events if isinstance(event, Notice) and event.warning]
@@ -68,5 +61,5 @@ def test_the_total_agent_budget_ends_delegation_with_a_warning():
 
 
 def test_no_delegation_at_max_depth_zero():
-    record = MetaAgent(llm="fake", max_depth=0).execute(PLAN, "q", save=False)
+    record = MetaAgent(llm="fake", max_depth=0).execute(DELEGATING_PLAN, "q", save=False)
     assert record.agents[0].sub_run is None and record.agents[0].output.startswith("[RESEARCHER] agent 0")

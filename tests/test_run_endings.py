@@ -23,17 +23,9 @@ from metaagent_ray import AgentStarted, MetaAgent, load_plan, run_directory
 from metaagent_ray.cli import app
 from metaagent_ray.record import RunRecord
 from metaagent_ray.run_directory import CHECKPOINT_INTERVAL_S, RunDirectory
-from tests.conftest import EXAMPLES
+from tests.conftest import DELEGATING_PLAN, EXAMPLES
 
 PLAN = EXAMPLES / "business_plan.json"  # 0,1,2,3 -> 4(0,1), 5(0,1) -> 6(2,4), 7(3,4) -> 8(5,6,7)
-DELEGATING = {
-    "description": "one agent delegates",
-    "agents": [
-        {"role": "RESEARCHER", "task": "Survey the field [delegate]", "depends_on": []},
-        {"role": "RESEARCHER", "task": "Check the facts", "depends_on": []},
-        {"role": "SYNTHESIZER", "task": "Write it up", "depends_on": [0, 1]},
-    ],
-}
 
 
 def load(run_dir: Path) -> RunRecord:
@@ -116,7 +108,7 @@ def sub_agent_statuses(run_dir: Path) -> list[str] | None:
 
 def test_finished_sub_agents_survive_a_killed_driver_and_resume_reuses_them(ray_cluster, tmp_path: Path, latency_file):
     plan_file = tmp_path / "plan.json"
-    plan_file.write_text(json.dumps(DELEGATING))
+    plan_file.write_text(json.dumps(DELEGATING_PLAN))
     run_dir = tmp_path / "run"
     latency = latency_file({"default": 0.1, "2": 60.0})  # sub-agent 0.2 (and the final agent 2) are slow
     process = start("exec", str(plan_file), "--llm", "fake", "--fake-latency", latency, "--max-depth", "1",
