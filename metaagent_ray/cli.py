@@ -502,10 +502,8 @@ def _follow(address: str, job_id: str, options: RunOptions) -> None:
         say(f"💾 Run brought back to {outcome.run_dir}")
         if options.record is not None:
             copy_record(outcome.run_dir, options.record)
-    if outcome.status == "SUCCEEDED":
-        return
-    reason = next(iter(outcome.message.splitlines()), "")  # Ray appends the log's tail, which was printed already
-    _fail(f"job {job_id} {outcome.status.lower()}" + (f": {reason}" if reason else ""), 130 if outcome.status == "STOPPED" else 1)
+    if outcome.exit_code != 0:
+        _fail(outcome.failure(), outcome.exit_code)
 
 
 def _ask_stop(job_id: str) -> bool:

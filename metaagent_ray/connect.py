@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -18,9 +19,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import ray
-import ray._private.ray_constants as ray_constants
-from ray._private.services import canonicalize_bootstrap_address_or_die
-from ray._raylet import GcsClient
+import ray._private.ray_constants as ray_constants  # no public switch: see _loopback_only
+from ray._raylet import GcsClient  # no public bounded GCS call: see _check_gcs
 
 from .errors import ConfigError
 from .interrupts import keeping_handlers, stop_signals_ignored
@@ -122,17 +122,17 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> RayConnecti
     plan = default_slots(llm) if llm is not None else None
     node_slots = max(options.slots or 0, plan.slots if plan else 0) or None
     resources = {SLOT_RESOURCE: float(node_slots)} if node_slots else {}
-    _loopback_only()
     _private_token_file()
     try:
-        keeping_handlers(
-            lambda: ray.init(
-                address="local",  # a new instance of our own, even when another Ray runs on this machine
-                _node_ip_address=LOOPBACK,
-                resources=resources,
-                **common,
+        with _loopback_only():
+            keeping_handlers(
+                lambda: ray.init(
+                    address="local",  # a new instance of our own, even when another Ray runs on this machine
+                    _node_ip_address=LOOPBACK,
+                    resources=resources,
+                    **common,
+                )
             )
-        )
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise ConfigError(f"cannot start Ray on this machine: {error}") from None
     _embedded = True
@@ -140,16 +140,24 @@ def ensure_ray(options: RayOptions, llm: LLMConfig | None = None) -> RayConnecti
     return _connection
 
 
-def _loopback_only() -> None:
-    """Make the Ray about to start listen on loopback only, unreachable from the network.
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While Ray starts here, make its node address loopback, so that every server it starts (GCS,
+    raylet, agents, workers: all are given that address) listens on loopback only.
 
-    On Linux Ray treats every machine as a would-be cluster node: it advertises the machine's network
-    address and its servers listen on every interface. What Ray does on laptops (macOS, Windows) is
-    what an embedded run wants, and Ray reads that switch from its constants in this process and from
-    the environment in the processes it starts (GCS, raylet, dashboard agent, workers).
+    On Linux `ray.init` turns `_node_ip_address=127.0.0.1` into the machine's network address, and
+    its servers then listen on every interface. Ray keeps the address given only where it does not
+    form clusters (macOS, Windows), a switch it reads once, at import, from
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER: long before this runs. Ray has no public option for it, so
+    the switch is set in this process for the start only (the processes Ray starts take the address
+    from their command line, and need nothing).
     """
-    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    saved = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
 
 
 def _private_token_file() -> None:
@@ -196,10 +204,9 @@ def _reachable(address: str, verbose: bool) -> str:
             "a driver connects to the head's GCS port instead (HEAD:6379)"
         )
     if address == "auto":
-        try:
-            address = canonicalize_bootstrap_address_or_die("auto")
-        except ConnectionError:
-            raise ConfigError("--address auto: no Ray cluster started with `ray start` runs on this machine") from None
+        address = latest_cluster()
+        if address is None:
+            raise ConfigError("--address auto: no Ray cluster started with `ray start` runs on this machine")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(
@@ -209,6 +216,22 @@ def _reachable(address: str, verbose: bool) -> str:
     if not address.startswith("ray://"):
         _check_gcs(address, verbose)
     return address
+
+
+def latest_cluster() -> str | None:
+    """The address `--address auto` means, by the rules `ray.init(address="auto")` documents:
+    RAY_ADDRESS, else the GCS address the last `ray start` on this machine wrote to
+    /tmp/ray/ray_current_cluster (RAY_TMPDIR, or on Linux TMPDIR, moves /tmp, as for Ray).
+
+    Ray's own lookup also takes any GCS process it finds running, and waits minutes on a head that
+    died leaving the file; here the address goes through the same bounded checks as any other.
+    """
+    if os.environ.get(RAY_ADDRESS):
+        return os.environ[RAY_ADDRESS]
+    temp = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None) or "/tmp"
+    with contextlib.suppress(OSError):
+        return (Path(temp) / "ray" / "ray_current_cluster").read_text(encoding="utf-8").strip() or None
+    return None
 
 
 def check_port(address: str, host: str, port: int, started_by: str) -> None:
@@ -224,7 +247,12 @@ def check_port(address: str, host: str, port: int, started_by: str) -> None:
 
 
 def _check_gcs(address: str, verbose: bool) -> None:
-    """Ask the head's GCS for its nodes, in a thread bounded by CONNECT_TIMEOUT_S (Ray's own retry is long)."""
+    """Ask the head's GCS for its nodes, in a thread bounded by CONNECT_TIMEOUT_S.
+
+    Ray's own GcsClient, because no public Ray call asks a GCS with a deadline and says when it
+    rejects the token: `ray.init` retries for minutes on a port that accepts and never answers, and
+    after 20 s reports a missing token as a bare ConnectionError.
+    """
     outcome: list[BaseException | None] = []
 
     def ask() -> None:

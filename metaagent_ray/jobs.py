@@ -29,7 +29,7 @@ from typing import TextIO
 from urllib.parse import urlsplit
 
 from ray.exceptions import AuthenticationError
-from ray.job_submission import JobSubmissionClient
+from ray.job_submission import JobStatus, JobSubmissionClient
 
 from .connect import check_port, token_advice
 from .errors import ConfigError
@@ -169,9 +169,20 @@ class JobOutcome:
     """How a followed job ended and where its run directory was brought back (None if it was not)."""
 
     job_id: str
-    status: str
+    status: JobStatus
     message: str
     run_dir: Path | None
+
+    @property
+    def exit_code(self) -> int:
+        """The command's exit code, as the job's: 0 succeeded, 130 stopped (as by Ctrl-C), else 1."""
+        return {JobStatus.SUCCEEDED: 0, JobStatus.STOPPED: 130}.get(self.status, 1)
+
+    def failure(self) -> str:
+        """One line for a job that did not succeed: its status and the first line of Ray's reason
+        (Ray appends the log's tail to it, which was printed already)."""
+        reason = next(iter(self.message.splitlines()), "")
+        return f"job {self.job_id} {self.status.value.lower()}" + (f": {reason}" if reason else "")
 
 
 def follow_job(address: str, job_id: str, log: JobLog, *, destination: Path | None = None) -> JobOutcome:
@@ -184,7 +195,7 @@ def follow_job(address: str, job_id: str, log: JobLog, *, destination: Path | No
     log.close()
     info = client.get_job_info(job_id)
     run_dir = unpack_run_dir(log.archive, destination) if log.complete else None
-    return JobOutcome(job_id=job_id, status=str(info.status), message=info.message or "", run_dir=run_dir)
+    return JobOutcome(job_id=job_id, status=JobStatus(info.status), message=info.message or "", run_dir=run_dir)
 
 
 async def _tail_from(client: JobSubmissionClient, job_id: str, log: JobLog) -> None:

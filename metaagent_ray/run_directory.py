@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+from . import files
 from .errors import ConfigError, MetaAgentError
 from .record import AgentRecord, RunRecord
 from .report import report_html
@@ -299,19 +300,9 @@ def make_directories(path: Path) -> None:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` in one step, so a reader never sees half a file.
-
-    (The atomic write of this module; one shared helper may replace it.)"""
+    """Replace `path` in one step, so a reader never sees half a file; its directories are made as a run's."""
     make_directories(path.parent)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would hide the run's files from other users
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    files.write_atomic(path, text)
 
 
 def save_record(path: Path, record: RunRecord) -> None:

@@ -75,6 +75,25 @@ def test_an_address_that_accepts_but_never_answers_is_bounded(tmp_path: Path, si
     assert list(tmp_path.iterdir()) == []
 
 
+def test_address_auto_without_a_cluster_started_here_is_one_line(tmp_path: Path, tmp_path_factory):
+    ray_tmp = tmp_path_factory.mktemp("ray-tmp")  # where `ray start` would leave its address: nothing there
+    result = _exec(tmp_path, "--address", "auto", RAY_TMPDIR=str(ray_tmp))
+    assert result.returncode == 2
+    assert _one_line(result) == "error: --address auto: no Ray cluster started with `ray start` runs on this machine"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_address_auto_finds_the_address_ray_start_left_and_checks_it_like_any_other(tmp_path: Path, tmp_path_factory):
+    ray_tmp = tmp_path_factory.mktemp("ray-tmp")
+    port = _closed_port()  # a head that died and left its address behind
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{port}\n")
+    result = _exec(tmp_path, "--address", "auto", RAY_TMPDIR=str(ray_tmp))
+    assert result.returncode == 2
+    assert _one_line(result).startswith(f"error: cannot reach the Ray cluster at 127.0.0.1:{port}: connection refused")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_dashboard_url_given_to_a_driver_says_to_submit(tmp_path: Path):
     result = _exec(tmp_path, RAY_ADDRESS="http://127.0.0.1:8265")
     assert result.returncode == 2

@@ -8,12 +8,13 @@ import random
 from pathlib import Path
 
 import pytest
+from ray.job_submission import JobStatus
 from typer.testing import CliRunner
 
 from metaagent_ray import MetaAgent, load_plan
 from metaagent_ray.api import load_record
 from metaagent_ray.cli import RunOptions, _job_arguments, app
-from metaagent_ray.jobs import JobLog, JobRequest, print_run_archive, unpack_run_dir
+from metaagent_ray.jobs import JobLog, JobOutcome, JobRequest, print_run_archive, unpack_run_dir
 from tests.conftest import EXAMPLES
 
 
@@ -72,3 +73,19 @@ def test_bad_submit_options_are_one_line(args: list[str], line: str, monkeypatch
     result = CliRunner().invoke(app, ["submit", *args])
     assert result.exit_code == 2
     assert result.output.strip() == line
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "line"),
+    [
+        (JobStatus.SUCCEEDED, 0, "job raysubmit_1 succeeded"),
+        (JobStatus.STOPPED, 130, "job raysubmit_1 stopped: Job was intentionally stopped."),
+        (JobStatus.FAILED, 1, "job raysubmit_1 failed: Job entrypoint command failed with exit code 1."),
+    ],
+)
+def test_a_followed_job_ends_the_command_as_the_job_ended(status: JobStatus, code: int, line: str):
+    message = {JobStatus.SUCCEEDED: "", JobStatus.STOPPED: "Job was intentionally stopped.",
+               JobStatus.FAILED: "Job entrypoint command failed with exit code 1.\nlast lines of the log, printed already"}[status]  # fmt: skip
+    outcome = JobOutcome(job_id="raysubmit_1", status=status, message=message, run_dir=None)
+    assert outcome.exit_code == code
+    assert outcome.failure() == line

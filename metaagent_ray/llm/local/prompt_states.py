@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from pathlib import Path
 from typing import Literal
 
 import httpx
 
+from ...files import replacing
 from ..base import user_cache_dir
 
 PREFIX_SLOT = 0
@@ -50,9 +50,8 @@ async def hold_prefix(client: httpx.AsyncClient, cache: str, key: str, prefix: s
     read = await client.post("/v1/completions", json={"prompt": prefix, "max_tokens": 0, "id_slot": PREFIX_SLOT, "cache_prompt": True})
     if read.status_code != 200:
         return None
-    partial = f"{name}.{os.getpid()}.partial"  # renamed into place whole: another run may restore it at any time
-    saved = await client.post(f"/slots/{PREFIX_SLOT}?action=save", json={"filename": partial})
-    if saved.status_code == 200:
-        with contextlib.suppress(OSError):  # not saved: a later run reads the prompt again, nothing worse
-            os.replace(directory / partial, directory / name)
+    with contextlib.suppress(OSError), replacing(directory / name) as partial:  # another run may restore it at any time
+        saved = await client.post(f"/slots/{PREFIX_SLOT}?action=save", json={"filename": partial.name})
+        if saved.status_code != 200:  # not saved: a later run reads the prompt again, nothing worse
+            partial.unlink(missing_ok=True)
     return "read"
