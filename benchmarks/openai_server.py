@@ -41,8 +41,9 @@ def run_once(command: list[str], run_dir: Path) -> tuple[float, RunRecord]:
 
 
 def summary(record: RunRecord) -> str:
-    completions = [(agent.tokens or {}).get("completion", 0) for agent in record.agents]
-    written = sum(completions) + ((record.coordinator.tokens or {}).get("completion", 0) if record.coordinator else 0)
+    completions = [agent.tokens.completion if agent.tokens else 0 for agent in record.agents]
+    coordinator = record.coordinator.tokens if record.coordinator else None
+    written = sum(completions) + (coordinator.completion if coordinator else 0)
     cut = sum(agent.repetition_cut for agent in record.agents)
     marked = sum(any(marker in agent.output for marker in TEMPLATE_MARKERS) for agent in record.agents)
     return f"{len(record.agents)} agents {record.status}, {written} tokens written, most {max(completions)} by one agent, {cut} cut, {marked} with markers"

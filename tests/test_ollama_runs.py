@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from metaagent_ray import MetaAgent
 from metaagent_ray.cli import app
 from metaagent_ray.plan import plan_json_schema
+from metaagent_ray.record import RecordedLLM
 from tests.conftest import EXAMPLES
 from tests.ollama_server import allow_model_requests_to
 
@@ -61,7 +62,7 @@ def test_a_run_through_ollama_plans_with_the_schema_and_names_the_model_in_every
     for agent_record in record.agents:
         assert agent_record.tokens is not None and agent_record.tokens.completion > 0
         assert agent_record.llm_ms is not None and agent_record.llm_ms > 0
-    assert record.llm == {"backend": "ollama", "model": "qwen-test:0.5b"}
+    assert record.llm == RecordedLLM(backend="ollama", model="qwen-test:0.5b")
 
 
 def test_slots_2_never_lets_more_than_two_calls_reach_the_server(ollama_server):

@@ -238,7 +238,7 @@ def test_the_readme_query_through_llama_cpps_own_server_is_bounded(tmp_path) -> 
     record = RunRecord.model_validate_json((tmp_path / "run" / "record.json").read_text())
     budgets = RunSettings().answer_tokens.document
     assert record.llm.backend == "openai" and record.coordinator is not None
-    assert (record.coordinator.tokens or {}).get("completion", 0) <= budgets.plan * record.coordinator.attempts
+    assert record.coordinator.tokens is not None and record.coordinator.tokens.completion <= budgets.plan * record.coordinator.attempts
     for agent in record.agents:
         assert agent.status == "ok" and agent.output.strip(), agent
         assert not any(marker in agent.output for marker in TEMPLATE_MARKERS), agent.output
