@@ -10,7 +10,7 @@ first (Ray's queues are first come, first served), bounds the call by a deadline
 again when its executor died and, when the agent delegated, submits the sub-plan the same way and
 awaits its refs. Dependents take the supervised result, so an agent never holds an LLM slot while it
 waits for others. Everything that happens is published on the run's event stream, which the driver
-follows (runtime.py).
+follows (follow.py). The driver reaches its run in the hub through a typed `RunChannel`.
 """
 
 from __future__ import annotations
