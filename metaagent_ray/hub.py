@@ -56,7 +56,7 @@ class AgentOrder:
 
     context: AgentContext
     dependency_specs: dict[int, AgentSpec]
-    priority: int  # its remaining path: under a slot cap, the longest goes first
+    priority: float  # its remaining path: under a slot cap, the longest goes first
     kept: AgentRecord | None = None  # what a resume keeps of it: an `ok` one is passed on, a `delegated` one's sub-plan continues
 
 
@@ -103,7 +103,7 @@ def agent_order(
     limits: Limits,
     depth: int,
     layer: int,
-    priority: int,
+    priority: float,
     kept: AgentRecord | None = None,
 ) -> AgentOrder:
     """One agent's order, stamped with the time it is handed to the hub."""

@@ -87,7 +87,7 @@ class ReadyAgent:
     agent_id: int
     spec: AgentSpec
     layer: int
-    priority: int
+    priority: float
 
 
 @dataclass
@@ -151,7 +151,7 @@ class StreamedPlan:
         # start of an edge to an agent that names it, so it never lies after these.
         remaining = remaining_path(self._graph, of=[agent.agent_id for agent in ready])
         for agent in ready:
-            agent.priority = int(remaining[agent.agent_id])
+            agent.priority = remaining[agent.agent_id]
         return ready
 
     def discard(self, reason: str) -> None:
