@@ -24,6 +24,7 @@ from .plan import AgentSpec
 from .prompts import load_prompt
 from .record import AgentRecord, FailureKind, SubRunRecord, valid_text
 from .settings import Limits
+from .tracing import TraceParent, complete
 
 DELEGATE = "DELEGATE"
 # An agent's document prompt (its role's worked examples, then its notes and task) ends where the
@@ -56,6 +57,7 @@ class AgentContext:
     layer: int = 0
     delegation_allowed: bool = True  # False once the run's total agent budget is spent
     submitted_at: float | None = None  # when the runtime handed the agent to Ray
+    trace: TraceParent | None = None  # its `invoke_agent` span, set by the hub when the run is traced (tracing.py)
 
     @property
     def agent_id(self) -> int:
@@ -157,7 +159,7 @@ def call_with_retries(llm: LLM, request: LLMRequest, retries: int) -> tuple[LLMR
     def once() -> LLMResponse:
         nonlocal tries
         tries += 1
-        return llm.complete(replace(request, attempt=tries))
+        return complete(llm, replace(request, attempt=tries))
 
     try:
         return retrying(once), tries

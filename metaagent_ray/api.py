@@ -28,6 +28,7 @@ from .run_directory import RunDirectory, RunFiles, nearest_existing, new_run_fil
 from .runtime import execute_plan, plan_and_execute, write_ray_timeline
 from .settings import RunSettings
 from .stops import PlanningInterrupted, RunStopped
+from .tracing import exporting
 from .version import __version__
 
 __all__ = [  # this module's own names, and those it passes on from the rooms below it
@@ -240,6 +241,7 @@ class MetaAgent:
         self.verbose = verbose
         self.stream = stream
         self.stream_plan = stream_plan
+        self._trace = exporting(self.settings.otel)  # read once: `--otel` without the extra fails here, before anything runs
         self._llm_config: LLMConfig | None = None
         self._connection: RayConnection | None = None
         self._pool: PoolHandle | None = None
@@ -340,6 +342,7 @@ class MetaAgent:
                 stream=self.stream,
                 stream_plan=self.stream_plan,
                 planning=PlanningStarted(llm=llm.describe()),
+                trace=self._trace,
             ),
             record_path,
             ray_timeline,
@@ -463,6 +466,7 @@ class MetaAgent:
                 settings=self.settings.stored(),
                 earlier=earlier,
                 stream=self.stream,
+                trace=self._trace,
             ),
             record_path,
             ray_timeline,

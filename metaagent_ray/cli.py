@@ -170,6 +170,10 @@ class RunOptions:
     ray_timeline: Annotated[
         Optional[Path], typer.Option("--ray-timeline", help="Write Ray's own chrome trace of the run (ray.timeline) to this file.")
     ] = None
+    otel: Annotated[
+        bool,
+        typer.Option("--otel", help="Export the run as an OpenTelemetry trace (OTLP/HTTP; on anyway when $OTEL_EXPORTER_OTLP_ENDPOINT is set)."),
+    ] = False
     progress: Annotated[str, typer.Option("--progress", help="auto (live view in a terminal, plain lines otherwise), live or plain.")] = (
         "auto"
     )
@@ -216,6 +220,7 @@ class RunOptions:
             "max_agents": self.max_agents,
             "max_total_agents": self.max_total_agents,
             "max_tokens": self.max_tokens,
+            "otel": self.otel or None,
             "pool": {"instances": self.gpu_instances, "model": self.model, **pool} if self.gpu_instances is not None else None,
         }
         return {key: value for key, value in given.items() if value is not None}

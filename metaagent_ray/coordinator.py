@@ -25,6 +25,7 @@ from .plan import ExecutionPlan, explain, plan_json_schema, too_many_agents
 from .prompts import load_prompt
 from .record import CoordinatorRecord
 from .subjects import QueryShape
+from .tracing import complete, plan_span
 
 COORDINATOR_TRIES = 2
 # The worked example shown last, by the request's shape: a small model copies the nearest example's
@@ -135,6 +136,7 @@ class Coordinator:
         )
 
 
+@plan_span
 def make_plan(
     query: str,
     llm: LLM,
@@ -171,7 +173,7 @@ def make_plan(
         )
         record.attempts = attempt
         try:
-            response = llm.complete(request)
+            response = complete(llm, request)
         except LLMError as error:
             if not error.transient or attempt == COORDINATOR_TRIES:
                 raise CoordinatorError(f"the coordinator's LLM call failed: {error}") from None

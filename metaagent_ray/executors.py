@@ -34,6 +34,7 @@ from .events import TokenCounter
 from .plan import AgentSpec
 from .record import AgentRecord
 from .resources import MAX_SLOTS, SLOT_RESOURCE
+from .tracing import continued
 
 EXECUTOR_START_TIMEOUT_S = 30.0
 EXECUTOR_STOP_TIMEOUT_S = 2.0
@@ -55,7 +56,8 @@ class AgentExecutor:
         awaited); without one none is sent (an actor handle costs more to send than the rest of the call).
         """
         on_text = TokenCounter(context.path, lambda event: stream_to.post.remote(run_id, event)) if stream_to is not None else None
-        result = run_agent(context, inputs, dependency_specs, on_text)
+        with continued(context.trace, context.llm):  # its LLM calls as spans under the agent's, when the run is traced
+            result = run_agent(context, inputs, dependency_specs, on_text)
         result.node = ray.get_runtime_context().get_node_id()
         return result
 

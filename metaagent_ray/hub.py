@@ -33,6 +33,7 @@ from .paths import ROOT, AgentPath
 from .plan import AgentSpec, ExecutionPlan
 from .record import AgentRecord, FailureKind, compose_final_output, kept_agents
 from .settings import Limits
+from .tracing import AgentSpans, TraceParent
 
 # The executor running an agent died (its process, and Ray restarts it) or cannot come back (its node is gone).
 EXECUTOR_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnschedulableError)
@@ -48,6 +49,7 @@ class Submission:
     llm: LLMConfig
     limits: Limits
     stream: bool = False  # agents stream their answers to the driver as `TokensArrived` events
+    trace: TraceParent | None = None  # the run's span, when it is traced: its agents' spans are its children
 
 
 @dataclass(frozen=True)
@@ -159,6 +161,7 @@ class _HubRun:
     submission: Submission
     executors: list[Executor]
     slots: SlotPool
+    spans: AgentSpans  # its agents' `invoke_agent` spans (tracing.py)
     events: asyncio.Queue[StreamItem | None] = field(default_factory=asyncio.Queue)  # None ends the stream
     results: dict[AgentPath, ray.ObjectRef] = field(default_factory=dict)  # its supervised result
     orders: dict[AgentPath, AgentOrder] = field(default_factory=dict)  # until Ray starts its supervision
@@ -192,7 +195,7 @@ class RunHub:
 
     async def open_run(self, submission: Submission, executors: list[Executor]) -> None:
         slots = SlotPool({index: executor.slots for index, executor in enumerate(executors)})
-        self._runs[submission.run_id] = _HubRun(submission, executors, slots)
+        self._runs[submission.run_id] = _HubRun(submission, executors, slots, AgentSpans(submission.trace))
 
     async def submit(self, run_id: str, orders: list[AgentOrder]) -> None:
         """Start supervising these agents (each order after its dependencies' orders)."""
@@ -241,6 +244,8 @@ class RunHub:
         run = self._runs.pop(run_id, None)
         if run is not None:
             run.events.put_nowait(None)
+            run.spans.close()
+            await asyncio.to_thread(run.spans.flush)
 
     async def supervise(self, run_id: str, path: AgentPath, *inputs: AgentRecord) -> AgentRecord:
         """The agent's final result: its work's, or its sub-plan's when it delegated. Ray calls it with its
@@ -250,6 +255,7 @@ class RunHub:
         """
         run = self._runs[run_id]
         order = run.orders.pop(path)
+        order = replace(order, context=replace(order.context, trace=run.spans.start(path, order.context.spec)))
         try:
             if order.kept is not None:  # a resumed agent continues its unfinished sub-plan
                 result = order.kept
@@ -264,6 +270,7 @@ class RunHub:
             run.publish(Notice(warning, warning=True))
         result.warnings = []
         run.publish(AgentDone(path, result))
+        run.spans.end(path, result)
         return result
 
     async def _execute(self, run: _HubRun, order: AgentOrder, inputs: tuple[AgentRecord, ...]) -> AgentRecord:
@@ -278,6 +285,7 @@ class RunHub:
                 result, work = await self._run_on(run, order, inputs, index)
             except EXECUTOR_LOST as error:
                 run.processes.pop(index, None)  # Ray restarts it: its new process is waited for
+                run.spans.event(context.path, "executor_lost", error=type(error).__name__)
                 slots.release(index)
                 if isinstance(error, ray.exceptions.ActorUnschedulableError) or not _node_alive(run.executors[index].node):
                     _lose_node(run, index)
@@ -391,6 +399,7 @@ class RunChannel:
 
     def __init__(self, submission: Submission, executors: list[Executor]) -> None:
         self.run_id = submission.run_id
+        self._traced = submission.trace is not None
         self._hub = run_hub()
         ray.get(self._hub.open_run.remote(submission, executors))
 
@@ -413,8 +422,14 @@ class RunChannel:
             log.debug("cancelling the run's agents failed", exc_info=True)
 
     def forget(self) -> None:
-        """The run is over: the hub lets go of it (not waited for)."""
-        self._hub.forget.remote(self.run_id)
+        """The run is over: the hub lets go of it. Waited for (bounded) only when the run is traced: the hub sends
+        its spans then, before the driver may stop Ray."""
+        forgotten = self._hub.forget.remote(self.run_id)
+        if self._traced:
+            try:
+                ray.get(forgotten, timeout=self.CANCEL_TIMEOUT_S)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                log.debug("the hub did not send the run's spans", exc_info=True)
 
 
 async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -> None:

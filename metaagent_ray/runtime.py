@@ -52,6 +52,7 @@ from .resources import SLOT_RESOURCE
 from .run_directory import NOT_SAVED, RunDirectoryError, RunFiles
 from .settings import Limits
 from .stops import PlanningInterrupted, RunBroken, RunInterrupted
+from .tracing import Exporting, RunSpan, continued
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ def execute_plan(
     settings: dict[str, Any] | None = None,
     earlier: RunRecord | None = None,
     stream: bool = False,
+    trace: Exporting | None = None,
 ) -> RunRecord:
     """Run every agent of `plan` on Ray and return the record; `run_dir` (whose lock the caller holds) keeps what
     the agents do as they finish. The planning route of `plan_and_execute`, with a plan that arrives at once.
@@ -85,9 +87,9 @@ def execute_plan(
     When resuming, `earlier` is the record being resumed: what `resume_choice` keeps of it is not
     run again. With `stream`, agents' tokens arrive as `TokensArrived` events while they answer.
     A stop signal raises RunInterrupted and a dead Ray process RunBroken, both after the record is
-    saved with its final status.
+    saved with its final status. With `trace`, the run is exported as an OpenTelemetry trace (tracing.py).
     """
-    with _Run(llm, ray_options, limits, on_event, stream) as run:
+    with _Run(llm, ray_options, limits, on_event, stream, trace) as run:
         plan, _, started = run.plan(query, whole_plan(plan), max_agents=len(plan.agents), stream_plan=False)
         return run.execute(plan, query, run_dir, coordinator, settings or {}, earlier, already_submitted=started)
 
@@ -106,6 +108,7 @@ def plan_and_execute(
     stream: bool = False,
     stream_plan: bool = True,
     planning: PlanningStarted | None = None,
+    trace: Exporting | None = None,
 ) -> RunRecord:
     """Plan with the coordinator and run the plan; with `stream_plan`, each agent as soon as the answer makes it safe.
 
@@ -113,8 +116,9 @@ def plan_and_execute(
     is complete. When the finished plan does not keep what started early (a cycle, a rejected
     answer), that is cancelled, set aside and said, and the plan runs from the start. `planning` is
     said as the coordinator starts: from then on a stop signal is one that interrupted the planning.
+    With `trace`, the run is exported as an OpenTelemetry trace (tracing.py).
     """
-    with _Run(llm, ray_options, limits, on_event, stream) as run:
+    with _Run(llm, ray_options, limits, on_event, stream, trace) as run:
         plan, coordinator, started = run.plan(query, planner, max_agents=max_agents, stream_plan=stream_plan, planning=planning)
         directory = run_dir()
         with directory.locked():
@@ -124,9 +128,12 @@ def plan_and_execute(
 class _Run:
     """One run seen from the driver: its executors, its hub run, and the event stream it follows."""
 
-    def __init__(self, llm: LLMConfig, ray_options: RayOptions, limits: Limits, on_event: EventHandler, stream: bool) -> None:
+    def __init__(
+        self, llm: LLMConfig, ray_options: RayOptions, limits: Limits, on_event: EventHandler, stream: bool, trace: Exporting | None
+    ) -> None:
         self.connection = ensure_ray(ray_options, llm)  # the API connects first, so a run that cannot start leaves nothing on disk
         self.llm, self.ray_options, self.limits, self.on_event, self.stream = llm, ray_options, limits, on_event, stream
+        self.span = RunSpan(trace, llm)
         self.executors: list[Executor] = []
         self.abandoned_calls = False
         self._open()
@@ -134,7 +141,7 @@ class _Run:
     def _open(self) -> None:
         """Start the executors (they start while the caller goes on) and open the run in the hub."""
         self.executors = start_executors(self.ray_options.slots)
-        self.submission = Submission(run_id=uuid.uuid4().hex, llm=self.llm, limits=self.limits, stream=self.stream)
+        self.submission = Submission(run_id=uuid.uuid4().hex, llm=self.llm, limits=self.limits, stream=self.stream, trace=self.span.parent)
         self.channel = RunChannel(self.submission, self.executors)
         self.follower = EventFollower(self.channel, self.on_event)
 
@@ -152,6 +159,7 @@ class _Run:
         # cannot cut this short: the run's end is already decided.
         with stop_signals_ignored():
             self._close(keep=error_type is None and embedded() and not self.abandoned_calls)
+            self.span.end(error_type)
 
     def executors_started(self) -> None:
         """Wait until the executors hold their slots: a run that cannot get them stops before anything is written."""
@@ -186,7 +194,8 @@ class _Run:
 
         def coordinate() -> None:
             try:
-                outcome["plan"] = planner(on_text, streamed.discard)
+                with continued(self.span.parent, self.llm):  # the `plan` span, under the run's, when it is traced
+                    outcome["plan"] = planner(on_text, streamed.discard)
             except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
                 outcome["error"] = error
             channel.post(PlanComplete())
@@ -301,6 +310,7 @@ class _Run:
         run_ended()  # every agent has finished: a stop signal now could only lose the record
         with stop_signals_ignored():
             _end_run(record, run_dir, "ok" if not record.failed_agents() else "failed")
+            self.span.finish(record)
             self.abandoned_calls = any(agent.failure is FailureKind.TIMED_OUT for agent in walk_agents(record.agents))
             self.on_event(RunFinished(record=record))
         return record

@@ -81,6 +81,7 @@ class RunSettings(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)  # every agent's answer budget; None: answer_tokens'
     answer_tokens: AnswerBudgets = Field(default_factory=default_answer_tokens)
     pool: PoolSpec | None = None  # serve the model from this pool of server instances (GPU serving)
+    otel: bool = False  # export the run as an OpenTelemetry trace (also on when OTEL_EXPORTER_OTLP_ENDPOINT is set; tracing.py)
 
     @classmethod
     def default(cls, name: str) -> Any:
