@@ -42,7 +42,9 @@ if TYPE_CHECKING:
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
 DEFAULT_ENDPOINT = "http://localhost:4318"  # OTLP/HTTP's own default
 SERVICE_NAME = "metaagent-ray"
-FLUSH_TIMEOUT_MS = 5000  # a collector that is gone cannot hold an agent or the run's end longer than this
+# How long one export may take, its retries included: a collector that is gone holds each agent's end,
+# and the run's, no longer than this (an executor sends its spans before it returns the agent's result).
+EXPORT_TIMEOUT_S = 3.0
 INSTALL_HINT = "pip install 'metaagent-ray[otel]'"
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ def _provider(exporting: Exporting) -> TracerProvider | None:
             else:
                 # Our own provider, not the global one: an application's own tracing stays as it set it up.
                 provider = TracerProvider(resource=Resource.create({"service.name": exporting.service_name, "process.pid": os.getpid()}))
-                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=exporting.endpoint, headers=dict(exporting.headers))))
+                provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=exporting.endpoint, headers=dict(exporting.headers), timeout=EXPORT_TIMEOUT_S)))
                 _providers[exporting] = provider
         return _providers[exporting]
 
@@ -128,7 +130,7 @@ def flush(exporting: Exporting) -> None:
     """Send this process's finished spans now (bounded): its process may be killed with the run."""
     provider = _provider(exporting)
     if provider is not None:
-        provider.force_flush(FLUSH_TIMEOUT_MS)
+        provider.force_flush(int(EXPORT_TIMEOUT_S * 1000))
 
 
 def _traceparent(span: Span) -> str:
@@ -161,7 +163,7 @@ class RunSpan:
         tracer = _tracer(exporting) if exporting is not None else None
         self._span: Span | None = None
         self.parent: TraceParent | None = None  # what the coordinator's thread and the hub continue
-        if tracer is not None and exporting is not None:
+        if exporting is not None and tracer is not None:
             attributes = {"gen_ai.operation.name": "invoke_workflow", "gen_ai.provider.name": llm.backend}
             if llm.model:
                 attributes["gen_ai.request.model"] = llm.model
@@ -262,10 +264,10 @@ def complete(llm: LLM, request: LLMRequest) -> LLMResponse:
         return response
 
 
-Planner = Callable[..., "tuple[ExecutionPlan, CoordinatorRecord]"]
+MakePlan = Callable[..., tuple[ExecutionPlan, CoordinatorRecord]]
 
 
-def plan_span(make_plan: Planner) -> Planner:
+def plan_span(make_plan: MakePlan) -> MakePlan:
     """Decorates the coordinator's `make_plan`: a `plan` span, holding its `chat` calls, when the thread is in a trace."""
 
     @functools.wraps(make_plan)
