@@ -1,13 +1,14 @@
 """A run as one OpenTelemetry trace, received by a real OTLP/HTTP receiver on 127.0.0.1 (tests/otlp_receiver.py):
 the span tree matches the plan (the run, its plan, every agent once, sub-plans under their delegator, a
 `chat` span per LLM call), the GenAI attributes and token counts are the record's, spans come from the
-hub's and executors' processes, and a Ctrl-C still delivers the spans that finished. Without the
+hub's and executors' processes, and a Ctrl-C or SIGTERM still delivers the spans that finished. Without the
 variables nothing of OpenTelemetry is imported."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -161,15 +162,21 @@ def test_without_the_variables_nothing_of_opentelemetry_is_imported(ray_cluster,
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_ctrl_c_mid_run_still_delivers_the_spans_that_finished(receiver: OTLPReceiver, tmp_path: Path, latency_file, ray_cluster):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stop_mid_run_still_delivers_the_spans_that_finished(
+    receiver: OTLPReceiver, tmp_path: Path, latency_file, ray_cluster, signum: signal.Signals
+):
     latency = latency_file({"default": 0.1, "1": 60.0})
     plan = write_plan(tmp_path / "plan.json", TWO_AND_JOIN)
     run_dir = tmp_path / "run"
     terminal = Terminal("exec", str(plan), "--llm", "fake", "--fake-latency", latency, "--run-dir", str(run_dir), "--address", ray_cluster.address)
     until(lambda: (run_dir / "agents" / "00-researcher.md").exists(), "finished agent 0")
-    terminal.type(b"\x03")
+    if signum == signal.SIGINT:
+        terminal.type(b"\x03")  # Ctrl-C typed in its terminal
+    else:
+        terminal.process.send_signal(signum)  # as a supervisor stops it
     code, output = terminal.wait()
-    assert code == 130, output[-3000:]
+    assert code == 128 + signum, output[-3000:]
     assert RunRecord.model_validate_json((run_dir / "record.json").read_text()).status == "interrupted"
 
     spans = receiver.spans
