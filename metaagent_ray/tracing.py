@@ -94,7 +94,11 @@ def exporting(enabled: bool) -> Exporting | None:
 
 
 def _installed() -> bool:
-    return all(importlib.util.find_spec(name) is not None for name in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"))
+    """Whether the otel extra is installed, found without importing it."""
+    try:
+        return all(importlib.util.find_spec(name) is not None for name in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"))
+    except ModuleNotFoundError:  # not even the `opentelemetry` package
+        return False
 
 
 _providers: dict[Exporting, TracerProvider | None] = {}  # this process's exporters, made on first use

@@ -135,6 +135,31 @@ def test_message_contents_are_on_spans_only_when_asked(receiver: OTLPReceiver, m
         assert json.loads(chat.attributes["gen_ai.output.messages"])[0]["parts"][0]["content"] == agent.output
 
 
+WITHOUT_THE_EXTRA = """
+import sys
+
+class NotInstalled:  # the otel extra is not installed: no opentelemetry package is found
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "opentelemetry":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, NotInstalled())
+"""
+
+
+def test_without_the_extra_the_variables_change_nothing_and_otel_is_one_line(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    ignored = WITHOUT_THE_EXTRA + "from metaagent_ray.tracing import exporting\nassert exporting(False) is None\n"
+    done = subprocess.run([sys.executable, "-c", ignored], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-3000:]
+    command = WITHOUT_THE_EXTRA + "from metaagent_ray.__main__ import main\nsys.argv = ['metaagent', 'plan', 'Compare A and B', '--llm', 'fake', '--otel']\nmain()\n"
+    done = subprocess.run([sys.executable, "-c", command], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "error: --otel needs OpenTelemetry's SDK and OTLP/HTTP exporter: pip install 'metaagent-ray[otel]'"
+    ]
+
+
 def test_a_failed_llm_call_is_an_error_span_and_the_retry_another_span(receiver: OTLPReceiver):
     record = MetaAgent(llm="fake", llm_options={"fail": "0:1,1"}, retries=1).execute(TWO_AND_JOIN, "q", save=False)
     assert [agent.status for agent in record.agents] == ["ok", "failed", "ok"]
