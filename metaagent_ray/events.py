@@ -55,6 +55,17 @@ class SubPlanReady:
 
 
 @dataclass(frozen=True)
+class RoundStarted:
+    """The joiner read the results and replanned (`--replan`): round `number` adds agents `added` to the plan."""
+
+    number: int  # 2 for the first replan
+    reason: str  # the joiner's
+    plan: ExecutionPlan  # the run's plan, the new agents after the old
+    layers: list[list[int]]
+    added: list[int]
+
+
+@dataclass(frozen=True)
 class AgentStarted:
     """An agent's task began on a Ray worker (`attempt` > 1 when Ray ran it again after a crash)."""
 
@@ -86,7 +97,9 @@ class RunFinished:
     record: RunRecord
 
 
-Event = Union[Notice, PlanningStarted, RayStarting, PlanReady, SubPlanReady, AgentStarted, TokensArrived, AgentFinished, RunFinished]
+Event = Union[
+    Notice, PlanningStarted, RayStarting, PlanReady, SubPlanReady, RoundStarted, AgentStarted, TokensArrived, AgentFinished, RunFinished
+]
 EventHandler = Callable[[Event], None]
 COORDINATOR = ROOT  # the path of the run's coordinator's tokens: the run itself
 TOKEN_EVENT_INTERVAL_S = 0.2  # at most one TokensArrived per answer this often

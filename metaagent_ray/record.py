@@ -224,6 +224,15 @@ class RunRecord(BaseModel):
         """Agents of the rounds the joiner judged: a resume keeps them as they are, failed or not."""
         return {agent for round_ in self.rounds if round_.joiner is not None for agent in round_.agents}
 
+    def add_round(self, plan: ExecutionPlan) -> list[int]:
+        """The joiner replanned: `plan` is this run's plan with new agents after the old ones. They start
+        pending, as a new round; returns their ids."""
+        added = list(range(len(self.agents), len(plan.agents)))
+        self.plan, self.layers = plan, plan.get_execution_layers()
+        self.agents += agent_records(plan)[len(self.agents) :]
+        self.rounds.append(RoundRecord(agents=added))
+        return added
+
     def round_of(self) -> dict[int, int]:
         """Agent id -> its round, counted from 1."""
         return {agent: number for number, round_ in enumerate(self.rounds, 1) for agent in round_.agents}
