@@ -42,6 +42,7 @@ class PlanReady:
     run_dir: str | None
     slots: int | None = None  # how many agents may call an LLM at once, when known
     reused: tuple[int, ...] = ()  # agents whose earlier results a resume reuses: they will not run
+    rounds: tuple[int, ...] = ()  # each agent's round, when a resumed run had several (`--replan`)
 
 
 @dataclass(frozen=True)

@@ -309,7 +309,8 @@ class _Run:
                 record.agents[agent_id] = earlier.agents[agent_id].model_copy(update={"reused": agent.reused}, deep=True)
         run_dir.start(record)
         reused = tuple(sorted(index for index, agent in kept.items() if agent.reused))
-        self.on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir, slots=record.slots, reused=reused))
+        rounds = tuple(record.round_of()[agent] for agent in range(len(plan.agents))) if len(record.rounds) > 1 else ()
+        self.on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir, slots=record.slots, reused=reused, rounds=rounds))
 
         saved = f" in {run_dir.path}; resume with: metaagent resume {shlex.quote(str(run_dir.path))}" if run_dir.path else ""
         try:
