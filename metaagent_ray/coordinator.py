@@ -333,9 +333,9 @@ def parse_decision(text: str, plan: ExecutionPlan, max_agents: int, max_total_ag
     warnings = []
     new = []
     for index, spec in enumerate(decision.agents, start=len(plan.agents)):
-        depends_on, dropped = clean_dependencies(index, spec.depends_on, index)
+        depends_on, dropped = clean_dependencies(index, spec.depends_on, index + 1)  # the agents before it, and itself
         if dropped:
-            warnings.append(f"Agent {index}: dropped dependencies {', '.join(dropped)}")
+            warnings.append(f"Agent {index}: dropped dependencies {', '.join(dropped)}: a new agent depends only on agents before it")
         new.append(spec.model_copy(update={"depends_on": depends_on}))
     extended = ExecutionPlan(description=plan.description, agents=[*plan.agents, *new], depth=plan.depth)
     for warning in warnings:
