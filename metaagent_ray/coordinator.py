@@ -55,14 +55,19 @@ def fallback_plan(query: str, depth: int = 0) -> ExecutionPlan:
     )
 
 
-def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
-    """Validate the coordinator's answer; raises ValueError with a one-line reason."""
+def _json(text: str, what: str) -> Any:
+    """An answer's JSON (`what` it should be: "a plan"); raises ValueError with a one-line reason."""
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
     except RecursionError:
-        raise ValueError("its JSON nests too deeply to be a plan") from None
+        raise ValueError(f"its JSON nests too deeply to be {what}") from None
+
+
+def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
+    """Validate the coordinator's answer; raises ValueError with a one-line reason."""
+    data = _json(text, "a plan")
     if isinstance(data, dict):
         data = {**data, "depth": depth}
     try:
@@ -319,8 +324,11 @@ def parse_decision(text: str, plan: ExecutionPlan, max_agents: int, max_total_ag
     dropped with a warning, as a plan's are: so new agents never form a cycle nor change the old ones.
     Raises ValueError with a one-line reason.
     """
+    data = _json(text, "a decision")
+    if not isinstance(data, dict):
+        raise ValueError("the decision must be a JSON object with 'decision', 'reason' and 'agents'")
     try:
-        decision = JoinerDecision.model_validate_json(text)
+        decision = JoinerDecision.model_validate(data)
     except ValidationError as error:
         raise ValueError(explain(error)) from None
     if decision.decision == "finish":

@@ -127,7 +127,8 @@ def test_a_replan_numbers_new_agents_after_the_old_and_drops_dependencies_on_no_
     [
         ('{"decision": "replan", "reason": "x", "agents": []}', "a replan must add at least one agent"),
         ('{"decision": "maybe", "reason": "x", "agents": []}', "decision"),
-        ("Looks done {", "Invalid JSON"),
+        ("Looks done {", "not valid JSON"),
+        ("[]", "the decision must be a JSON object"),
         ('{"decision": "replan", "reason": "x", "agents": [' + ", ".join(['{"role": "WRITER", "task": "t"}'] * 9) + "]}", "--max-total-agents 10"),
     ],
 )
