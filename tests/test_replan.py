@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from metaagent_ray import MetaAgent
+from metaagent_ray import Event, MetaAgent, Notice, RoundStarted
 from metaagent_ray.coordinator import parse_decision
-from metaagent_ray.events import Event, Notice, RoundStarted
 from metaagent_ray.plan import ExecutionPlan
 from metaagent_ray.record import RunRecord
 from tests.adversarial import invoke
