@@ -111,14 +111,17 @@ def main() -> None:
     # One MetaAgent per --replan value on one Ray and one model server; each query runs with each value in turn,
     # so both see the same machine.
     metas = {replan: MetaAgent(llm="local", model=args.model, replan=replan) for replan in args.replan}
+    print("| query | replan | rounds | agents | subjects covered | loops cut | repeats | copies | examples | off topic | tokens | wall (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for query in QUERIES[: args.queries]:
             for replan, meta in metas.items():
                 rows.append(measure(meta, query, replan, args.show, shingles, examples))
+                print_row(rows[-1])  # as it comes: a run cut short keeps the rows it measured
     finally:
         for meta in metas.values():
             meta.close()
-    print_tables(rows, args.replan)
+    print_totals(rows, args.replan)
 
 
 def measure(meta: MetaAgent, query: str, replan: int, show: bool, shingles: set[tuple[str, ...]], examples: set[tuple[str, ...]]) -> dict:
@@ -153,16 +156,17 @@ def measure(meta: MetaAgent, query: str, replan: int, show: bool, shingles: set[
     }
 
 
-def print_tables(rows: list[dict], replans: list[int]) -> None:
-    """The table per query and run, then per --replan value its totals (and, given several, a table of them)."""
-    print("| query | replan | rounds | agents | subjects covered | loops cut | repeats | copies | examples | off topic | tokens | wall (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        covered = f"{row['covered']}/{row['enumerated']}" if row["enumerated"] else "-"
-        print(
-            f"| {row['query']} | {row['replan']} | {row['rounds']} | {row['agents']} | {covered} | {row['cut']} | {row['repeats']} | "
-            f"{row['copies']} | {row['examples']} | {row['off_topic']} | {row['tokens']} | {row['wall']:.0f} |"
-        )
+def print_row(row: dict) -> None:
+    covered = f"{row['covered']}/{row['enumerated']}" if row["enumerated"] else "-"
+    print(
+        f"| {row['query']} | {row['replan']} | {row['rounds']} | {row['agents']} | {covered} | {row['cut']} | {row['repeats']} | "
+        f"{row['copies']} | {row['examples']} | {row['off_topic']} | {row['tokens']} | {row['wall']:.0f} |",
+        flush=True,
+    )
+
+
+def print_totals(rows: list[dict], replans: list[int]) -> None:
+    """Per --replan value its totals (and, given several, a table of them)."""
     totals = {replan: summary([row for row in rows if row["replan"] == replan]) for replan in replans}
     if len(replans) > 1:
         print("\n| --replan | runs that replanned | agents | subject coverage | on topic | tokens | wall (s) |")
