@@ -6,7 +6,10 @@ record. Every run takes one planning route: the plan is written in a thread of t
 the executors start and the main thread follows the stream. Streamed, each agent goes to the hub
 the moment the coordinator's answer makes it safe to start (plan_stream.py); a plan not streamed
 (`--no-stream-plan`, a plan file, a resumed record) is a stream that arrives at once, whose agents
-all go to the hub when it is complete. The record is made once the plan is complete.
+all go to the hub when it is complete. The record is made once the plan is complete. With
+`--replan`, once a round's agents have finished the joiner (coordinator.py) judges them in the
+driver, and the agents it adds go to the same hub run as the next round, taking the earlier
+agents' results the hub still holds.
 """
 
 from __future__ import annotations
