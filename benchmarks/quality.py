@@ -10,9 +10,11 @@ otherwise) and reports, per query and in total:
 - copies: answers that copy a prompt instruction (an 8-word run shared with the instruction files);
 - examples: answers that copy a worked example of the base-model documents (an 8-word run);
 - off topic: answers that never mention a content word of their task;
-- tokens and wall time.
+- tokens and wall time;
+- with `--replan 0 1`: each query once per value, in turn on the same Ray and model, the rounds the
+  joiner added, and a table of coverage, on-topic rate and wall time per value (what a replan costs).
 
-Run:  python benchmarks/quality.py [--queries N] [--model FILE.gguf] [--show]
+Run:  python benchmarks/quality.py [--queries N] [--model FILE.gguf] [--show] [--replan N ...]
 """
 
 from __future__ import annotations
@@ -101,57 +103,98 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=len(QUERIES), help="run the first N queries")
     parser.add_argument("--model", default=None, help="a GGUF file instead of the default Gemma 3 270M")
     parser.add_argument("--show", action="store_true", help="print every answer that is off topic or copies a prompt or an example")
+    parser.add_argument("--replan", type=int, nargs="+", default=[0], help="run each query with each of these --replan values")
     args = parser.parse_args()
     print("$ python " + shlex.join(["benchmarks/quality.py", *sys.argv[1:]]) + "\n")
     shingles, examples = prompt_shingles(), prompt_shingles(("document",))
     rows = []
-    with MetaAgent(llm="local", model=args.model) as meta:
+    # One MetaAgent per --replan value on one Ray and one model server; each query runs with each value in turn,
+    # so both see the same machine.
+    metas = {replan: MetaAgent(llm="local", model=args.model, replan=replan) for replan in args.replan}
+    print("| query | replan | rounds | agents | subjects covered | loops cut | repeats | copies | examples | off topic | tokens | wall (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    try:
         for query in QUERIES[: args.queries]:
-            start = time.perf_counter()
-            record = meta.run(query, save=False)
-            wall = time.perf_counter() - start
-            answers = [agent for agent in record.agents if agent.status == "ok"]
-            if args.show:
-                for agent in answers:
-                    flags = [name for name, bad in (("off topic", off_topic(agent)), ("copies a prompt", copies_prompt(agent.output, shingles)),
-                                                     ("copies an example", copies_prompt(agent.output, examples))) if bad]
-                    if flags:
-                        print(f"  [{', '.join(flags)}] {agent.role} {agent.task!r}: {agent.output!r}", file=sys.stderr)
-            covered, enumerated = coverage(query, [agent.task for agent in record.agents])
-            rows.append(
-                {
-                    "query": query,
-                    "agents": len(record.agents),
-                    "covered": covered,
-                    "enumerated": enumerated,
-                    "cut": sum(agent.repetition_cut for agent in answers),
-                    "repeats": sum(cut_repetition(agent.output)[1] for agent in answers),
-                    "copies": sum(copies_prompt(agent.output, shingles) for agent in answers),
-                    "examples": sum(copies_prompt(agent.output, examples) for agent in answers),
-                    "off_topic": sum(off_topic(agent) for agent in answers),
-                    "answers": len(answers),
-                    "tokens": sum(agent.tokens.completion for agent in answers if agent.tokens),
-                    "wall": wall,
-                }
-            )
-            print(f"done: {query} ({wall:.0f} s)", file=sys.stderr, flush=True)
-    print("| query | agents | subjects covered | loops cut | repeats | copies | examples | off topic | tokens | wall (s) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        covered = f"{row['covered']}/{row['enumerated']}" if row["enumerated"] else "-"
-        print(
-            f"| {row['query']} | {row['agents']} | {covered} | {row['cut']} | {row['repeats']} | {row['copies']} | {row['examples']} | "
-            f"{row['off_topic']} | {row['tokens']} | {row['wall']:.0f} |"
-        )
-    total = {key: sum(row[key] for row in rows) for key in ("covered", "enumerated", "cut", "repeats", "copies", "examples", "off_topic", "answers", "tokens", "wall")}
-    two_subject = [row for row in rows if row["enumerated"] == 2]
+            for replan, meta in metas.items():
+                rows.append(measure(meta, query, replan, args.show, shingles, examples))
+                print_row(rows[-1])  # as it comes: a run cut short keeps the rows it measured
+    finally:
+        for meta in metas.values():
+            meta.close()
+    print_totals(rows, args.replan)
+
+
+def measure(meta: MetaAgent, query: str, replan: int, show: bool, shingles: set[tuple[str, ...]], examples: set[tuple[str, ...]]) -> dict:
+    """One run of `query`, as a row of the table."""
+    start = time.perf_counter()
+    record = meta.run(query, save=False)
+    wall = time.perf_counter() - start
+    answers = [agent for agent in record.agents if agent.status == "ok"]
+    if show:
+        for agent in answers:
+            flags = [name for name, bad in (("off topic", off_topic(agent)), ("copies a prompt", copies_prompt(agent.output, shingles)),
+                                             ("copies an example", copies_prompt(agent.output, examples))) if bad]
+            if flags:
+                print(f"  [{', '.join(flags)}] {agent.role} {agent.task!r}: {agent.output!r}", file=sys.stderr)
+    covered, enumerated = coverage(query, [agent.task for agent in record.agents])
+    print(f"done: {query} (--replan {replan}: {len(record.rounds)} rounds, {wall:.0f} s)", file=sys.stderr, flush=True)
+    return {
+        "query": query,
+        "replan": replan,
+        "rounds": len(record.rounds),
+        "agents": len(record.agents),
+        "covered": covered,
+        "enumerated": enumerated,
+        "cut": sum(agent.repetition_cut for agent in answers),
+        "repeats": sum(cut_repetition(agent.output)[1] for agent in answers),
+        "copies": sum(copies_prompt(agent.output, shingles) for agent in answers),
+        "examples": sum(copies_prompt(agent.output, examples) for agent in answers),
+        "off_topic": sum(off_topic(agent) for agent in answers),
+        "answers": len(answers),
+        "tokens": sum(agent.tokens.completion for agent in answers if agent.tokens),
+        "wall": wall,
+    }
+
+
+def print_row(row: dict) -> None:
+    covered = f"{row['covered']}/{row['enumerated']}" if row["enumerated"] else "-"
     print(
-        f"\nSubject coverage {total['covered']}/{total['enumerated']} = {total['covered'] / max(1, total['enumerated']):.0%}"
+        f"| {row['query']} | {row['replan']} | {row['rounds']} | {row['agents']} | {covered} | {row['cut']} | {row['repeats']} | "
+        f"{row['copies']} | {row['examples']} | {row['off_topic']} | {row['tokens']} | {row['wall']:.0f} |",
+        flush=True,
+    )
+
+
+def print_totals(rows: list[dict], replans: list[int]) -> None:
+    """Per --replan value its totals (and, given several, a table of them)."""
+    totals = {replan: summary([row for row in rows if row["replan"] == replan]) for replan in replans}
+    if len(replans) > 1:
+        print("\n| --replan | runs that replanned | agents | subject coverage | on topic | tokens | wall (s) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
+        for replan, total in totals.items():
+            print(
+                f"| {replan} | {total['replanned']} | {total['agents']} | {total['covered']}/{total['enumerated']} = {total['covered'] / max(1, total['enumerated']):.0%} | "
+                f"{total['answers'] - total['off_topic']}/{total['answers']} = {(total['answers'] - total['off_topic']) / max(1, total['answers']):.0%} | "
+                f"{total['tokens']} | {total['wall']:.0f} |"
+            )
+    for replan, total in totals.items():
+        print(f"\n--replan {replan}: {total['line']}")
+
+
+def summary(rows: list[dict]) -> dict:
+    """One --replan value's totals, and the line that says them."""
+    keys = ("agents", "covered", "enumerated", "cut", "repeats", "copies", "examples", "off_topic", "answers", "tokens", "wall")
+    total = {key: sum(row[key] for row in rows) for key in keys}
+    total["replanned"] = sum(row["rounds"] > 1 for row in rows)
+    two_subject = [row for row in rows if row["enumerated"] == 2]
+    total["line"] = (
+        f"Subject coverage {total['covered']}/{total['enumerated']} = {total['covered'] / max(1, total['enumerated']):.0%}"
         f" (two-subject comparisons fully covered: {sum(row['covered'] == 2 for row in two_subject)}/{len(two_subject)}); "
         f"answers {total['answers']}: loops cut {total['cut']}, still repeating {total['repeats']}, copying a prompt {total['copies']}, copying a worked example {total['examples']}, "
         f"on topic {total['answers'] - total['off_topic']}/{total['answers']} = {(total['answers'] - total['off_topic']) / max(1, total['answers']):.0%}; "
         f"{total['tokens']} tokens; {total['wall']:.0f} s"
     )
+    return total
 
 
 if __name__ == "__main__":

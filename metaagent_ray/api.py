@@ -12,7 +12,7 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from .connect import RayConnection, RayOptions, cluster_address, ensure_ray, ray_started, shutdown_ray
-from .coordinator import Coordinator, planned_notice
+from .coordinator import Coordinator, Joiner, planned_notice
 from .errors import ConfigError, MetaAgentError, PlanError
 from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
 from .executors import stop_kept_executors
@@ -193,7 +193,7 @@ def copy_record(run_dir: Path | str, path: Path | str) -> None:
 
 def resume_summary(previous: RunRecord) -> str:
     """Which agents a resume runs again, which sub-plans it continues, and what it reuses."""
-    reuse, resume = resume_choice(previous.plan, previous.agents)
+    reuse, resume = resume_choice(previous.plan, previous.agents, previous.settled_agents())
     fresh = sorted(set(range(len(previous.agents))) - reuse - resume)
     parts = [f"re-running agents {fresh}"]
     if resume:
@@ -343,6 +343,7 @@ class MetaAgent:
                 stream_plan=self.stream_plan,
                 planning=PlanningStarted(llm=llm.describe()),
                 trace=self._trace,
+                joiner=self._joiner(llm),
             ),
             record_path,
             ray_timeline,
@@ -364,12 +365,12 @@ class MetaAgent:
         elif (too_many := too_many_agents(len(plan.agents), self.settings.max_agents)) is not None:
             raise PlanError(too_many)
         _check_outputs(run_dir, record_path, ray_timeline, save=save)
-        self._driver_llm()
+        llm = self._driver_llm()
         self._connect()
         query = valid_text(query or plan.description)
         directory = new_run_files(run_dir, query, save)
         with directory.locked():
-            return self._execute(plan, query, directory, record_path, ray_timeline=ray_timeline)
+            return self._execute(plan, query, directory, record_path, joiner=self._joiner(llm), ray_timeline=ray_timeline)
 
     @classmethod
     def resume(
@@ -397,7 +398,7 @@ class MetaAgent:
             if "llm" in overrides and overrides["llm"] != previous.settings.get("llm"):
                 settings["llm_options"] = overrides.get("llm_options", {})
             with cls(on_event=on_event, verbose=verbose, stream=stream, **settings) as meta:
-                meta._driver_llm()
+                llm = meta._driver_llm()
                 meta._connect()
                 meta.on_event(Notice(f"♻️ Resuming {run_dir}: {resume_summary(previous)}"))
                 return meta._execute(
@@ -407,6 +408,7 @@ class MetaAgent:
                     record_path,
                     coordinator=previous.coordinator,
                     earlier=previous,
+                    joiner=meta._joiner(llm),
                     ray_timeline=ray_timeline,
                 )
 
@@ -426,6 +428,13 @@ class MetaAgent:
         """The coordinator's call for `query` with this agent's settings: one for `plan` and for `run`'s planning route."""
         settings = self.settings
         return Coordinator(query, llm, settings.max_agents, settings.answer_tokens, settings.agent_timeout)
+
+    def _joiner(self, llm: LLM) -> Joiner | None:
+        """The joiner that judges each round with this agent's settings (`replan`); None when it may not replan."""
+        settings = self.settings
+        if not settings.replan:
+            return None
+        return Joiner(llm, settings.replan, settings.max_agents, settings.max_total_agents, settings.answer_tokens, settings.agent_timeout)
 
     def _planning(self, query: str, *, connect: bool = True) -> LLM:
         """Checks before the coordinator's call (the query, the backend, Ray when `connect`, so a run whose
@@ -451,6 +460,7 @@ class MetaAgent:
         *,
         coordinator: CoordinatorRecord | None = None,
         earlier: RunRecord | None = None,
+        joiner: Joiner | None = None,
         ray_timeline: Path | str | None = None,
     ) -> RunRecord:
         return self._run_and_write_extras(
@@ -467,6 +477,7 @@ class MetaAgent:
                 earlier=earlier,
                 stream=self.stream,
                 trace=self._trace,
+                joiner=joiner,
             ),
             record_path,
             ray_timeline,

@@ -128,6 +128,15 @@ class RunOptions:
             help=f"Bound on all agents of a run, sub-plans included \\[default: {DEFAULTS['max_total_agents']}].",
         ),
     ] = None
+    replan: Annotated[
+        Optional[int],
+        typer.Option(
+            "--replan",
+            min=0,
+            max=10,
+            help=f"After the agents finish, a joiner reads their results and may plan new agents, up to N times \\[default: {DEFAULTS['replan']}].",
+        ),
+    ] = None
     max_tokens: Annotated[
         Optional[int],
         typer.Option("--max-tokens", min=1, help="Most tokens one agent's answer may have \\[default: a budget per role and model kind]."),
@@ -221,6 +230,7 @@ class RunOptions:
             "max_total_agents": self.max_total_agents,
             "max_tokens": self.max_tokens,
             "otel": self.otel or None,
+            "replan": self.replan,
             "pool": {"instances": self.gpu_instances, "model": self.model, **pool} if self.gpu_instances is not None else None,
         }
         return {key: value for key, value in given.items() if value is not None}

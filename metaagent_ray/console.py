@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from typing import TextIO
 
-from .events import AgentFinished, AgentStarted, Event, Notice, PlanningStarted, PlanReady, RunFinished, SubPlanReady
+from .events import AgentFinished, AgentStarted, Event, Notice, PlanningStarted, PlanReady, RoundStarted, RunFinished, SubPlanReady
 from .paths import AgentPath
 from .plan import ExecutionPlan
 
@@ -46,6 +46,11 @@ class ConsoleView:
             self._show_plan(event)
         elif isinstance(event, SubPlanReady):
             self._print(f"🔀 Agent {event.path} delegated its task to {len(event.plan.agents)} agents in {len(event.layers)} layers")
+        elif isinstance(event, RoundStarted):
+            self._print(f"🔁 Round {event.number}: joiner replanned: {event.reason}, {len(event.added)} new agents")
+            for agent in event.added:
+                spec = event.plan.agents[agent]
+                self._print(f"  Agent {agent}: {spec.role.value} - {spec.task} (depends on {spec.depends_on or 'nothing'})")
         elif isinstance(event, AgentStarted):
             retry = f" (attempt {event.attempt})" if event.attempt > 1 else ""
             self._print(f"{_indent(event.path)}⚡ [PARALLEL] Agent {event.path}: {event.role}{retry}")
@@ -82,6 +87,8 @@ class ConsoleView:
                 summary += f"; not ok: {failed}"
             if reused:
                 summary += f" ({reused} reused from the earlier run)"
+            if len(record.rounds) > 1:
+                summary += f"; {len(record.rounds)} rounds"
             self._print()
             self._print(f"🏁 {summary}")
             self._print()

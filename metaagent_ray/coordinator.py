@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 from pydantic import ValidationError
 
@@ -21,9 +21,9 @@ from .errors import MetaAgentError
 from .events import Notice
 from .llm import LLM, LLMError, LLMRequest, Message, TextCallback, Usage
 from .llm.bounds import AnswerBudgets
-from .plan import ExecutionPlan, explain, plan_json_schema, too_many_agents
+from .plan import ExecutionPlan, JoinerDecision, clean_dependencies, explain, joiner_json_schema, plan_json_schema, too_many_agents
 from .prompts import load_prompt
-from .record import CoordinatorRecord
+from .record import CoordinatorRecord, JoinerRecord, RunRecord, StructuredCallRecord
 from .subjects import QueryShape
 from .tracing import complete, plan_span
 
@@ -32,6 +32,8 @@ COORDINATOR_TRIES = 2
 # shape (how many researchers, what each later agent depends on) more than any instruction.
 LARGEST_EXAMPLE = 5  # subjects in the largest shaped example; longer lists get it
 FOCUSED_SUBJECTS = 4  # lists up to this long get the request's purpose in each researcher's task
+Answer = TypeVar("Answer")
+JOINER_OUTPUT_CHARS = 600  # of each agent's output the joiner reads: enough to judge it, and a small model's context holds many
 
 
 class CoordinatorError(MetaAgentError):
@@ -54,14 +56,19 @@ def fallback_plan(query: str, depth: int = 0) -> ExecutionPlan:
     )
 
 
-def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
-    """Validate the coordinator's answer; raises ValueError with a one-line reason."""
+def _json(text: str, what: str) -> Any:
+    """An answer's JSON (`what` it should be: "a plan"); raises ValueError with a one-line reason."""
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as error:
         raise ValueError(f"not valid JSON ({error.msg} at line {error.lineno}, column {error.colno})") from None
     except RecursionError:
-        raise ValueError("its JSON nests too deeply to be a plan") from None
+        raise ValueError(f"its JSON nests too deeply to be {what}") from None
+
+
+def _parse(text: str, max_agents: int, depth: int) -> ExecutionPlan:
+    """Validate the coordinator's answer; raises ValueError with a one-line reason."""
+    data = _json(text, "a plan")
     if isinstance(data, dict):
         data = {**data, "depth": depth}
     try:
@@ -154,51 +161,193 @@ def make_plan(
     answer as it streams, where the backend streams; `on_rejected` hears why an answer was rejected
     (before the retry or the fallback); `timeout` bounds each call, as an agent's.
     """
-    messages = coordinator_messages(query, max_agents)
-    schema = plan_json_schema(max_agents)
     record = CoordinatorRecord(attempts=0, started_at=time.time())
-    llm_ms = 0.0
-    tokens = Usage()
-    for attempt in range(1, COORDINATOR_TRIES + 1):
-        request = LLMRequest(
-            messages=list(messages),
-            caller="coordinator",
-            query=query,
-            json_schema=schema,
-            max_tokens=answer_tokens.of(llm.prompt_style).plan,
-            attempt=attempt,
+    try:
+        plan = _structured_call(
+            StructuredCall(
+                caller="coordinator",
+                query=query,
+                messages=coordinator_messages(query, max_agents),
+                schema=plan_json_schema(max_agents),
+                retry_prompt="coordinator_retry",
+                max_tokens=answer_tokens.of(llm.prompt_style).plan,
+                timeout=timeout,
+            ),
+            llm,
+            lambda text: _parse(text, max_agents, depth),
+            record,
             on_text=on_text,
-            cache_messages=1,
-            timeout=timeout,
+            on_rejected=on_rejected,
         )
-        record.attempts = attempt
-        try:
-            response = complete(llm, request)
-        except LLMError as error:
-            if not error.transient or attempt == COORDINATOR_TRIES:
-                raise CoordinatorError(f"the coordinator's LLM call failed: {error}") from None
-            record.errors.append(str(error))  # no answer (a 5xx, a cut connection, a timeout): asked again as it was
-            if on_rejected is not None:
-                on_rejected(str(error))
-            continue
-        llm_ms += response.llm_ms or 0.0
-        tokens += response.usage or Usage()
-        record.llm_ms, record.tokens = llm_ms, tokens
-        record.finished_at = time.time()
-        try:
-            return _parse(response.text, max_agents, depth), record
-        except ValueError as error:
-            record.errors.append(str(error))
-            if on_rejected is not None:
-                on_rejected(str(error))
-            messages += [Message("assistant", response.text), Message("user", load_prompt("coordinator_retry").format(error=error))]
+    except LLMError as error:
+        raise CoordinatorError(f"the coordinator's LLM call failed: {error}") from None
+    if plan is not None:
+        return plan, record
     plan = fallback_plan(query, depth)
     plan.add_warning(f"⚠️ The coordinator's plan was invalid {COORDINATOR_TRIES} times ({record.errors[-1]}); using a fallback plan")
     record.fallback = True
     return plan, record
 
 
+@dataclass(frozen=True)
+class StructuredCall:
+    """One schema-constrained question to the coordinator's role: its messages, the schema, and the prompt that
+    asks again after a rejected answer (with `{error}`)."""
+
+    caller: str
+    query: str
+    messages: list[Message]
+    schema: dict[str, Any]
+    retry_prompt: str
+    max_tokens: int
+    timeout: float | None
+
+
+def _structured_call(
+    call: StructuredCall,
+    llm: LLM,
+    parse: Callable[[str], Answer],
+    record: StructuredCallRecord,
+    *,
+    on_text: TextCallback | None = None,
+    on_rejected: Callable[[str], None] | None = None,
+) -> Answer | None:
+    """Ask under `call.schema` and `parse` the answer (ValueError: rejected, asked once more with why);
+    None when both answers were rejected. A call with no answer for a transient reason is made once
+    more; an LLMError that stays is raised. `record` keeps the tries, errors, time and tokens."""
+    messages = list(call.messages)
+    for attempt in range(1, COORDINATOR_TRIES + 1):
+        request = LLMRequest(
+            messages=list(messages),
+            caller=call.caller,
+            query=call.query,
+            json_schema=call.schema,
+            max_tokens=call.max_tokens,
+            attempt=attempt,
+            on_text=on_text,
+            cache_messages=1,
+            timeout=call.timeout,
+        )
+        record.attempts = attempt
+        try:
+            response = complete(llm, request)
+        except LLMError as error:
+            if not error.transient or attempt == COORDINATOR_TRIES:
+                raise
+            record.errors.append(str(error))  # no answer (a 5xx, a cut connection, a timeout): asked again as it was
+            if on_rejected is not None:
+                on_rejected(str(error))
+            continue
+        record.llm_ms = (record.llm_ms or 0.0) + (response.llm_ms or 0.0)
+        record.tokens = (record.tokens or Usage()) + (response.usage or Usage())
+        record.finished_at = time.time()
+        try:
+            return parse(response.text)
+        except ValueError as error:
+            record.errors.append(str(error))
+            if on_rejected is not None:
+                on_rejected(str(error))
+            messages += [Message("assistant", response.text), Message("user", load_prompt(call.retry_prompt).format(error=error))]
+    return None
+
+
 def planned_notice(plan: ExecutionPlan, record: CoordinatorRecord) -> Notice:
     """The line that says the coordinator is done: how many agents, after how many tries."""
     tries = "" if record.attempts == 1 else f" after {record.attempts} tries"
     return Notice(f"🧭 Coordinator planned {len(plan.agents)} agents{tries}")
+
+
+@dataclass(frozen=True)
+class Joiner:
+    """The joiner: the coordinator's role reading a round's results, after each round while `replans` allow.
+
+    It answers under `JoinerDecision`'s schema, through the coordinator's structured call (one retry
+    with the reason). No valid answer, or a failed call, means no decision: the run finishes as it is.
+    """
+
+    llm: LLM
+    replans: int  # --replan: how many rounds it may add
+    max_agents: int  # new agents in one round
+    max_total_agents: int  # agents of the whole run
+    answer_tokens: AnswerBudgets
+    timeout: float | None
+
+    def may_replan(self, record: RunRecord) -> bool:
+        """Whether a round is left to add after the record's rounds (the first is the coordinator's)."""
+        return len(record.rounds) <= self.replans
+
+    def __call__(self, record: RunRecord) -> tuple[ExecutionPlan | None, JoinerRecord]:
+        """Judge the record's last round: the run's plan with the new agents after the old when it replans, else None."""
+        judged = JoinerRecord(attempts=0, started_at=time.time())
+        call = StructuredCall(
+            caller="joiner",
+            query=record.query,
+            messages=joiner_messages(record, self.max_agents),
+            schema=joiner_json_schema(self.max_agents),
+            retry_prompt="joiner_retry",
+            max_tokens=self.answer_tokens.of(self.llm.prompt_style).plan,
+            timeout=self.timeout,
+        )
+        try:
+            answer = _structured_call(call, self.llm, lambda text: parse_decision(text, record.plan, self.max_agents, self.max_total_agents), judged)
+        except LLMError as error:
+            judged.errors.append(f"its LLM call failed: {error}")
+            answer = None
+        judged.finished_at = time.time()
+        if answer is None:
+            return None, judged
+        decision, plan = answer
+        judged.decision, judged.reason = decision.decision, decision.reason
+        return plan, judged
+
+
+def joiner_messages(record: RunRecord, max_agents: int) -> list[Message]:
+    """The joiner's instructions, then the request, the plan and every agent's result, one JSON object a line."""
+    rounds = record.round_of()
+    lines = []
+    for agent in record.agents:
+        result = {"output": _shortened(agent.output)} if agent.status == "ok" else {"error": agent.error or agent.status}
+        line = {"id": agent.id, "round": rounds[agent.id], "role": agent.role, "task": agent.task, "depends_on": agent.depends_on}
+        lines.append(json.dumps({**line, "status": agent.status, **result}, ensure_ascii=False))
+    user = load_prompt("joiner_user").format(
+        query=record.query, description=record.plan.description, agents="\n".join(lines), next_id=len(record.agents)
+    )
+    return [Message("system", load_prompt("joiner").format(max_agents=max_agents)), Message("user", user)]
+
+
+def _shortened(text: str) -> str:
+    return text if len(text) <= JOINER_OUTPUT_CHARS else text[: JOINER_OUTPUT_CHARS - 1] + "…"
+
+
+def parse_decision(text: str, plan: ExecutionPlan, max_agents: int, max_total_agents: int) -> tuple[JoinerDecision, ExecutionPlan | None]:
+    """Validate the joiner's answer; for a replan, the run's plan with the new agents numbered after the old.
+
+    A new agent's dependency on no earlier agent (itself, a later one, one that does not exist) is
+    dropped with a warning, as a plan's are: so new agents never form a cycle nor change the old ones.
+    Raises ValueError with a one-line reason.
+    """
+    data = _json(text, "a decision")
+    if not isinstance(data, dict):
+        raise ValueError("the decision must be a JSON object with 'decision', 'reason' and 'agents'")
+    try:
+        decision = JoinerDecision.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(explain(error)) from None
+    if decision.decision == "finish":
+        return decision, None
+    if (too_many := too_many_agents(len(decision.agents), max_agents)) is not None:
+        raise ValueError(too_many)
+    total = len(plan.agents) + len(decision.agents)
+    if total > max_total_agents:
+        raise ValueError(f"the run would have {total} agents, more than --max-total-agents {max_total_agents}")
+    warnings = []
+    new = []
+    for index, spec in enumerate(decision.agents, start=len(plan.agents)):
+        depends_on, dropped = clean_dependencies(index, spec.depends_on, index + 1)  # the agents before it, and itself
+        if dropped:
+            warnings.append(f"Agent {index}: dropped dependencies {', '.join(dropped)}: a new agent depends only on agents before it")
+        new.append(spec.model_copy(update={"depends_on": depends_on}))
+    extended = ExecutionPlan(description=plan.description, agents=[*plan.agents, *new], depth=plan.depth)
+    for warning in warnings:
+        extended.add_warning(warning)
+    return decision, extended

@@ -42,6 +42,7 @@ class PlanReady:
     run_dir: str | None
     slots: int | None = None  # how many agents may call an LLM at once, when known
     reused: tuple[int, ...] = ()  # agents whose earlier results a resume reuses: they will not run
+    rounds: tuple[int, ...] = ()  # each agent's round, when a resumed run had several (`--replan`)
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,17 @@ class SubPlanReady:
     query: str  # the request the sub-plan's agents work on
     plan: ExecutionPlan
     layers: list[list[int]]
+
+
+@dataclass(frozen=True)
+class RoundStarted:
+    """The joiner read the results and replanned (`--replan`): round `number` adds agents `added` to the plan."""
+
+    number: int  # 2 for the first replan
+    reason: str  # the joiner's
+    plan: ExecutionPlan  # the run's plan, the new agents after the old
+    layers: list[list[int]]
+    added: list[int]
 
 
 @dataclass(frozen=True)
@@ -86,7 +98,9 @@ class RunFinished:
     record: RunRecord
 
 
-Event = Union[Notice, PlanningStarted, RayStarting, PlanReady, SubPlanReady, AgentStarted, TokensArrived, AgentFinished, RunFinished]
+Event = Union[
+    Notice, PlanningStarted, RayStarting, PlanReady, SubPlanReady, RoundStarted, AgentStarted, TokensArrived, AgentFinished, RunFinished
+]
 EventHandler = Callable[[Event], None]
 COORDINATOR = ROOT  # the path of the run's coordinator's tokens: the run itself
 TOKEN_EVENT_INTERVAL_S = 0.2  # at most one TokensArrived per answer this often

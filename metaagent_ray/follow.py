@@ -51,8 +51,8 @@ class EventFollower:
                     self._report(event)
 
     def until_done(self, record: RunRecord, run_dir: RunFiles) -> None:
-        """Follow until every agent of the plan has its result."""
-        waiting = {agent.path for agent in record.agents if not agent.reused}
+        """Follow until every agent of the plan has its result (a round's: those of earlier rounds have theirs)."""
+        waiting = {agent.path for agent in record.agents if not agent.reused and agent.status in ("pending", "delegated")}
         events, self.early = self.early, []
         while True:
             for event in events:

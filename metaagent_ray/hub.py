@@ -59,7 +59,7 @@ class AgentOrder:
     context: AgentContext
     dependency_specs: dict[int, AgentSpec]
     priority: float  # its remaining path: under a slot cap, the longest goes first
-    kept: AgentRecord | None = None  # what a resume keeps of it: an `ok` one is passed on, a `delegated` one's sub-plan continues
+    kept: AgentRecord | None = None  # what a resume keeps of it: a `reused` one is passed on, a `delegated` one's sub-plan continues
 
 
 def plan_orders(
@@ -205,7 +205,7 @@ class RunHub:
         run.total_agents += len(orders)
         for order in orders:
             path = order.context.path
-            if order.kept is not None and order.kept.status == "ok":
+            if order.kept is not None and order.kept.reused:
                 run.results[path] = ray.put(order.kept)
                 continue
             # Top-level ObjectRefs: Ray starts `supervise` once every dependency's result exists, and passes the results.

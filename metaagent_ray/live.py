@@ -2,7 +2,8 @@
 
 While the coordinator plans: a spinner with the elapsed time and the tokens streamed so far. While
 agents run: one row per agent (sub-plan agents under their parent) with its state, time, tokens and
-tokens/s, a bar of agents done and the slots in use, and the final agent's answer as it streams.
+tokens/s (and its round, when the joiner replanned), a bar of agents done and the slots in use, and
+the final agent's answer as it streams.
 Only for terminals: pipes and CI get `ConsoleView`'s plain lines, unchanged.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
@@ -29,6 +30,7 @@ from .events import (
     PlanningStarted,
     PlanReady,
     RayStarting,
+    RoundStarted,
     RunFinished,
     SubPlanReady,
     TokensArrived,
@@ -65,6 +67,7 @@ class _Row:
     seconds: float | None = None  # its LLM call's length, once finished
     tokens: int = 0
     node: str = ""
+    round: int = 1  # its round, when the joiner replanned (`--replan`)
 
 
 @dataclass
@@ -124,10 +127,14 @@ class LiveView:
                 progress.rows = _rows(event.plan, event.layers)
                 for agent in event.reused:
                     progress.rows[agent].state = "reused"
+                for row, number in zip(progress.rows, event.rounds):
+                    row.round = number
                 for early in progress.early_starts.values():
                     self._started(early)
             elif isinstance(event, SubPlanReady):
                 self._add_sub_plan(event)
+            elif isinstance(event, RoundStarted):
+                self._add_round(event)
             elif isinstance(event, AgentStarted):
                 if not progress.rows:
                     progress.early_starts[event.path] = event
@@ -178,6 +185,14 @@ class LiveView:
             position += 1
         rows[position:position] = _rows(event.plan, event.layers, event.path)
 
+    def _add_round(self, event: RoundStarted) -> None:
+        """The new round's agents go last; the final answer that streams is now theirs."""
+        progress = self.progress
+        rows = _rows(event.plan, event.layers)
+        progress.rows += [replace(rows[agent], round=event.number) for agent in event.added]
+        progress.sinks = {ROOT.child(sink) for sink in event.plan.sinks() if sink in event.added}
+        progress.streamed = []
+
     def _row(self, path: AgentPath) -> _Row | None:
         return next((row for row in self.progress.rows if row.path == path), None)
 
@@ -220,6 +235,9 @@ class LiveView:
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         if len(nodes) > 1:
             table.add_column("node")
+        rounds = max((row.round for row in rows), default=1) > 1
+        if rounds:
+            table.add_column("round", justify="right")
         shown = rows
         if limit is not None and len(rows) > limit:  # a big plan: keep what is still going on in view
             shown = [row for row in rows if row.state not in DONE][:limit]
@@ -239,6 +257,8 @@ class LiveView:
             ]
             if len(nodes) > 1:
                 cells.append(row.node[:8])
+            if rounds:
+                cells.append(str(row.round))
             table.add_row(*cells)
         if len(shown) < len(rows):
             table.add_row(Text(f"… {len(rows) - len(shown)} finished agents not shown", style="dim"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from enum import Enum
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Literal, Mapping
 
 import networkx as nx
 from pydantic import (
@@ -250,13 +250,30 @@ def explain(error: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def plan_json_schema(max_agents: int) -> dict[str, Any]:
-    """The JSON schema a coordinator LLM must answer in: the plan model's own schema, flattened.
+class JoinerDecision(BaseModel):
+    """The joiner's JSON after a round: finish with what the agents gave, or replan with new agents.
 
-    `$ref`s are inlined and `depth` left out (the runtime sets it), because constrained decoders
-    (Ollama's `format`, llama.cpp grammars) handle a self-contained schema best.
+    New agents are numbered after every agent of the earlier rounds; their `depends_on` names those
+    agents (whose outputs are reused) or new agents listed before them.
     """
-    schema = ExecutionPlan.model_json_schema()
+
+    model_config = ConfigDict(extra="forbid")
+
+    decision: Literal["finish", "replan"]
+    reason: str = Field(min_length=1)
+    agents: list[AgentSpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _replan_adds_agents(self) -> JoinerDecision:
+        if self.decision == "replan" and not self.agents:
+            raise ValueError("a replan must add at least one agent")
+        return self
+
+
+def _flat_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """A model's JSON schema with its `$ref`s inlined and titles and defaults left out: constrained decoders
+    (Ollama's `format`, llama.cpp grammars) handle a self-contained schema best."""
+    schema = model.model_json_schema()
     definitions = schema.pop("$defs", {})
 
     def inline(node: Any) -> Any:
@@ -268,12 +285,33 @@ def plan_json_schema(max_agents: int) -> dict[str, Any]:
             return [inline(item) for item in node]
         return node
 
-    flat = inline(schema)
-    flat["properties"].pop("depth", None)
-    flat["required"] = ["description", "agents"]
+    return inline(schema)
+
+
+def _bound_agents(flat: dict[str, Any], max_agents: int) -> None:
+    """At most `max_agents` agents, each with every key and short text."""
     flat["properties"]["agents"]["maxItems"] = max_agents
     agent = flat["properties"]["agents"]["items"]
     agent["required"] = ["role", "task", "depends_on"]
     agent["properties"]["depends_on"]["maxItems"] = max_agents - 1  # stops a small model counting on forever
-    agent["properties"]["task"]["maxLength"] = flat["properties"]["description"]["maxLength"] = MAX_TEXT_IN_PLAN
+    agent["properties"]["task"]["maxLength"] = MAX_TEXT_IN_PLAN
+
+
+def plan_json_schema(max_agents: int) -> dict[str, Any]:
+    """The JSON schema a coordinator LLM must answer in: the plan model's own schema, flattened,
+    without `depth` (the runtime sets it)."""
+    flat = _flat_schema(ExecutionPlan)
+    flat["properties"].pop("depth", None)
+    flat["required"] = ["description", "agents"]
+    _bound_agents(flat, max_agents)
+    flat["properties"]["description"]["maxLength"] = MAX_TEXT_IN_PLAN
+    return flat
+
+
+def joiner_json_schema(max_agents: int) -> dict[str, Any]:
+    """The JSON schema the joiner answers in: its decision, why, and the new agents (none to finish)."""
+    flat = _flat_schema(JoinerDecision)
+    flat["required"] = ["decision", "reason", "agents"]
+    _bound_agents(flat, max_agents)
+    flat["properties"]["reason"]["maxLength"] = MAX_TEXT_IN_PLAN
     return flat

@@ -111,19 +111,40 @@ def _check_agents_match(plan: ExecutionPlan, agents: list[AgentRecord]) -> None:
             raise ValueError(f"agents[{position}] has id {agent.id}, which does not match its position")
 
 
-class CoordinatorRecord(BaseModel):
-    """How the plan was made, when a coordinator LLM made it."""
+class StructuredCallRecord(BaseModel):
+    """How a schema-constrained call of the coordinator's role went (the plan's, or the joiner's decision)."""
 
     attempts: int
-    fallback: bool = False
     errors: list[str] = Field(default_factory=list)  # why earlier answers were rejected
     llm_ms: float | None = None
     tokens: Usage | None = None
-    started_at: float | None = None  # epoch seconds around the coordinator's LLM calls
+    started_at: float | None = None  # epoch seconds around the LLM calls
     finished_at: float | None = None
+
+
+class CoordinatorRecord(StructuredCallRecord):
+    """How the plan was made, when a coordinator LLM made it."""
+
+    fallback: bool = False
     streamed: bool = False  # agents started while the plan was still being written
     started_early: list[int] = Field(default_factory=list)  # the agents that did
     set_aside: str | None = None  # why what they did was cancelled and not kept, when it was
+
+
+class JoinerRecord(StructuredCallRecord):
+    """The joiner's judgement of a round's results: its decision and why; no decision when it gave no valid
+    answer (`errors` say why) and the run finished as it was."""
+
+    decision: Literal["finish", "replan"] | None = None
+    reason: str = ""
+
+
+class RoundRecord(BaseModel):
+    """One round of a run: the agents it added (the coordinator's plan, then each replan's), and the joiner's
+    judgement of it (None when the joiner was not asked: no replan left, or the run stopped first)."""
+
+    agents: list[int]
+    joiner: JoinerRecord | None = None
 
 
 class RecordedLLM(BaseModel):
@@ -156,10 +177,16 @@ class RunRecord(BaseModel):
     ray_ready_at: float | None = None  # ... and Ray was ready (both None when Ray was already up)
     coordinator: CoordinatorRecord | None = None
     agents: list[AgentRecord]
+    # The rounds of `--replan`, in order; a record written before rounds existed had one round of every agent.
+    rounds: list[RoundRecord] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _agents_match_plan(self) -> RunRecord:
         _check_agents_match(self.plan, self.agents)
+        if not self.rounds:
+            self.rounds = [RoundRecord(agents=list(range(len(self.agents))))]
+        if sorted(agent for round_ in self.rounds for agent in round_.agents) != list(range(len(self.agents))):
+            raise ValueError("its rounds do not hold every agent exactly once")
         return self
 
     @classmethod
@@ -175,7 +202,9 @@ class RunRecord(BaseModel):
         )
 
     def compose_final_output(self) -> str:
-        return compose_final_output(self.plan, self.agents)
+        """The last round's sinks' outputs: earlier rounds' sinks were judged by the joiner, which planned again."""
+        last = set(self.rounds[-1].agents)
+        return compose_final_output(self.plan, self.agents, [sink for sink in self.plan.sinks() if sink in last])
 
     def end(self, status: RunState) -> None:
         """The run ended with `status`: its final output as the agents left it, and the time."""
@@ -185,6 +214,28 @@ class RunRecord(BaseModel):
 
     def failed_agents(self) -> list[int]:
         return [agent.id for agent in self.agents if agent.status != "ok"]
+
+    def outcome(self) -> RunState:
+        """How a run whose agents all finished ended: ok when every agent of its last round succeeded (the
+        joiner routed around an earlier round's failures, or chose to finish with them: then that round is last)."""
+        return "ok" if all(self.agents[agent].status == "ok" for agent in self.rounds[-1].agents) else "failed"
+
+    def settled_agents(self) -> set[int]:
+        """Agents of the rounds the joiner judged: a resume keeps them as they are, failed or not."""
+        return {agent for round_ in self.rounds if round_.joiner is not None for agent in round_.agents}
+
+    def add_round(self, plan: ExecutionPlan) -> list[int]:
+        """The joiner replanned: `plan` is this run's plan with new agents after the old ones. They start
+        pending, as a new round; returns their ids."""
+        added = list(range(len(self.agents), len(plan.agents)))
+        self.plan, self.layers = plan, plan.get_execution_layers()
+        self.agents += agent_records(plan)[len(self.agents) :]
+        self.rounds.append(RoundRecord(agents=added))
+        return added
+
+    def round_of(self) -> dict[int, int]:
+        """Agent id -> its round, counted from 1."""
+        return {agent: number for number, round_ in enumerate(self.rounds, 1) for agent in round_.agents}
 
     def makespan(self) -> float | None:
         """Seconds from the first start to the last finish among the agents this run ran (not reused)."""
@@ -204,9 +255,10 @@ class RunRecord(BaseModel):
         return agents, path.index
 
 
-def compose_final_output(plan: ExecutionPlan, agents: list[AgentRecord]) -> str:
-    """The sink agent's output; with several sinks, each under a heading in index order."""
-    sinks = [agents[index] for index in plan.sinks()]
+def compose_final_output(plan: ExecutionPlan, agents: list[AgentRecord], sinks_of: list[int] | None = None) -> str:
+    """The sink agent's output; with several sinks, each under a heading in index order. `sinks_of`: these
+    sinks only (the last round's)."""
+    sinks = [agents[index] for index in (plan.sinks() if sinks_of is None else sinks_of)]
     if len(sinks) == 1:
         return _output_or_reason(sinks[0])
     return "\n\n".join(f"## Agent {agent.id} ({agent.role}): {agent.task}\n\n{_output_or_reason(agent)}" for agent in sinks)
@@ -238,20 +290,22 @@ def agent_records(plan: ExecutionPlan, parent: AgentPath = ROOT) -> list[AgentRe
     ]
 
 
-def kept_agents(plan: ExecutionPlan, agents: list[AgentRecord]) -> dict[int, AgentRecord]:
-    """What a resume hands the runtime of these agents (see `resume_choice`): reused ones as `ok` and
+def kept_agents(plan: ExecutionPlan, agents: list[AgentRecord], settled: set[int] | None = None) -> dict[int, AgentRecord]:
+    """What a resume hands the runtime of these agents (see `resume_choice`): reused ones as they were and
     `reused`, the ones whose sub-plan continues as `delegated`, with their sub-plan's agents as they were."""
-    reuse, resume = resume_choice(plan, agents)
+    reuse, resume = resume_choice(plan, agents, settled)
     kept = {index: agents[index].model_copy(update={"reused": True}, deep=True) for index in reuse}
     kept.update({index: agents[index].model_copy(update={"status": "delegated"}, deep=True) for index in resume})
     return kept
 
 
-def resume_choice(plan: ExecutionPlan, agents: list[AgentRecord]) -> tuple[set[int], set[int]]:
+def resume_choice(plan: ExecutionPlan, agents: list[AgentRecord], settled: set[int] | None = None) -> tuple[set[int], set[int]]:
     """What a resume keeps of a plan's agents: those it reuses as they are, and the delegated agents
     whose unfinished sub-plan it continues (they did not finish, but none of their inputs changes).
-    Every other agent runs again: it did not finish, or something upstream of it runs again."""
-    rerun = plan.descendants({agent.id for agent in agents if agent.status != "ok"})
+    Every other agent runs again: it did not finish, or something upstream of it runs again. `settled`
+    agents (of rounds the joiner judged, `RunRecord.settled_agents`) never run again, failed or not."""
+    settled = settled or set()
+    rerun = plan.descendants({agent.id for agent in agents if agent.status != "ok" and agent.id not in settled})
     reuse = {agent.id for agent in agents if agent.id not in rerun}
     resume = {agent.id for agent in agents if agent.id in rerun and agent.sub_run is not None and not set(agent.depends_on) & rerun}
     return reuse, resume

@@ -1,7 +1,8 @@
 """`report.html`: one self-contained page that tells a run's whole story.
 
-The query, the plan and its warnings, the graph, a timeline of the whole run, and per agent its
-task, inputs, output, tokens and errors, with sub-runs nested under their agent. No network, no
+The query, the plan and its warnings, the rounds of a run that replanned (`--replan`), the graph, a
+timeline of the whole run, and per agent its task, inputs, output, tokens and errors, with sub-runs
+nested under their agent. No network, no
 scripts: inline CSS and inline SVG only. Every string that came from a user or an LLM is escaped.
 """
 
@@ -13,7 +14,7 @@ from html import escape
 from .llm import Usage
 from .paths import AgentPath
 from .record import AgentRecord, RunRecord, ready_at, walk_agents
-from .viz import colour, graph_svg, measured_critical_path, timeline_svg
+from .viz import colour, graph_svg, measured_critical_path, round_labels, timeline_svg
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 0 auto; max-width: 1100px; padding: 1.5em; color: #222; }
@@ -47,13 +48,14 @@ def report_html(record: RunRecord) -> str:
         _totals(record),
         '<h2 id="plan">Plan</h2>',
         _plan_section(record),
+        *_rounds_section(record),
         '<h2 id="graph">Graph</h2>',
-        f'<div class="picture">{graph_svg(record.plan, record.agents)}</div>',
+        f'<div class="picture">{graph_svg(record.plan, record.agents, record.round_of())}</div>',
         '<h2 id="timeline">Timeline</h2>',
         '<p class="muted">Ray\'s start-up, the coordinator, and per agent the wait once its inputs were ready (grey) and its LLM call.</p>',
         f'<div class="picture">{timeline_svg(record)}</div>',
         '<h2 id="agents">Agents</h2>',
-        _agents(record.agents, _origin(record), set(measured_critical_path(record))),
+        _agents(record.agents, _origin(record), set(measured_critical_path(record)), round_labels(record.round_of())),
         '<h2 id="final">Final output</h2>',
         f"<pre>{escape(record.final_output)}</pre>",
         "</body></html>",
@@ -144,18 +146,38 @@ def _plan_section(record: RunRecord) -> str:
     return "\n".join(parts)
 
 
+def _rounds_section(record: RunRecord) -> list[str]:
+    """Each round's agents and the joiner's judgement of it, when the joiner was asked (`--replan`)."""
+    if all(round_.joiner is None for round_ in record.rounds):
+        return []
+    items = []
+    for number, round_ in enumerate(record.rounds, 1):
+        added = ", ".join(f'<a href="#agent-{agent}">{agent} {escape(record.agents[agent].role)}</a>' for agent in round_.agents)
+        made_by = "the coordinator's plan" if number == 1 else "the joiner's replan"
+        joiner = round_.joiner
+        if joiner is None:
+            judged = '<span class="muted">not judged (no replan left, or the run stopped first)</span>'
+        elif joiner.decision is None:
+            judged = f'<span class="warning">the joiner gave no valid decision ({escape(joiner.errors[-1])}); the run finished as it was</span>'
+        else:
+            judged = f"the joiner decided to <b>{joiner.decision}</b>: {escape(joiner.reason)}"
+        items.append(f"<li><b>Round {number}</b> ({made_by}): agents {added}. Then {judged}.</li>")
+    return ['<h2 id="rounds">Rounds</h2>', f"<ol>{''.join(items)}</ol>"]
+
+
 def _anchor(path: AgentPath) -> str:
     return "agent-" + "-".join(str(step) for step in path.steps)
 
 
-def _agents(agents: list[AgentRecord], origin: float, critical: set[int]) -> str:
-    return "\n".join(_agent(agent, agents, origin, critical) for agent in agents)
+def _agents(agents: list[AgentRecord], origin: float, critical: set[int], rounds: dict[int, str] | None = None) -> str:
+    """The agents' articles; `rounds` (id -> its round's label, `viz.round_labels`) for a run's top-level agents."""
+    return "\n".join(_agent(agent, agents, origin, critical, (rounds or {}).get(agent.id, "")) for agent in agents)
 
 
-def _agent(agent: AgentRecord, siblings: list[AgentRecord], origin: float, critical: set[int]) -> str:
+def _agent(agent: AgentRecord, siblings: list[AgentRecord], origin: float, critical: set[int], round_label: str) -> str:
     path = agent.path
     status = escape(agent.status) + (" (reused)" if agent.reused else "")
-    facts = [f"layer {agent.layer}", f'<span class="status status-{escape(agent.status)}">{status}</span>']
+    facts = [f"layer {agent.layer}{round_label}", f'<span class="status status-{escape(agent.status)}">{status}</span>']
     ready = ready_at(agent, siblings)
     if agent.started_at is not None and agent.finished_at is not None:
         facts.append(f"started at +{agent.started_at - origin:.2f} s, took {agent.finished_at - agent.started_at:.2f} s")

@@ -3,8 +3,8 @@
 `runs/<UTC time>-<slug>/` (or `--run-dir DIR`) holds `record.json`, `plan.json`, `final.md`,
 `agents/NN-role.md` (sub-plan agents `NN-MM-role.md`), the pictures (`graph.svg`, `timeline.svg`,
 `graph.mmd`), `report.html` and `.lock`. The runtime calls `start` with the new record, `agent_finished`
-with each agent's result, `record_changed` when the record changed otherwise, and `finish` with the
-ended record; the directory decides what goes where and when.
+with each agent's result, `round_added` when the joiner replanned (`--replan`), `record_changed` when
+the record changed otherwise, and `finish` with the ended record; the directory decides what goes where and when.
 
 `record.json` is rewritten atomically as agents finish, sub-plan agents included, at most once every
 CHECKPOINT_INTERVAL_S and once at the end, so a run that stops for any reason leaves behind
@@ -64,6 +64,9 @@ class RunFiles:
 
     def record_changed(self) -> None:
         """Something else in the run's record changed (a sub-plan, a warning)."""
+
+    def round_added(self, record: RunRecord) -> None:
+        """The joiner replanned: the run's plan has new agents, pending."""
 
     def checkpoint_due_in(self) -> float | None:
         """Seconds until unsaved changes must be written (`checkpoint`); None when there are none."""
@@ -163,6 +166,11 @@ class RunDirectory(RunFiles):
         """Keep this run's record from now on (it says where it is kept); write the plan and the record."""
         self._record = record
         record.run_dir = str(self.path)
+        self._write(PLAN, record.plan.model_dump_json(indent=2))
+        self._write_record()
+
+    def round_added(self, record: RunRecord) -> None:
+        """The plan with the new round's agents, and the record, now: a resume continues the round."""
         self._write(PLAN, record.plan.model_dump_json(indent=2))
         self._write_record()
 

@@ -6,7 +6,10 @@ record. Every run takes one planning route: the plan is written in a thread of t
 the executors start and the main thread follows the stream. Streamed, each agent goes to the hub
 the moment the coordinator's answer makes it safe to start (plan_stream.py); a plan not streamed
 (`--no-stream-plan`, a plan file, a resumed record) is a stream that arrives at once, whose agents
-all go to the hub when it is complete. The record is made once the plan is complete.
+all go to the hub when it is complete. The record is made once the plan is complete. With
+`--replan`, once a round's agents have finished the joiner (coordinator.py) judges them in the
+driver, and the agents it adds go to the same hub run as the next round, taking the earlier
+agents' results the hub still holds.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from typing import Any, Callable
 import ray
 
 from .connect import RayOptions, embedded, ensure_ray
-from .coordinator import planned_notice
+from .coordinator import Joiner, planned_notice
 from .events import (
     COORDINATOR,
     EventHandler,
+    Notice,
     PlanningStarted,
     PlanReady,
+    RoundStarted,
     RunFinished,
     TokenCounter,
 )
@@ -80,18 +85,20 @@ def execute_plan(
     earlier: RunRecord | None = None,
     stream: bool = False,
     trace: Exporting | None = None,
+    joiner: Joiner | None = None,
 ) -> RunRecord:
     """Run every agent of `plan` on Ray and return the record; `run_dir` (whose lock the caller holds) keeps what
     the agents do as they finish. The planning route of `plan_and_execute`, with a plan that arrives at once.
 
     When resuming, `earlier` is the record being resumed: what `resume_choice` keeps of it is not
-    run again. With `stream`, agents' tokens arrive as `TokensArrived` events while they answer.
+    run again, and its rounds go on. With `stream`, agents' tokens arrive as `TokensArrived` events while
+    they answer. With a `joiner`, it judges each round's results and may replan (`--replan`).
     A stop signal raises RunInterrupted and a dead Ray process RunBroken, both after the record is
     saved with its final status. With `trace`, the run is exported as an OpenTelemetry trace (tracing.py).
     """
     with _Run(llm, ray_options, limits, on_event, stream, trace) as run:
         plan, _, started = run.plan(query, whole_plan(plan), max_agents=len(plan.agents), stream_plan=False)
-        return run.execute(plan, query, run_dir, coordinator, settings or {}, earlier, already_submitted=started)
+        return run.execute(plan, query, run_dir, coordinator, settings or {}, earlier, joiner, already_submitted=started)
 
 
 def plan_and_execute(
@@ -109,6 +116,7 @@ def plan_and_execute(
     stream_plan: bool = True,
     planning: PlanningStarted | None = None,
     trace: Exporting | None = None,
+    joiner: Joiner | None = None,
 ) -> RunRecord:
     """Plan with the coordinator and run the plan; with `stream_plan`, each agent as soon as the answer makes it safe.
 
@@ -122,7 +130,7 @@ def plan_and_execute(
         plan, coordinator, started = run.plan(query, planner, max_agents=max_agents, stream_plan=stream_plan, planning=planning)
         directory = run_dir()
         with directory.locked():
-            return run.execute(plan, query, directory, coordinator, settings or {}, None, already_submitted=started)
+            return run.execute(plan, query, directory, coordinator, settings or {}, None, joiner, already_submitted=started)
 
 
 class _Run:
@@ -249,6 +257,32 @@ class _Run:
             priority=agent.priority,
         )
 
+    def _next_round(self, joiner: Joiner, record: RunRecord, query: str, run_dir: RunFiles) -> bool:
+        """The joiner judges the last round; when it replans, the new agents go to the hub as the next round
+        (their dependencies on earlier agents take the results the hub holds). Returns whether it replanned."""
+        number = len(record.rounds)
+        self.on_event(Notice(f"🔁 Joiner reading round {number}'s results..."))
+        plan, judged = joiner(record)
+        record.rounds[-1].joiner = judged
+        run_dir.record_changed()
+        if judged.decision is None:
+            self._warn(record, f"⚠️ The joiner gave no valid decision ({judged.errors[-1]}); the run finishes as it is")
+            return False
+        if plan is None:
+            self.on_event(Notice(f"🔁 Joiner finished after round {number}: {judged.reason}"))
+            return False
+        for warning in plan.warnings:
+            self._warn(record, warning)
+        added = record.add_round(plan)
+        run_dir.round_added(record)
+        self.on_event(RoundStarted(number=number + 1, reason=judged.reason, plan=plan, layers=record.layers, added=added))
+        self._submit(plan_orders(plan, query, self.llm, self.limits, only=set(added)))
+        return True
+
+    def _warn(self, record: RunRecord, warning: str) -> None:
+        record.warnings.append(warning)
+        self.on_event(Notice(warning, warning=True))
+
     def _restart(self) -> None:
         """Cancel everything of this run and start afresh: what started early keeps no slot and leaves no result."""
         self.channel.cancel()
@@ -264,9 +298,11 @@ class _Run:
         coordinator: CoordinatorRecord | None,
         settings: dict[str, Any],
         earlier: RunRecord | None,
+        joiner: Joiner | None,
         already_submitted: set[int] | None = None,
     ) -> RunRecord:
-        """Submit the plan's agents (all but those already submitted) and follow them to the end."""
+        """Submit the plan's agents (all but those already submitted) and follow them to the end; then, while the
+        joiner may replan and does, each round's new agents."""
         record = RunRecord.start(
             plan,
             query,
@@ -276,15 +312,17 @@ class _Run:
             coordinator=coordinator,
             ray_started_at=self.connection.started_at,
             ray_ready_at=self.connection.ready_at,
+            rounds=[round_.model_copy(deep=True) for round_ in earlier.rounds] if earlier is not None else [],
         )
         kept: dict[int, AgentRecord] = {}
         if earlier is not None:
-            kept = kept_agents(plan, earlier.agents)
+            kept = kept_agents(plan, earlier.agents, earlier.settled_agents())
             for agent_id, agent in kept.items():
                 record.agents[agent_id] = earlier.agents[agent_id].model_copy(update={"reused": agent.reused}, deep=True)
         run_dir.start(record)
         reused = tuple(sorted(index for index, agent in kept.items() if agent.reused))
-        self.on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir, slots=record.slots, reused=reused))
+        rounds = tuple(record.round_of()[agent] for agent in range(len(plan.agents))) if len(record.rounds) > 1 else ()
+        self.on_event(PlanReady(plan=plan, layers=record.layers, run_dir=record.run_dir, slots=record.slots, reused=reused, rounds=rounds))
 
         saved = f" in {run_dir.path}; resume with: metaagent resume {shlex.quote(str(run_dir.path))}" if run_dir.path else ""
         try:
@@ -292,6 +330,8 @@ class _Run:
                 rest = set(range(len(plan.agents))) - (already_submitted or set())
                 self._submit(plan_orders(plan, query, self.llm, self.limits, kept=kept, only=rest))
                 self.follower.until_done(record, run_dir)
+                while joiner is not None and joiner.may_replan(record) and self._next_round(joiner, record, query, run_dir):
+                    self.follower.until_done(record, run_dir)
         except KeyboardInterrupt as interrupt:
             with stop_signals_ignored():
                 self.channel.cancel()
@@ -309,7 +349,7 @@ class _Run:
             raise
         run_ended()  # every agent has finished: a stop signal now could only lose the record
         with stop_signals_ignored():
-            _end_run(record, run_dir, "ok" if not record.failed_agents() else "failed")
+            _end_run(record, run_dir, record.outcome())
             self.span.finish(record)
             self.abandoned_calls = any(agent.failure is FailureKind.TIMED_OUT for agent in walk_agents(record.agents))
             self.on_event(RunFinished(record=record))

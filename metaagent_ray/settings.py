@@ -78,6 +78,7 @@ class RunSettings(BaseModel):
     max_depth: int = Field(default=2, ge=0)
     max_agents: int = Field(default=64, ge=1)
     max_total_agents: int = Field(default=200, ge=1)
+    replan: int = Field(default=0, ge=0, le=10)  # rounds the joiner may add after reading the agents' results
     max_tokens: int | None = Field(default=None, ge=1)  # every agent's answer budget; None: answer_tokens'
     answer_tokens: AnswerBudgets = Field(default_factory=default_answer_tokens)
     pool: PoolSpec | None = None  # serve the model from this pool of server instances (GPU serving)

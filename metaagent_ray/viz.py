@@ -56,8 +56,16 @@ def _on_curve(t: float, *points: tuple[float, float]) -> tuple[float, float]:
     return sum(w * p[0] for w, p in zip(weights, points)), sum(w * p[1] for w, p in zip(weights, points))
 
 
-def graph_svg(plan: ExecutionPlan, agents: list[AgentRecord] | None = None) -> str:
-    """The DAG as SVG: rows are layers (parallel groups), colours are layers, edges say who feeds whom."""
+def round_labels(rounds: dict[int, int] | None) -> dict[int, str]:
+    """Agent id -> " · round N", for runs of several rounds (`--replan`); nothing for a run of one."""
+    if not rounds or max(rounds.values()) == 1:
+        return {}
+    return {agent: f" · round {number}" for agent, number in rounds.items()}
+
+
+def graph_svg(plan: ExecutionPlan, agents: list[AgentRecord] | None = None, rounds: dict[int, int] | None = None) -> str:
+    """The DAG as SVG: rows are layers (parallel groups), colours are layers, edges say who feeds whom;
+    `rounds` (agent id -> round) labels each agent with its round when there were several."""
     layers = _row_order(plan, plan.get_execution_layers())
     width = max(len(row) for row in layers) * (NODE_W + GAP_X) - GAP_X + 2 * MARGIN + 170
     height = len(layers) * (NODE_H + GAP_Y) - GAP_Y + 2 * MARGIN
@@ -92,7 +100,7 @@ def graph_svg(plan: ExecutionPlan, agents: list[AgentRecord] | None = None) -> s
             )
             label_x, label_y = _on_curve(0.3, (x1, top), (x1, top + bend), (x2, bottom - bend), (x2, bottom))
             parts.append(f'<text x="{label_x + 4:.0f}" y="{label_y:.0f}" fill="#777" font-size="10">{dep}→{agent}</text>')
-    layer_of = plan.layer_of()
+    layer_of, round_of = plan.layer_of(), round_labels(rounds)
     for agent, spec in enumerate(plan.agents):
         x, y = centre[agent]
         record = agents[agent] if agents else None
@@ -107,7 +115,7 @@ def graph_svg(plan: ExecutionPlan, agents: list[AgentRecord] | None = None) -> s
             f'fill="{colour(layer_of[agent])}" stroke="{stroke}" stroke-width="1.5"/>',
             f'<text x="{x:.0f}" y="{y - 10:.0f}" text-anchor="middle" font-weight="bold">Agent {agent} · {spec.role.value}{status}</text>',
             f'<text x="{x:.0f}" y="{y + 6:.0f}" text-anchor="middle">{escape(_short(spec.task, 30))}</text>',
-            f'<text x="{x:.0f}" y="{y + 21:.0f}" text-anchor="middle" fill="#333" font-size="10">layer {layer_of[agent]}{timing}</text>',
+            f'<text x="{x:.0f}" y="{y + 21:.0f}" text-anchor="middle" fill="#333" font-size="10">layer {layer_of[agent]}{round_of.get(agent, "")}{timing}</text>',
             "</g>",
         ]
     parts.append("</svg>")
@@ -147,6 +155,7 @@ def timeline_svg(record: RunRecord) -> str:
     moments += [moment for agent, ready in rows for moment in (ready, agent.started_at, agent.finished_at) if moment is not None]
     start, span = min(moments), (max(moments) - min(moments)) or 1.0
     critical = set(measured_critical_path(record))
+    round_of = round_labels(record.round_of())
     label_w, plot_w, row_h = 220, 640, 22
     count = len(phases) + len(rows)
     height = count * row_h + 2 * MARGIN + 50
@@ -179,8 +188,9 @@ def timeline_svg(record: RunRecord) -> str:
         assert began is not None and ended is not None
         label = str(agent.path)
         indent = "    " * label.count(".")
+        where = f"layer {agent.layer}" + (round_of.get(agent.id, "") if agent.path.depth == 0 else "")
         parts.append(
-            f'<text x="{MARGIN}" y="{y + 15}" xml:space="preserve">{indent}Agent {escape(label)} · {escape(agent.role)} (layer {agent.layer})</text>'
+            f'<text x="{MARGIN}" y="{y + 15}" xml:space="preserve">{indent}Agent {escape(label)} · {escape(agent.role)} ({where})</text>'
         )
         if ready is not None and began > ready:
             parts.append(
@@ -210,23 +220,24 @@ def timeline_svg(record: RunRecord) -> str:
 
 
 def _phases(record: RunRecord) -> list[tuple[str, float | None, float | None]]:
-    """The run's own steps before its agents: Ray's start-up and the coordinator's planning."""
+    """The run's own steps besides its agents: Ray's start-up, the coordinator's planning, the joiner's judgements."""
     coordinator = record.coordinator
+    joiners = [(number, round_.joiner) for number, round_ in enumerate(record.rounds, 1) if round_.joiner is not None]
     return [
         ("Ray start-up", record.ray_started_at, record.ray_ready_at),
         ("Coordinator", coordinator.started_at if coordinator else None, coordinator.finished_at if coordinator else None),
+        *((f"Joiner after round {number}", joiner.started_at, joiner.finished_at) for number, joiner in joiners),
     ]
 
 
-def mermaid(plan: ExecutionPlan) -> str:
-    """The graph as a Mermaid flowchart (GitHub renders it), one class per layer."""
-    layer_of = plan.layer_of()
+def mermaid(plan: ExecutionPlan, rounds: dict[int, int] | None = None) -> str:
+    """The graph as a Mermaid flowchart (GitHub renders it), one class per layer; rounds labelled as in `graph_svg`."""
+    layer_of, round_of = plan.layer_of(), round_labels(rounds)
     lines = ["flowchart TD"]
     for agent, spec in enumerate(plan.agents):
         task = _short(spec.task, 40).replace('"', "'")
-        lines.append(
-            f'    a{agent}["Agent {agent}: {spec.role.value}<br/>{escape(task)}<br/>layer {layer_of[agent]}"]:::layer{layer_of[agent]}'
-        )
+        where = f"layer {layer_of[agent]}{round_of.get(agent, '')}"
+        lines.append(f'    a{agent}["Agent {agent}: {spec.role.value}<br/>{escape(task)}<br/>{where}"]:::layer{layer_of[agent]}')
     for agent, spec in enumerate(plan.agents):
         lines += [f"    a{dep} -->|{dep}→{agent}| a{agent}" for dep in spec.depends_on]
     lines += [f"    classDef layer{number} fill:{colour(number)}" for number in sorted(set(layer_of.values()))]
@@ -235,4 +246,9 @@ def mermaid(plan: ExecutionPlan) -> str:
 
 def pictures(record: RunRecord) -> dict[str, str]:
     """A run's pictures by file name: graph.svg, timeline.svg and graph.mmd (the run directory writes them)."""
-    return {"graph.svg": graph_svg(record.plan, record.agents), "timeline.svg": timeline_svg(record), "graph.mmd": mermaid(record.plan)}
+    rounds = record.round_of()
+    return {
+        "graph.svg": graph_svg(record.plan, record.agents, rounds),
+        "timeline.svg": timeline_svg(record),
+        "graph.mmd": mermaid(record.plan, rounds),
+    }

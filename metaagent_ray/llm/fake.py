@@ -3,7 +3,8 @@
 It answers by identity (agent id, role, task, the agents whose outputs it received), never by call
 order, so runs are reproducible whatever order Ray finishes tasks in. Latency can be simulated per
 agent to show scheduling, faults injected per agent, and an agent whose task contains "[delegate]"
-delegates to a sub-plan whenever its depth allows.
+delegates to a sub-plan whenever its depth allows. Its joiner (`--replan`) replans once when an agent
+failed or answered nothing, by the agents' results in its prompt.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from ..subjects import enumerated_subjects
 from .base import LLM, MB, LLMConfig, LLMError, LLMRequest, LLMResponse, ModelFootprint, PromptStyle, TextCallback, parse_options
 
 DELEGATE_MARKER = "[delegate]"  # an agent whose task holds this delegates whenever it may
+REPLACES = "(replaces agent"  # the fake joiner's mark on a replacement's task: "... (replaces agent 1)"
 
 
 class FakeLatency(BaseModel):
@@ -76,24 +78,31 @@ class FakeLatency(BaseModel):
 
 
 class FakeFaults(BaseModel):
-    """Injected failures: per agent "always", "hang" or a number of failing first attempts; the coordinator's "garbage"."""
+    """Injected failures: per agent "always", "hang" or a number of failing first attempts; the coordinator's
+    "garbage"; the joiner's "garbage"."""
 
     agents: dict[int, Literal["always", "hang"] | int] = Field(default_factory=dict)
     coordinator: Literal["garbage", "always"] | None = None
+    joiner: Literal["garbage"] | None = None
 
     @classmethod
     def from_spec(cls, spec: str | None) -> FakeFaults:
-        """SPEC like `3` (always fails), `3:1` (fails its first attempt), `3:hang`, `coordinator:garbage`; comma-separated."""
+        """SPEC like `3` (always fails), `3:1` (fails its first attempt), `3:hang`, `coordinator:garbage`,
+        `joiner:garbage`; comma-separated."""
         faults = cls()
         for item in filter(None, (part.strip() for part in (spec or "").split(","))):
             target, _, kind = item.partition(":")
             kind = kind or "always"
             if target == "coordinator" and kind in ("garbage", "always"):
                 faults.coordinator = kind  # type: ignore[assignment]
+            elif target == "joiner" and kind == "garbage":
+                faults.joiner = "garbage"
             elif target.isdigit() and (kind in ("always", "hang") or kind.isdigit()):
                 faults.agents[int(target)] = int(kind) if kind.isdigit() else kind  # type: ignore[assignment]
             else:
-                raise ConfigError(f"--fake-fail {spec}: cannot read {item!r} (use AGENT, AGENT:N, AGENT:hang or coordinator:garbage)")
+                raise ConfigError(
+                    f"--fake-fail {spec}: cannot read {item!r} (use AGENT, AGENT:N, AGENT:hang, coordinator:garbage or joiner:garbage)"
+                )
         return faults
 
 
@@ -156,6 +165,8 @@ class FakeLLM(LLM):
     def _answer(self, request: LLMRequest) -> str:
         if request.caller == "coordinator" and self.options.fail.coordinator == "garbage":
             return "Sure! Here is a plan: agents, roles... {not json"
+        if request.caller == "joiner":
+            return "Looks done to me! {decision: finish" if self.options.fail.joiner == "garbage" else json.dumps(joiner_decision(request))
         if request.json_schema is not None and self.options.plan is not None:
             return self._plan_text
         if request.json_schema is not None:
@@ -191,6 +202,39 @@ def answer_for(request: LLMRequest) -> str:
     """The fake agent answer: it names role, task and the agents whose outputs it received."""
     inputs = ", ".join(str(agent) for agent in request.inputs_from) or "none"
     return f"[{request.role}] agent {request.agent_id}: {request.task}\nInputs from agents: {inputs}"
+
+
+def joiner_decision(request: LLMRequest) -> dict:
+    """The fake joiner: replans once when an agent failed or answered nothing, else finishes.
+
+    It reads the agents from its prompt's JSON lines. Each such agent gets a replacement, and so does
+    everything downstream of it, depending on the replacements: the final answer then uses them. A
+    replacement's task says which agent it replaces, so the next judgement finishes.
+    """
+    agents = [json.loads(line) for line in request.messages[-1].content.splitlines() if line.startswith('{"id": ')]
+    replaced = {int(number) for agent in agents for number in re.findall(rf"{re.escape(REPLACES)} (\d+)\)", agent["task"])}
+    broken = {
+        agent["id"]
+        for agent in agents
+        if (agent["status"] != "ok" or not agent.get("output", "").strip()) and agent["id"] not in replaced and REPLACES not in agent["task"]
+    }
+    if not broken:
+        return {"decision": "finish", "reason": "every agent answered", "agents": []}
+    redo = sorted(broken)
+    for agent in agents:  # ids ascend, and an agent depends only on agents before it
+        if agent["id"] not in redo and set(agent["depends_on"]) & set(redo):
+            redo.append(agent["id"])
+    new_id = {old: len(agents) + position for position, old in enumerate(redo)}
+    new_agents = [
+        {
+            "role": agents[old]["role"],
+            "task": f"{agents[old]['task']} {REPLACES} {old})",
+            "depends_on": [new_id.get(dep, dep) for dep in agents[old]["depends_on"]],
+        }
+        for old in redo
+    ]
+    failed = ", ".join(str(agent) for agent in sorted(broken))
+    return {"decision": "replan", "reason": f"agent {failed} failed or answered nothing", "agents": new_agents}
 
 
 def plan_for_query(query: str) -> dict:
