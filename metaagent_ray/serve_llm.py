@@ -1,6 +1,6 @@
 """LLM serving the Ray way: a Ray Serve application of N model replicas behind one OpenAI-compatible path.
 
-`--serve-llm CONFIG.yaml` names a `ServeLLMSpec`. The run deploys it on the cluster (or attaches to a
+`--serve-llm CONFIG.yaml` names a `ServeLLMSpec` (serving.py). The run deploys it on the cluster (or attaches to a
 running application of that name) and its agents call `{proxy}{route_prefix}/v1` through the `openai`
 backend: nothing here is a backend of its own.
 
@@ -24,22 +24,21 @@ does not postpone them (no `from __future__ import annotations`).
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, AsyncIterator
 
 import httpx
 import ray
-import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 
-from .errors import ConfigError, MetaAgentError
+from .errors import MetaAgentError
 from .llm import LLMConfig
 from .llm.local import LocalOptions, LocalServer
+from .serving import ServeLLMSpec
 
 # Ray Serve's PrefixCacheAffinityRouter, by the module that defines it: its public alias
 # (ray.serve.llm.request_router) is the same class, but importing ray.serve.llm needs vLLM or SGLang
@@ -52,46 +51,11 @@ class ServeLLMError(MetaAgentError):
     """The Serve application could not be deployed or found."""
 
 
-class ServeLLMSpec(BaseModel):
-    """What `--serve-llm CONFIG.yaml` holds: the Serve application the run's agents call."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "metaagent-llm"  # the Serve application; one already running under this name is attached to, not replaced
-    route_prefix: str = "/metaagent-llm"
-    http_host: str = "127.0.0.1"  # Serve's HTTP proxy, if this run starts Serve; 0.0.0.0 for agents on other nodes
-    http_port: int = Field(default=8000, ge=1, le=65535)
-    replicas: int = Field(default=2, ge=1)
-    parallel: int = Field(default=4, ge=1)  # requests one replica decodes at once: llama.cpp's parallel slots
-    cpus_per_replica: float = Field(default=1.0, ge=0)
-    gpus_per_replica: float = Field(default=0.0, ge=0)  # 1: one replica per GPU; 0.5: two per GPU
-    model: str | None = None  # a .gguf file on every node; None: the local backend's default model
-    local: LocalOptions = Field(default_factory=LocalOptions)  # each replica's llama.cpp options (n_ctx, n_threads, ...)
-    router: Literal["prefix", "power_of_two"] = "prefix"
-    # prefix routing gives way to Serve's power-of-two choice when the replicas' queues differ by more
-    # than this; None: parallel - 1, so a prefix stays on its replica until that replica is full
-    imbalanced_threshold: int | None = Field(default=None, ge=0)
-
-    @classmethod
-    def from_yaml(cls, path: Path) -> "ServeLLMSpec":
-        """The spec in a YAML file, or one ConfigError line saying what is wrong with it."""
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as error:
-            raise ConfigError(f"--serve-llm {path}: {error}") from None
-        try:
-            return cls.model_validate(data or {})
-        except ValidationError as error:
-            first = error.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "file"
-            raise ConfigError(f"--serve-llm {path}: {where}: {first['msg']}") from None
-
-    def request_router(self) -> RequestRouterConfig | None:
-        """Ray Serve's prefix-aware router with its load threshold, or None for Serve's default (power of two choices)."""
-        if self.router == "power_of_two":
-            return None
-        threshold = self.imbalanced_threshold if self.imbalanced_threshold is not None else self.parallel - 1
-        return RequestRouterConfig(request_router_class=PREFIX_ROUTER, request_router_kwargs={"imbalanced_threshold": threshold})
+def request_router(spec: ServeLLMSpec) -> RequestRouterConfig:
+    """Ray Serve's prefix-aware router with its load threshold, or Serve's default (power of two choices)."""
+    if spec.router == "power_of_two":
+        return RequestRouterConfig()
+    return RequestRouterConfig(request_router_class=PREFIX_ROUTER, request_router_kwargs={"imbalanced_threshold": spec.load_threshold})
 
 
 class ChatCall(BaseModel):
@@ -237,7 +201,7 @@ def build_app(spec: ServeLLMSpec) -> serve.Application:
         num_replicas=spec.replicas,
         max_ongoing_requests=spec.parallel,
         ray_actor_options={"num_cpus": spec.cpus_per_replica, "num_gpus": spec.gpus_per_replica},
-        request_router_config=spec.request_router() or RequestRouterConfig(),
+        request_router_config=request_router(spec),
     )
     ingress = serve.deployment(OpenAIIngress, num_replicas=1, max_ongoing_requests=INGRESS_MAX_ONGOING, ray_actor_options={"num_cpus": 0})
     return ingress.bind(replica.bind(spec.model, spec.local, spec.parallel))
@@ -258,9 +222,9 @@ class ServedLLM:
         """The requests the replicas decode at once: each replica's parallel slots, which Serve never overfills."""
         return self.replicas * self.spec.parallel
 
-    def llm_config(self) -> LLMConfig:
-        """The `openai` backend pointed at the application's OpenAI-compatible path."""
-        return LLMConfig(backend="openai", options={"base_url": f"{self.url}/v1"})
+    def llm_config(self, options: dict[str, Any]) -> LLMConfig:
+        """The `openai` backend, with the run's backend `options` (a timeout, say), pointed at the application's OpenAI-compatible path."""
+        return LLMConfig(backend="openai", options={**options, "base_url": f"{self.url}/v1"})
 
     def describe(self) -> str:
         how = "deployed" if self.deployed else "attached to"
