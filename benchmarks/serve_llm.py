@@ -2,6 +2,7 @@
 
     python -m benchmarks.serve_llm                                   # 2 replicas: power-of-two, then prefix routing
     python -m benchmarks.serve_llm --replicas 1 2 --routers prefix   # makespan against 1 replica (gpu_check.sh)
+    python -m benchmarks.serve_llm --thresholds 3 1000               # prefix routing spilling when a replica is full, or never
 
 Starts Ray here, then for each (replicas, router) deploys a fresh Serve application of llama.cpp
 replicas (serve_llm.py: empty caches, its own name, so Serve's prefix tree starts empty too), executes
@@ -53,8 +54,9 @@ def measure(spec: ServeLLMSpec, steps: dict[str, Any], max_tokens: int) -> str:
     failed = sum(agent.status != "ok" for agent in record.agents)
     total = {key: sum(served[key] for served in replicas.values()) for key in ("prompt_tokens", "cached_tokens", "completion_tokens")}
     requests = " / ".join(str(served["requests"]) for served in sorted(replicas.values(), key=lambda served: -served["requests"]))
+    router = f"prefix, threshold {spec.load_threshold}" if spec.router == "prefix" else spec.router
     return (
-        f"| {spec.replicas} | {spec.router} | {makespan:.1f} s | {requests} | {total['prompt_tokens']} | {total['cached_tokens']} "
+        f"| {spec.replicas} | {router} | {makespan:.1f} s | {requests} | {total['prompt_tokens']} | {total['cached_tokens']} "
         f"| {total['prompt_tokens'] - total['cached_tokens']} | {total['completion_tokens'] / makespan:.1f} | {failed} |"
     )
 
@@ -65,6 +67,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, nargs="+", default=[2])
     parser.add_argument("--routers", nargs="+", choices=["power_of_two", "prefix"], default=["power_of_two", "prefix"])
     parser.add_argument("--parallel", type=int, default=4, help="each replica's parallel slots")
+    parser.add_argument(
+        "--thresholds", type=int, nargs="+", default=[None], help="the prefix router's imbalanced_threshold, one row each (default: parallel - 1)"
+    )
     parser.add_argument("--max-tokens", type=int, default=64, help="every answer's budget")
     parser.add_argument("--n-ctx", type=int, default=2048, help="each slot's context")
     parser.add_argument("--threads", type=int, default=1, help="each replica's llama.cpp threads")
@@ -80,10 +85,12 @@ def main() -> None:
     print("|---:|---|---:|---|---:|---:|---:|---:|---:|")
     try:
         for replicas in args.replicas:
-            for router in args.routers:
+            rows = [(router, threshold) for router in args.routers for threshold in (args.thresholds if router == "prefix" else [None])]
+            for router, threshold in rows:
+                name = f"bench-{replicas}-{router.replace('_', '-')}-{threshold}"
                 spec = ServeLLMSpec(
-                    name=f"bench-{replicas}-{router.replace('_', '-')}",
-                    route_prefix=f"/bench-{replicas}-{router.replace('_', '-')}",
+                    name=name,
+                    route_prefix=f"/{name}",
                     http_port=args.port,
                     replicas=replicas,
                     parallel=args.parallel,
@@ -91,6 +98,7 @@ def main() -> None:
                     gpus_per_replica=args.gpus_per_replica,
                     model=args.model,
                     router=router,
+                    imbalanced_threshold=threshold,
                     local={"n_ctx": args.n_ctx, "n_threads": args.threads},
                 )
                 print(measure(spec, steps, args.max_tokens), flush=True)

@@ -82,14 +82,18 @@ def test_a_run_through_two_llama_cpp_replicas_uses_both_and_their_capacity(tmp_p
         cpus_per_replica=0,  # the session's simulated nodes share two cores with everything else
         local={"n_ctx": 1024, "n_threads": 1},
     )
+    from ray import serve
+
     with MetaAgent(serve_llm=spec, max_tokens=48) as meta:
         record = meta.execute(PLAN, "Compare programming languages", run_dir=tmp_path / "run")
         replicas = httpx.get(f"http://127.0.0.1:{spec.http_port}{spec.route_prefix}/replicas", timeout=30).json()
+        with MetaAgent(serve_llm=spec, max_tokens=16) as attached:  # finds the application running: uses it, leaves it
+            again = attached.execute({"agents": [{"role": "RESEARCHER", "task": "Research Go"}]}, "Go", save=False)
+        assert again.agents[0].status == "ok" and again.slots == 4
+        assert serve.status().applications[spec.name].status == "RUNNING"
     assert record.llm.backend == "openai"
     assert all(agent.status == "ok" and agent.output.strip() for agent in record.agents)
     assert record.slots == spec.replicas * spec.parallel == 4  # the replicas' capacity, not the machine's
     assert len(replicas) == 2 and all(served["requests"] >= 1 for served in replicas.values()), replicas
     assert sum(served["requests"] for served in replicas.values()) >= len(record.agents)
-    from ray import serve
-
     assert spec.name not in serve.status().applications  # the run deployed it, so closing deleted it
