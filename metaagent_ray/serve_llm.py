@@ -233,10 +233,6 @@ class ServedLLM:
             f"{self.spec.router} routing, at {self.url}/v1"
         )
 
-    def replica_stats(self) -> dict[str, dict[str, int]]:
-        """Requests and tokens per replica, from the ingress."""
-        return httpx.get(f"{self.url}/replicas", timeout=10).json()
-
     def stop(self) -> None:
         """Delete the application if this run deployed it; one it attached to keeps serving."""
         if self.deployed:
@@ -265,7 +261,9 @@ def serve_llm(spec: ServeLLMSpec) -> ServedLLM:
     running = _running_replicas(spec.name)
     if running is not None:
         return ServedLLM(spec, running, deployed=False)
-    serve.start(http_options={"host": spec.http_host, "port": spec.http_port})
+    # One proxy, on the head node, where the driver runs (`metaagent submit` and cluster/ start it there):
+    # the URL the agents are given names this node. Serve's default puts one on each node with a replica.
+    serve.start(proxy_location="HeadOnly", http_options={"host": spec.http_host, "port": spec.http_port})
     try:
         serve.run(build_app(spec), name=spec.name, route_prefix=spec.route_prefix)
     except Exception as error:  # Serve raises RuntimeError (and others) with the replica's error inside

@@ -23,7 +23,7 @@ class ServeLLMSpec(BaseModel):
 
     name: str = "metaagent-llm"  # the Serve application; one already running under this name is attached to, not replaced
     route_prefix: str = "/metaagent-llm"
-    http_host: str = "127.0.0.1"  # Serve's HTTP proxy, if this run starts Serve; 0.0.0.0 for agents on other nodes
+    http_host: str = "127.0.0.1"  # Serve's HTTP proxy (on the head node), if this run starts Serve; 0.0.0.0 for agents on other nodes
     http_port: int = Field(default=8000, ge=1, le=65535)
     replicas: int = Field(default=2, ge=1)
     parallel: int = Field(default=4, ge=1)  # requests one replica decodes at once: llama.cpp's parallel slots
