@@ -92,7 +92,7 @@ def test_a_run_through_two_llama_cpp_replicas_uses_both_and_their_capacity(tmp_p
         assert again.agents[0].status == "ok" and again.slots == 4
         assert serve.status().applications[spec.name].status == "RUNNING"
     assert record.llm.backend == "openai"
-    assert all(agent.status == "ok" and agent.output.strip() for agent in record.agents)
+    assert all(agent.status == "ok" and agent.output.strip() for agent in record.agents), [(a.status, a.error, a.output) for a in record.agents]
     assert record.slots == spec.replicas * spec.parallel == 4  # the replicas' capacity, not the machine's
     assert len(replicas) == 2 and all(served["requests"] >= 1 for served in replicas.values()), replicas
     assert sum(served["requests"] for served in replicas.values()) >= len(record.agents)
