@@ -92,23 +92,29 @@ def _served(replica: str, usage: dict[str, Any] | None) -> Served:
 
 
 class LlamaCppReplica:
-    """One model replica: llama.cpp's server in this process, `parallel` slots batched together."""
+    """One model replica: llama.cpp's server in this process, `parallel` slots batched together.
+
+    A request that sets no sampling of its own (the `openai` backend sends none unless told) samples
+    as `--llm local` does, with the spec's `local` options, not with llama.cpp's defaults
+    (temperature 0.8, a random seed).
+    """
 
     def __init__(self, model: str | None, options: LocalOptions, parallel: int) -> None:
         self._server = LocalServer(model, options, parallel)  # held: the server lives as long as this object
+        self._sampling = {"temperature": options.temperature, "seed": options.seed, "repeat_penalty": options.repeat_penalty}
         self._client = httpx.AsyncClient(base_url=self._server.endpoint.address, timeout=None)  # the caller's backend sets the time limit
         self._replica = serve.get_replica_context().replica_id.unique_id
 
     async def answer(self, path: str, call: ChatCall | CompletionCall) -> tuple[int, Any, Served]:
         """A whole answer: the status, the server's JSON body, and what it took."""
-        response = await self._client.post(path, json=call.body)
+        response = await self._client.post(path, json={**self._sampling, **call.body})
         body = response.json()
         return response.status_code, body, _served(self._replica, body.get("usage") if isinstance(body, dict) else None)
 
     async def stream(self, path: str, call: ChatCall | CompletionCall) -> AsyncIterator[bytes | Served]:
         """A streamed answer as the server sends it (server-sent events), then what it took."""
         usage: dict[str, Any] | None = None
-        async with self._client.stream("POST", path, json=call.body) as response:
+        async with self._client.stream("POST", path, json={**self._sampling, **call.body}) as response:
             async for line in response.aiter_lines():
                 if line.startswith("data: {") and '"usage"' in line:
                     usage = json.loads(line.removeprefix("data: ")).get("usage") or usage

@@ -30,7 +30,7 @@ class ServeLLMSpec(BaseModel):
     cpus_per_replica: float = Field(default=1.0, ge=0)
     gpus_per_replica: float = Field(default=0.0, ge=0)  # 1: one replica per GPU; 0.5: two per GPU
     model: str | None = None  # a .gguf file on every node; None: the local backend's default model
-    local: LocalOptions = Field(default_factory=LocalOptions)  # each replica's llama.cpp options (n_ctx, n_threads, ...)
+    local: LocalOptions = Field(default_factory=LocalOptions)  # each replica's llama.cpp options: n_ctx, n_threads, and sampling
     router: Literal["prefix", "power_of_two"] = "prefix"
     # prefix routing gives way to Serve's power-of-two choice when the replicas' queues differ by more
     # than this; None: parallel - 1, so a prefix stays on its replica until that replica is full
