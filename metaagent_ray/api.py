@@ -7,7 +7,7 @@ import json
 import shutil
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pydantic import ValidationError
 
@@ -21,15 +21,18 @@ from .jobs import JobLog, JobOutcome, JobRequest, dashboard_address, follow_job,
 from .llm import LLM, LLMConfig, create_llm
 from .llm.auto import resolve_auto
 from .plan import ExecutionPlan, explain, too_many_agents
-from .pool import PoolHandle, PoolSpec, start_pool
 from .record import CoordinatorRecord, RunRecord, resume_choice, valid_text
 from .resources import SlotPlan, default_slots
 from .run_directory import RunDirectory, RunFiles, nearest_existing, new_run_files, save_record, write_problem
 from .runtime import execute_plan, plan_and_execute, write_ray_timeline
+from .serving import ServeLLMSpec
 from .settings import RunSettings
 from .stops import PlanningInterrupted, RunStopped
 from .tracing import exporting
 from .version import __version__
+
+if TYPE_CHECKING:  # Ray Serve and FastAPI are imported by runs that use them (the serve extra)
+    from .serve_llm import ServedLLM
 
 __all__ = [  # this module's own names, and those it passes on from the rooms below it
     "DEFAULT_MAX_AGENTS",
@@ -41,10 +44,10 @@ __all__ = [  # this module's own names, and those it passes on from the rooms be
     "MetaAgent",
     "MetaAgentError",
     "PlanError",
-    "PoolSpec",
     "RunRecord",
     "RunSettings",
     "RunStopped",
+    "ServeLLMSpec",
     "SlotPlan",
     "__version__",
     "check_output_file",
@@ -244,7 +247,7 @@ class MetaAgent:
         self._trace = exporting(self.settings.otel)  # read once: `--otel` without the extra fails here, before anything runs
         self._llm_config: LLMConfig | None = None
         self._connection: RayConnection | None = None
-        self._pool: PoolHandle | None = None
+        self._served: ServedLLM | None = None  # the Ray Serve application, once deployed or attached to
 
     def __enter__(self) -> MetaAgent:
         return self
@@ -253,12 +256,12 @@ class MetaAgent:
         self.close()
 
     def close(self) -> None:
-        """Stop the LLM server pool, if this object started one (it serves all runs until then), and the
-        Ray instance this process started, so none of its processes outlive the caller."""
-        with stop_signals_ignored():  # a second Ctrl-C cannot leave a server or Ray's processes behind
-            if self._pool is not None:
-                self._pool.stop()
-                self._pool = None
+        """Delete the Ray Serve LLM application, if this object deployed one (it serves all runs until then),
+        and stop the Ray instance this process started, so none of its processes outlive the caller."""
+        with stop_signals_ignored():  # a second Ctrl-C cannot leave a replica or Ray's processes behind
+            if self._served is not None:
+                self._served.stop()
+                self._served = None
             stop_kept_executors()
             shutdown_ray()
 
@@ -272,7 +275,7 @@ class MetaAgent:
 
     def _llm(self) -> LLMConfig:
         if self._llm_config is None:
-            self._llm_config = self._start_pool() if self.settings.pool else self._chosen_backend()
+            self._llm_config = self._serve_llm() if self.settings.serve_llm else self._chosen_backend()
         return self._llm_config
 
     def _connect(self) -> None:
@@ -280,8 +283,8 @@ class MetaAgent:
         if self._connection is None:
             if not ray_started():
                 self.on_event(RayStarting(address=cluster_address(self._ray_options())))
-            # Embedded Ray counts this machine's slots from the backend's footprint; a pool's slots are its servers.
-            self._connection = ensure_ray(self._ray_options(), None if self.settings.pool else self._llm())
+            # Embedded Ray counts this machine's slots from the backend's footprint; Serve's slots are its replicas'.
+            self._connection = ensure_ray(self._ray_options(), None if self.settings.serve_llm else self._llm())
             self.on_event(Notice(self._connection.describe()))
         self._connection.check_slots(self.settings.slots)
 
@@ -292,19 +295,23 @@ class MetaAgent:
             self.on_event(Notice(f"🤖 LLM backend: {config.backend}, because {why}"))
         return config
 
-    def _start_pool(self) -> LLMConfig:
-        """Start the model servers as Ray actors, each pinned to its GPU share; agents go to a free one."""
-        spec = self.settings.pool
+    def _serve_llm(self) -> LLMConfig:
+        """Deploy (or attach to) the Ray Serve LLM application; agents call it through the `openai` backend."""
+        from .serve_llm import serve_llm  # Ray Serve and FastAPI: only runs that serve their model through Serve need them
+
+        spec = self.settings.serve_llm
         assert spec is not None
+        if self.settings.llm not in ("auto", "openai"):
+            raise ConfigError(f"--serve-llm runs agents through the openai backend; leave out --llm {self.settings.llm}")
         self._connect()
-        self._pool = start_pool(spec.model_copy(update={"model": spec.model or self.settings.model}))
-        self.on_event(Notice(f"🖥️ LLM pool: {self._pool.describe()}"))
-        return self._pool.llm_config()
+        self._served = serve_llm(spec.model_copy(update={"model": spec.model or self.settings.model}))
+        self.on_event(Notice(f"🖥️ LLM serving: {self._served.describe()}"))
+        return self._served.llm_config(self.settings.llm_options)
 
     def _ray_options(self) -> RayOptions:
         slots = self.settings.slots
-        if slots is None and self.settings.pool is not None:
-            slots = self.settings.pool.instances * self.settings.pool.requests_per_instance
+        if slots is None and self.settings.serve_llm is not None:  # the replicas' capacity: once running, as counted
+            slots = self._served.slots if self._served is not None else self.settings.serve_llm.capacity
         return RayOptions(address=self.settings.address, slots=slots, verbose=self.verbose)
 
     def plan(self, query: str) -> ExecutionPlan:

@@ -22,10 +22,10 @@ from .api import (
     JobRequest,
     MetaAgent,
     MetaAgentError,
-    PoolSpec,
     RunRecord,
     RunSettings,
     RunStopped,
+    ServeLLMSpec,
     SlotPlan,
     __version__,
     check_output_file,
@@ -47,7 +47,6 @@ from .interrupts import command_started, exit_code
 from .views import View, choose_view, is_live, say, say_where_run_is, show_node_resources, show_plan, show_slot_plan, watching
 
 DEFAULTS = {name: RunSettings.default(name) for name in RunSettings.model_fields}  # the help's [default: ...]
-POOL_DEFAULTS = {name: field.default for name, field in PoolSpec.model_fields.items()}
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 
@@ -151,21 +150,13 @@ class RunOptions:
             help="--llm openai: chat, or document for a model without a chat template \\[default: auto, from llama-server's /props].",
         ),
     ] = None
-    gpu_instances: Annotated[
-        Optional[int], typer.Option("--gpu-instances", min=1, help="Serve the model from N server instances, each on its GPU share.")
-    ] = None
-    gpus_per_instance: Annotated[
-        Optional[float],
+    serve_llm: Annotated[
+        Optional[Path],
         typer.Option(
-            "--gpus-per-instance",
-            help=f"GPUs per server instance (0.5 packs two per GPU) \\[default: {POOL_DEFAULTS['gpus_per_instance']:g}].",
+            "--serve-llm",
+            help="Serve the model from the Ray Serve replicas this YAML file describes (deployed, or attached to if running); "
+            "agents call them through the openai backend. See docs/serve-llm.md.",
         ),
-    ] = None
-    llm_api: Annotated[
-        Optional[str], typer.Option("--llm-api", help=f"The pool's servers: ollama or openai \\[default: {POOL_DEFAULTS['api']}].")
-    ] = None
-    server_command: Annotated[
-        Optional[str], typer.Option("--server-command", help="The pool's server command, with {host} {port} {model}.")
     ] = None
     fake_latency: Annotated[
         Optional[str], typer.Option("--fake-latency", help="Fake backend: seconds per call, or a JSON file of seconds by agent index.")
@@ -209,13 +200,6 @@ class RunOptions:
             **({"base_url": self.openai_base_url} if self.openai_base_url is not None else {}),
             **({"prompt_style": self.prompt_style} if self.prompt_style is not None else {}),
         }
-        pool = {
-            key: value
-            for key, value in (("gpus_per_instance", self.gpus_per_instance), ("api", self.llm_api), ("command", self.server_command))
-            if value is not None
-        }
-        if pool and self.gpu_instances is None:
-            raise ConfigError("--gpus-per-instance, --llm-api and --server-command apply with --gpu-instances only")
         given = {
             "llm": self.llm,
             "model": self.model,
@@ -231,7 +215,7 @@ class RunOptions:
             "max_tokens": self.max_tokens,
             "otel": self.otel or None,
             "replan": self.replan,
-            "pool": {"instances": self.gpu_instances, "model": self.model, **pool} if self.gpu_instances is not None else None,
+            "serve_llm": ServeLLMSpec.from_yaml(self.serve_llm) if self.serve_llm is not None else None,
         }
         return {key: value for key, value in given.items() if value is not None}
 

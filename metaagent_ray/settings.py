@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .llm import CALL_TIMEOUT_S
 from .llm.bounds import AnswerBudget, AnswerBudgets
 from .plan import Role
-from .pool import PoolSpec
+from .serving import ServeLLMSpec
 
 FailurePolicy = Literal["continue", "stop"]  # what an agent does when an input failed: run without it, or skip
 INJECTED_FAULTS = "fail"  # the fake backend's fault-injection option: never stored for a resume
@@ -81,7 +81,7 @@ class RunSettings(BaseModel):
     replan: int = Field(default=0, ge=0, le=10)  # rounds the joiner may add after reading the agents' results
     max_tokens: int | None = Field(default=None, ge=1)  # every agent's answer budget; None: answer_tokens'
     answer_tokens: AnswerBudgets = Field(default_factory=default_answer_tokens)
-    pool: PoolSpec | None = None  # serve the model from this pool of server instances (GPU serving)
+    serve_llm: ServeLLMSpec | None = None  # serve the model from these Ray Serve replicas (serve_llm.py); agents call them through `openai`
     otel: bool = False  # export the run as an OpenTelemetry trace (also on when OTEL_EXPORTER_OTLP_ENDPOINT is set; tracing.py)
 
     @classmethod

@@ -1,25 +1,16 @@
 """A stand-in LLM server: real HTTP on 127.0.0.1, speaking the Ollama API or the OpenAI API (chat and completions).
 
-Two uses. In-process, it is the OpenAI-compatible server the `openai` backend is tested against
+It is the OpenAI-compatible server the `openai` backend is tested against
 (faults on demand, like tests/ollama_server.py). Like a real server it answers within the request's
 `max_tokens` (a token is a word here: "length" when it cut the answer), but it applies no stop
 sequences, so that what a backend does with an answer that ran past them shows; given `props`, it
-answers llama-server's `GET /props` with them (else 404, as vLLM does). As a process, it stands in for `ollama serve` or
-`vllm serve` in the GPU pool's tests, which need no GPU:
-
-    python -m tests.stand_in_server --port 8001 --api ollama --delay 0.2
-
-Either way it answers `GET /gpu` with the CUDA_VISIBLE_DEVICES it was started with and its pid (so
-tests can check that Ray pinned it to its GPU share, and that stopping the pool ended it), and
-`GET /stats` with its chat calls so far and the most it ever had in flight at once.
+answers llama-server's `GET /props` with them (else 404, as vLLM does). `stats()` gives its chat
+calls so far and the most it ever had in flight at once.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import signal
 import threading
 import time
 from typing import Any, Callable, Literal, Sequence
@@ -103,11 +94,7 @@ class StandInServer(BackgroundServer):
 
     def _handle(self, handler: OwnedHandler, method: str) -> None:
         path = handler.path.split("?", 1)[0]
-        if method == "GET" and path == "/gpu":
-            handler.send_json(200, {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid()})
-        elif method == "GET" and path == "/stats":
-            handler.send_json(200, self.stats())
-        elif self.api == "ollama" and method == "GET" and path == "/":
+        if self.api == "ollama" and method == "GET" and path == "/":
             handler.send_text(200, "Ollama is running")
         elif self.api == "ollama" and method == "GET" and path == "/api/tags":
             handler.send_json(200, {"models": [{"name": name, "model": name, "size": 1} for name in self.models]})
@@ -234,24 +221,3 @@ def _words(body: dict[str, Any]) -> int:
     """A stand-in token count: the words of every message, or of the prompt."""
     return len(str(body.get("prompt", "")).split()) + sum(len(str(message.get("content", "")).split()) for message in body.get("messages", []))
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Serve until SIGTERM or SIGINT, as `ollama serve` or `vllm serve` would."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--api", choices=["ollama", "openai"], default="ollama")
-    parser.add_argument("--model", action="append", help="a model it serves (repeatable; default llama3.2:1b)")
-    parser.add_argument("--delay", type=float, default=0.0, help="seconds each chat call takes")
-    args = parser.parse_args(argv)
-    # block the stop signals before any thread starts, so that only sigwait below receives them
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
-    server = StandInServer(api=args.api, host=args.host, port=args.port, models=args.model or ["llama3.2:1b"], delay=args.delay)
-    server.start()
-    print(f"stand-in {args.api} server on {server.url}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')}", flush=True)
-    signal.sigwait({signal.SIGTERM, signal.SIGINT})
-    server.stop()
-
-
-if __name__ == "__main__":
-    main()

@@ -33,7 +33,7 @@ PLAN = {
         {"role": "WRITER", "task": "Write it up", "depends_on": [2]},
     ],
 }
-BUILT_IN = {"fake", "local", "ollama", "openai", "pooled", "scripted"}
+BUILT_IN = {"fake", "local", "ollama", "openai", "scripted"}
 
 
 @ray.remote(num_cpus=0)

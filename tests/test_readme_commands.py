@@ -8,7 +8,7 @@ the next line; `#` starts a comment; leading VAR=value words set the environment
 - `metaagent ...`: parsed by the CLI itself (an unknown command, option or value fails), then run
   in README order in one working directory, with the fake backend in place of a real model
   (`--llm fake` added, or replacing the named backend). Commands that need a Ray cluster or GPU
-  servers (`submit`, `--address`, `--gpu-instances`) are only parsed;
+  replicas (`submit`, `--address`, `--serve-llm`) are only parsed;
 - `python SCRIPT [ARGS]`: run as `python` would, in this process (which shares the session's Ray);
 - anything else fails: the README must not show a command this test cannot check.
 
@@ -39,7 +39,7 @@ EXEMPT = {
     "python -m pytest",  # CI's test command
 }
 OUTSIDE_TOOLS = {"ollama"}
-NEEDS_CLUSTER_OR_GPU = {"submit", "--address", "--gpu-instances"}
+NEEDS_CLUSTER_OR_GPU = {"submit", "--address", "--serve-llm"}
 REAL_BACKENDS = {"auto", "local", "ollama", "openai"}
 FENCE = re.compile(r"^[ \t]*```(\w*)[ \t]*$")
 ENV_WORD = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")

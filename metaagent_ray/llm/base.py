@@ -195,7 +195,7 @@ class LLM(Protocol):
     are offered DELEGATE only then. `prompt_style` is "chat" for instruct models (system and user
     messages) and "document" for base models, which continue one "document" message as text.
     Reading either starts nothing (it may read a model file, or ask a server what it serves).
-    `needs_ray` says that its calls reach a Ray actor (the local model server, an LLM pool), so the
+    `needs_ray` says that its calls reach a Ray actor (the local model server), so the
     driver joins Ray before the coordinator's first call; a backend that subclasses LLM inherits
     False. `footprint` states what one instance costs on this node, for the slot count (resources.py).
     """
