@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .agents import AgentContext, agent_deadline_s, agent_record
 from .events import AgentStarted, Event, Notice, SubPlanReady
-from .executors import Executor, NoSlotsLeft, SlotPool
+from .executors import Executor, NoSlotsLeft, Policy, RunSlots, SlotPool
 from .llm import LLMConfig
 from .paths import ROOT, AgentPath
 from .plan import AgentSpec, ExecutionPlan
@@ -151,7 +151,12 @@ class PlanComplete:
     early agent it submitted, so the thread that follows the stream hears it in order."""
 
 
-StreamItem = Union[Event, AgentDone, NodeLost, PlanComplete]  # what a run's stream carries to its driver
+@dataclass(frozen=True)
+class StopRequested:
+    """Through the run's stream: someone asked the run to stop (the service's DELETE); its driver ends it as Ctrl-C does."""
+
+
+StreamItem = Union[Event, AgentDone, NodeLost, PlanComplete, StopRequested]  # what a run's stream carries to its driver
 
 
 @dataclass
@@ -160,7 +165,7 @@ class _HubRun:
 
     submission: Submission
     executors: list[Executor]
-    slots: SlotPool
+    slots: RunSlots
     spans: AgentSpans  # its agents' `invoke_agent` spans (tracing.py)
     events: asyncio.Queue[StreamItem | None] = field(default_factory=asyncio.Queue)  # None ends the stream
     results: dict[AgentPath, ray.ObjectRef] = field(default_factory=dict)  # its supervised result
@@ -192,10 +197,21 @@ class RunHub:
     def __init__(self) -> None:
         self._runs: dict[str, _HubRun] = {}
         self._me = ray.get_runtime_context().current_actor
+        self._shared: tuple[list[Executor], SlotPool] | None = None  # the executors and pool every run shares, once `share_slots`
 
-    async def open_run(self, submission: Submission, executors: list[Executor]) -> None:
-        slots = SlotPool({index: executor.slots for index, executor in enumerate(executors)})
-        self._runs[submission.run_id] = _HubRun(submission, executors, slots, AgentSpans(submission.trace))
+    async def share_slots(self, executors: list[Executor], policy: Policy) -> None:
+        """From now on runs opened without executors of their own share these, in one queue ordered by `policy`."""
+        self._shared = (executors, SlotPool(_slots_of(executors), policy))
+
+    async def open_run(self, submission: Submission, executors: list[Executor] | None) -> None:
+        """Open a run on its own executors, or (None) on the executors `share_slots` gave."""
+        if executors is None:
+            assert self._shared is not None, "share_slots first"
+            executors, pool = self._shared
+        else:
+            pool = SlotPool(_slots_of(executors))
+        run = _HubRun(submission, executors, pool.for_run(submission.run_id), AgentSpans(submission.trace))
+        self._runs[submission.run_id] = run
 
     async def submit(self, run_id: str, orders: list[AgentOrder]) -> None:
         """Start supervising these agents (each order after its dependencies' orders)."""
@@ -214,7 +230,7 @@ class RunHub:
             run.orders[path] = order
             run.results[path] = self._me.supervise.remote(run.submission.run_id, path, *inputs)
 
-    async def post(self, run_id: str, event: Event | PlanComplete) -> None:
+    async def post(self, run_id: str, event: Event | PlanComplete | StopRequested) -> None:
         """An event from outside the hub (streamed tokens, the driver's own), in order with the hub's own."""
         run = self._runs.get(run_id)
         if run is not None:  # dropped once the run is over
@@ -243,6 +259,7 @@ class RunHub:
         """The run is over: release its waiting `next_batch` and everything kept for it."""
         run = self._runs.pop(run_id, None)
         if run is not None:
+            run.slots.pool.forget(run_id)
             run.events.put_nowait(None)
             run.spans.close()
             await asyncio.to_thread(run.spans.flush)
@@ -397,7 +414,8 @@ class RunChannel:
 
     CANCEL_TIMEOUT_S = 10.0
 
-    def __init__(self, submission: Submission, executors: list[Executor]) -> None:
+    def __init__(self, submission: Submission, executors: list[Executor] | None) -> None:
+        """On `executors` of its own, or (None) on those the hub shares among runs (`RunHub.share_slots`)."""
         self.run_id = submission.run_id
         self._traced = submission.trace is not None
         self._hub = run_hub()
@@ -406,7 +424,7 @@ class RunChannel:
     def submit(self, orders: list[AgentOrder]) -> None:
         ray.get(self._hub.submit.remote(self.run_id, orders))
 
-    def post(self, event: Event | PlanComplete) -> None:
+    def post(self, event: Event | PlanComplete | StopRequested) -> None:
         """An event of the driver's into the run's stream, in order with the hub's."""
         self._hub.post.remote(self.run_id, event)
 
@@ -432,10 +450,14 @@ class RunChannel:
                 log.debug("the hub did not send the run's spans", exc_info=True)
 
 
-async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -> None:
+async def _release_when_done(work: ray.ObjectRef, slots: RunSlots, index: int) -> None:
     """Give back an abandoned agent's slot once its call really ends, so the cap stays exact."""
     await asyncio.wait([asyncio.ensure_future(work)])
     slots.release(index)
+
+
+def _slots_of(executors: list[Executor]) -> dict[int, int]:
+    return {index: executor.slots for index, executor in enumerate(executors)}
 
 
 def _node_alive(node: str) -> bool:
