@@ -269,6 +269,11 @@ class MetaAgent:
             stop_kept_executors()
             shutdown_ray()
 
+    def connect(self) -> None:
+        """Connect to Ray now (embedded Ray gets this backend's slots), as a run would first: for `metaagent serve`."""
+        self._llm()
+        self._connect()
+
     def _driver_llm(self) -> LLM:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
         llm = create_llm(self._llm())
