@@ -588,8 +588,8 @@ def serve_command(
         Optional[int], typer.Option("--slots", min=1, help="LLM slots all runs share (default: all of the cluster's).", show_default=False)
     ] = None,
     policy: Annotated[
-        str, typer.Option("--policy", help="Which waiting agent gets a free slot: fifo, path, las or las-path (docs/serve.md).")
-    ] = "las-path",
+        str, typer.Option("--policy", help="Which waiting agent gets a free slot: short, fifo, path, las or las-path (docs/serve.md).")
+    ] = "short",
     runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where runs are kept, one run directory each.")] = Path("runs"),
     llm: Annotated[str, typer.Option("--llm", help="Backend whose footprint sizes embedded Ray's LLM slots.")] = "auto",
     address: Annotated[

@@ -179,10 +179,13 @@ class NoSlotsLeft(Exception):
 
 # The order in which agents waiting for a slot get one: `fifo` by arrival; `path` longest remaining path first
 # (one run's order since the start); `las` the run with the least attained service (slot-seconds so far) first,
-# as Autellix does; `las-path` by attained service in steps of LAS_STEP_S, and within a step longest path first.
-Policy = Literal["fifo", "path", "las", "las-path"]
-POLICIES: tuple[Policy, ...] = ("fifo", "path", "las", "las-path")
+# as Autellix does; `las-path` by attained service in steps of LAS_STEP_S, and within a step longest path first;
+# `short` the run with the fewest agents left first (its graph says how many), aged so that a run waiting
+# AGE_S seconds counts one agent less, and within a run longest path first.
+Policy = Literal["fifo", "path", "las", "las-path", "short"]
+POLICIES: tuple[Policy, ...] = ("fifo", "path", "las", "las-path", "short")
 LAS_STEP_S = 4.0  # slot-seconds: runs whose attained service differs by less than this are near-ties for `las-path`
+AGE_S = 2.0  # seconds of a run's age that count as one agent less left, for `short`: a huge run is not starved
 
 
 @dataclass
@@ -198,9 +201,11 @@ class _Service:
     """One run's attained service, exact at any time without knowing which call is which:
     slot-seconds = (sum of release times) + (calls in flight) x now - (sum of acquire times)."""
 
+    arrived: float
     released: float = 0.0
     acquired: float = 0.0
     in_flight: int = 0
+    left: int = 0  # agents submitted whose call has not ended
 
     def attained(self, now: float) -> float:
         return self.released + self.in_flight * now - self.acquired
@@ -232,7 +237,7 @@ class SlotPool:
             raise NoSlotsLeft()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting.append(_Waiter(run, priority, next(self._order), future))
-        self._service.setdefault(run, _Service())
+        self._of(run)
         self._dispatch()
         try:
             return await future
@@ -241,11 +246,16 @@ class SlotPool:
                 self.release(future.result(), run)
             raise
 
+    def add_work(self, run: str, agents: int) -> None:
+        """The run has `agents` more to run (its plan, a sub-plan): what `short` orders by."""
+        self._of(run).left += agents
+
     def release(self, index: int, run: str = "") -> None:
         service = self._service.get(run)
         if service is not None:  # else the run is over (a call it abandoned ends late)
             service.released += self._clock()
             service.in_flight -= 1
+            service.left -= 1
         if index in self._free:
             self._free[index] += 1
             self._dispatch()
@@ -253,6 +263,11 @@ class SlotPool:
     def forget(self, run: str) -> None:
         """The run is over: its attained service no longer counts (a later run may reuse nothing of it)."""
         self._service.pop(run, None)
+
+    def _of(self, run: str) -> _Service:
+        if run not in self._service:
+            self._service[run] = _Service(arrived=self._clock())
+        return self._service[run]
 
     def attained(self, run: str) -> float:
         """The run's slot-seconds so far, its calls in flight included."""
@@ -281,6 +296,9 @@ class SlotPool:
             return lambda waiter: (waiter.order,)
         if self._policy == "path":
             return lambda waiter: (-waiter.priority, waiter.order)
+        if self._policy == "short":
+            left = {run: service.left - (now - service.arrived) / AGE_S for run, service in self._service.items()}
+            return lambda waiter: (left.get(waiter.run, 0.0), -waiter.priority, waiter.order)
         attained = {run: service.attained(now) for run, service in self._service.items()}
         if self._policy == "las":
             return lambda waiter: (attained.get(waiter.run, 0.0), waiter.order)
@@ -296,7 +314,7 @@ class SlotPool:
             waiter = min(self._waiting, key=self._key(now))
             self._waiting.remove(waiter)
             self._free[index] -= 1
-            service = self._service.setdefault(waiter.run, _Service())
+            service = self._of(waiter.run)
             service.acquired += now
             service.in_flight += 1
             waiter.future.set_result(index)
@@ -311,6 +329,9 @@ class RunSlots:
 
     async def acquire(self, priority: float) -> int:
         return await self.pool.acquire(priority, self.run)
+
+    def add_work(self, agents: int) -> None:
+        self.pool.add_work(self.run, agents)
 
     def release(self, index: int) -> None:
         self.pool.release(index, self.run)

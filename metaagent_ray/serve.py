@@ -258,7 +258,7 @@ class ServiceOptions:
     host: str = "127.0.0.1"
     port: int = 8000
     slots: int | None = None
-    policy: Policy = "las-path"
+    policy: Policy = "short"
     runs_dir: Path = Path("runs")
     llm: str = "auto"  # whose footprint sizes embedded Ray's slots
     address: str | None = None

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from metaagent_ray.executors import LAS_STEP_S, POLICIES, Policy, SlotPool
+from metaagent_ray.executors import AGE_S, LAS_STEP_S, POLICIES, Policy, SlotPool
 
 
 class Clock:
@@ -75,6 +75,20 @@ def test_las_path_breaks_near_ties_in_attained_service_by_remaining_path():
     assert order("las-path", WAITERS, far) == [2, 4, 1, 3, 0]
 
 
+def test_short_serves_the_run_with_the_fewest_agents_left_first_and_ages_the_others():
+    clock = Clock()
+    pool = SlotPool({0: 1}, "short", clock)
+    pool.add_work("big", 40)
+    clock.now = 10 * AGE_S  # "big" has waited: it counts 10 agents less, 30
+    pool.add_work("small", 5)
+    assert asyncio.run(served_order(pool, WAITERS)) == [2, 4, 1, 3, 0]  # "small" by path, then "big" by path
+    pool = SlotPool({0: 1}, "short", clock)
+    pool.add_work("big", 40)
+    clock.now += 40 * AGE_S  # now "big" has waited long enough to go first
+    pool.add_work("small", 5)
+    assert asyncio.run(served_order(pool, WAITERS)) == [1, 3, 0, 2, 4]
+
+
 def test_attained_service_counts_the_calls_in_flight():
     clock = Clock()
     pool = SlotPool({0: 2}, "las", clock)
@@ -116,13 +130,15 @@ def test_the_cap_over_all_runs_is_exact_and_every_agent_gets_a_slot(policy: Poli
     assert len(served) == 200
 
 
-@pytest.mark.parametrize("policy", ["las", "las-path"])
+@pytest.mark.parametrize("policy", ["las", "las-path", "short"])
 def test_a_huge_run_does_not_starve_a_small_one(policy: Policy):
     """100 agents of a huge run with long paths wait first; the small run's one agent, arriving later, goes next."""
     clock = Clock()
     pool = SlotPool({0: 1}, policy, clock)
 
     async def main() -> list[int]:
+        pool.add_work("huge", 101)
+        pool.add_work("small", 1)
         index = await pool.acquire(0, "huge")
         clock.now += 10 * LAS_STEP_S  # the huge run has had its share already
         pool.release(index, "huge")
