@@ -171,6 +171,7 @@ class _HubRun:
     results: dict[AgentPath, ray.ObjectRef] = field(default_factory=dict)  # its supervised result
     orders: dict[AgentPath, AgentOrder] = field(default_factory=dict)  # until Ray starts its supervision
     work: list[ray.ObjectRef] = field(default_factory=list)
+    calls: dict[AgentPath, ray.ObjectRef] = field(default_factory=dict)  # the call each agent is in now
     executions: dict[AgentPath, int] = field(default_factory=dict)  # how often it was handed to an executor
     started_at: dict[AgentPath, float] = field(default_factory=dict)
     # executor index -> its (node, pid) once it is up; forgotten when it dies, so a restart is waited for anew
@@ -202,6 +203,10 @@ class RunHub:
     async def share_slots(self, executors: list[Executor], policy: Policy) -> None:
         """From now on runs opened without executors of their own share these, in one queue ordered by `policy`."""
         self._shared = (executors, SlotPool(_slots_of(executors), policy))
+
+    async def shared_slots(self) -> int | None:
+        """How many slots its runs share, once `share_slots`."""
+        return None if self._shared is None else sum(executor.slots for executor in self._shared[0])
 
     async def open_run(self, submission: Submission, executors: list[Executor] | None) -> None:
         """Open a run on its own executors, or (None) on the executors `share_slots` gave."""
@@ -301,6 +306,13 @@ class RunHub:
                 return _failure(run, context, FailureKind.NO_NODE, "no node with LLM slots for this run is left")
             try:
                 result, work = await self._run_on(run, order, inputs, index)
+            except asyncio.CancelledError:  # the run is cancelled: its slot comes back once its call really ends,
+                work = run.calls.get(context.path)  # so the cap over runs sharing the pool stays exact
+                if work is None:
+                    slots.release(index)
+                else:
+                    asyncio.ensure_future(_release_when_done(work, slots, index))
+                raise
             except EXECUTOR_LOST as error:
                 run.processes.pop(index, None)  # Ray restarts it: its new process is waited for
                 run.spans.event(context.path, "executor_lost", error=type(error).__name__)
@@ -311,6 +323,8 @@ class RunHub:
                 if executions > EXECUTOR_LOSS_RERUNS:
                     return _failure(run, context, FailureKind.EXECUTOR_LOST, f"the agent's executor died {executions} times: {type(error).__name__}")
                 continue
+            finally:
+                run.calls.pop(context.path, None)
             if result.failure is FailureKind.TIMED_OUT:
                 asyncio.ensure_future(_release_when_done(work, slots, index))  # the call still holds its thread
             else:
@@ -325,6 +339,7 @@ class RunHub:
         stream_to = self._me if submission.stream else None
         work = run.executors[index].actor.run.remote(context, order.dependency_specs, stream_to, submission.run_id, *inputs)
         run.work.append(work)
+        run.calls[context.path] = work
         execution = run.executions.get(context.path, 0) + 1
         run.executions[context.path] = execution
         run.started_at.setdefault(context.path, time.time())
@@ -394,15 +409,30 @@ def _failure(run: _HubRun, context: AgentContext, kind: FailureKind, error: str)
 _hubs: dict[tuple[str, str], ActorHandle[RunHub]] = {}
 
 
-def run_hub() -> ActorHandle[RunHub]:
-    """This driver's hub, created on first use."""
+# The hub whose slots `metaagent serve` shares, by name: other drivers' runs on the cluster find it and share them too.
+SERVED_HUB, SERVED_NAMESPACE = "metaagent-serve-hub", "metaagent"
+
+
+def run_hub(*, served: bool = False) -> ActorHandle[RunHub]:
+    """This driver's hub, created on first use; `served` names it (SERVED_HUB), for a service's first call."""
     context = ray.get_runtime_context()
     key = (context.get_node_id(), context.get_job_id())
     if key not in _hubs:
         # On the driver's node: losing another node must not lose the run's supervision.
         here = NodeAffinitySchedulingStrategy(node_id=key[0], soft=False)
-        _hubs[key] = RunHub.options(scheduling_strategy=here).remote()
+        named = {"name": SERVED_HUB, "namespace": SERVED_NAMESPACE} if served else {}
+        _hubs[key] = RunHub.options(scheduling_strategy=here, **named).remote()
     return _hubs[key]
+
+
+def served_hub() -> tuple[ActorHandle[RunHub], int] | None:
+    """The hub of a `metaagent serve` on this cluster and the slots it shares, if one runs."""
+    try:
+        hub = ray.get_actor(SERVED_HUB, namespace=SERVED_NAMESPACE)
+    except ValueError:
+        return None
+    slots = ray.get(hub.shared_slots.remote())
+    return None if slots is None else (hub, slots)
 
 
 class RunChannel:
@@ -415,11 +445,12 @@ class RunChannel:
 
     CANCEL_TIMEOUT_S = 10.0
 
-    def __init__(self, submission: Submission, executors: list[Executor] | None) -> None:
-        """On `executors` of its own, or (None) on those the hub shares among runs (`RunHub.share_slots`)."""
+    def __init__(self, submission: Submission, executors: list[Executor] | None, hub: ActorHandle[RunHub] | None = None) -> None:
+        """On `executors` of its own, or (None) on those the hub shares among runs (`RunHub.share_slots`); in this
+        driver's hub, or in `hub` (a service's)."""
         self.run_id = submission.run_id
         self._traced = submission.trace is not None
-        self._hub = run_hub()
+        self._hub = hub or run_hub()
         ray.get(self._hub.open_run.remote(submission, executors))
 
     def submit(self, orders: list[AgentOrder]) -> None:

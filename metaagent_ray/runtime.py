@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from ray.actor import ActorHandle
 
 from .connect import RayOptions, embedded, ensure_ray
 from .coordinator import planned_notice
 from .events import (
     COORDINATOR,
     EventHandler,
+    Notice,
     PlanningStarted,
     PlanReady,
     RunFinished,
@@ -32,7 +34,7 @@ from .events import (
 )
 from .executors import Executor, Policy, release_executors, start_executors, wait_started
 from .follow import EventFollower, NoNodeLeft
-from .hub import AgentOrder, PlanComplete, RunChannel, StopRequested, Submission, agent_order, plan_orders, run_hub
+from .hub import AgentOrder, PlanComplete, RunChannel, RunHub, StopRequested, Submission, agent_order, plan_orders, run_hub, served_hub
 from .interrupts import exit_code, run_ended, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig, TextCallback
 from .paths import ROOT
@@ -93,13 +95,23 @@ def share_slots(slots: int | None, policy: Policy) -> int:
     How `metaagent serve` runs many runs without them each believing they own every slot. Returns the slots."""
     executors = start_executors(slots)
     wait_started(executors)
-    ray.get(run_hub().share_slots.remote(executors, policy))
+    ray.get(run_hub(served=True).share_slots.remote(executors, policy))
     total = sum(executor.slots for executor in executors)
     _shared[ray.get_runtime_context().get_job_id()] = total
     return total
 
 
 _shared: dict[str, int] = {}  # Ray job id -> the slots its runs share (`share_slots`)
+
+
+def _shared_hub() -> tuple[ActorHandle[RunHub] | None, int | None]:
+    """Whose slots a run shares: this process's (a service's own runs: its hub, None here), a service's on the
+    cluster (its hub and slots), or none (None, None: the run starts executors of its own)."""
+    shared = _shared.get(ray.get_runtime_context().get_job_id())
+    if shared is not None:
+        return None, shared
+    served = None if embedded() else served_hub()  # a Ray this process started has no service but its own
+    return (None, None) if served is None else served
 
 
 def whole_plan(plan: ExecutionPlan) -> Planner:
@@ -186,7 +198,9 @@ class _Run:
         self.llm, self.ray_options, self.limits, self.on_event, self.stream = llm, ray_options, limits, on_event, stream
         self.span = RunSpan(trace, llm)
         self.stop = stop
-        self.shared_slots = _shared.get(ray.get_runtime_context().get_job_id())  # this process's runs share their slots
+        self.hub, self.shared_slots = _shared_hub()
+        if self.hub is not None:
+            on_event(Notice(f"🤝 Sharing the {self.shared_slots} LLM slots of the metaagent serve service on this cluster (--slots does not apply)"))
         self.executors: list[Executor] = []
         self.abandoned_calls = False
         self._open()
@@ -196,7 +210,7 @@ class _Run:
         if self.shared_slots is None:
             self.executors = start_executors(self.ray_options.slots)
         self.submission = Submission(run_id=uuid.uuid4().hex, llm=self.llm, limits=self.limits, stream=self.stream, trace=self.span.parent)
-        self.channel = RunChannel(self.submission, None if self.shared_slots is not None else self.executors)
+        self.channel = RunChannel(self.submission, None if self.shared_slots is not None else self.executors, self.hub)
         self.follower = EventFollower(self.channel, self.on_event)
         if self.stop is not None:
             self.stop.attach(self.channel)

@@ -104,10 +104,15 @@ def test_delete_mid_run_ends_it_interrupted_and_resume_finishes_it(client: httpx
     assert {agent.id for agent in resumed.agents if agent.reused} == {agent["id"] for agent in finished}
 
 
-def test_twenty_runs_at_once_share_eight_slots_and_all_finish(service: tuple[str, Path], ollama_server):
+def test_twenty_runs_at_once_and_a_run_of_another_driver_share_eight_slots_and_all_finish(service: tuple[str, Path], ollama_server):
+    """The runs through HTTP, and one run of this process (as `metaagent run --address` to the cluster), on one cap."""
     ollama_server.delay = 0.5
     body = {"plan": wide_plan(6), "llm": "ollama", "llm_options": {"host": ollama_server.url}}
     ids: list[str] = []
+    said: list[str] = []
+    outside = MetaAgent(llm="ollama", llm_options={"host": ollama_server.url}, on_event=lambda event: said.append(str(getattr(event, "text", ""))))
+    other_driver = threading.Thread(target=lambda: said.append(outside.execute(wide_plan(12), "q", save=False).status))
+    other_driver.start()
 
     def post() -> None:
         with httpx.Client(base_url=service[0], timeout=60) as client:
@@ -120,7 +125,9 @@ def test_twenty_runs_at_once_share_eight_slots_and_all_finish(service: tuple[str
         thread.join()
     with httpx.Client(base_url=service[0], timeout=120) as client:
         ends = [events(client, run_id)[-1] for run_id in ids]
+    other_driver.join()
     assert [end for end in ends if end[1]["status"] != "ok"] == []
+    assert said[-1] == "ok" and any(text.startswith(f"🤝 Sharing the {SERVICE_SLOTS} LLM slots") for text in said)
     assert ollama_server.max_in_flight == SERVICE_SLOTS  # reached, never exceeded
 
 
