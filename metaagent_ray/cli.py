@@ -602,16 +602,18 @@ def serve_command(
 
     def serve_until_stopped() -> None:
         try:
-            from .serve import ServiceOptions, start_service, stop_service
+            from .serve import ServiceOptions, start_service
         except ImportError as error:
             raise ConfigError(f"metaagent serve needs the serve extra: pip install 'metaagent-ray[serve]' ({error.name} is missing)") from None
         options = ServiceOptions(host=host, port=port, slots=slots, policy=policy, runs_dir=runs_dir, llm=llm, address=address)  # type: ignore[arg-type]
-        url = start_service(options, on_notice=say)
-        say(f"🛎️ metaagent serve: {url}/ (runs in {runs_dir}); Ctrl-C stops")
+        service = start_service(options, on_notice=say)
+        say(f"🛎️ metaagent serve: {service.url}/ (runs in {runs_dir}); Ctrl-C stops")
         try:
             threading.Event().wait()
+        except KeyboardInterrupt:
+            say("🛑 metaagent serve stopped; its runs are kept in their run directories (resume an interrupted one with metaagent resume RUN_DIR)")
         finally:
-            stop_service()
+            service.stop()
 
     _guarded(verbose, serve_until_stopped)
 

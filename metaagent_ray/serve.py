@@ -27,7 +27,19 @@ from pydantic import ConfigDict, model_validator
 from pydantic_core import to_jsonable_python
 from ray import serve
 
-from .api import POLICIES, MetaAgent, MetaAgentError, Policy, RunSettings, RunStop, RunStopped, load_record, share_slots
+from .api import (
+    POLICIES,
+    MetaAgent,
+    MetaAgentError,
+    PlanError,
+    Policy,
+    RunSettings,
+    RunStop,
+    RunStopped,
+    load_record,
+    parse_plan,
+    share_slots,
+)
 from .events import Event, Notice, PlanReady
 from .report import report_html
 from .run_directory import RunDirectory, run_dir_name
@@ -53,6 +65,11 @@ class RunRequest(RunSettings):
         owned = [name for name in SERVICE_OWNED if name in self.model_fields_set]
         if owned:
             raise ValueError(f"{', '.join(owned)}: set by the service for all its runs, not per run")
+        if self.plan is not None:
+            try:
+                parse_plan(self.plan, max_agents=self.max_agents)
+            except PlanError as error:
+                raise ValueError(str(error)) from None
         return self
 
     def settings(self) -> dict[str, Any]:
@@ -264,8 +281,21 @@ class ServiceOptions:
     address: str | None = None
 
 
-def start_service(options: ServiceOptions, on_notice: Callable[[str], None] = print) -> str:
-    """Connect to Ray (embedded or `address`), start Serve on `host:port` and the service on it; returns its URL.
+@dataclass(frozen=True)
+class Service:
+    """A started service: where it listens, and how to stop it."""
+
+    url: str
+    connection: MetaAgent  # its connection to Ray: closing it stops a Ray this process started
+
+    def stop(self) -> None:
+        """Shut Serve down on the cluster (the replica, and with it the executors and runs it drove), then Ray if it is ours."""
+        serve.shutdown()
+        self.connection.close()
+
+
+def start_service(options: ServiceOptions, on_notice: Callable[[str], None] = print) -> Service:
+    """Connect to Ray (embedded or `address`), start Serve on `host:port` and the service on it.
 
     Serve's proxy runs on the head node only: one address, as the CLI says.
     """
@@ -275,16 +305,12 @@ def start_service(options: ServiceOptions, on_notice: Callable[[str], None] = pr
         if isinstance(event, Notice):
             on_notice(event.text)
 
-    MetaAgent(llm=options.llm, address=options.address, slots=options.slots, on_event=notice).connect()
+    connection = MetaAgent(llm=options.llm, address=options.address, slots=options.slots, on_event=notice)
+    connection.connect()
     serve.start(proxy_location="HeadOnly", http_options={"host": options.host, "port": options.port})
     serve.run(
         ServiceDeployment.bind(str(options.runs_dir.resolve()), options.slots, options.policy),
         name=APP_NAME,
         route_prefix="/",
     )
-    return f"http://{options.host}:{options.port}"
-
-
-def stop_service() -> None:
-    """Shut Serve down on this cluster: the replica, and with it the executors and runs it drove."""
-    serve.shutdown()
+    return Service(f"http://{options.host}:{options.port}", connection)

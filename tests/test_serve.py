@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from metaagent_ray import MetaAgent
-from metaagent_ray.serve import RunService, ServiceOptions, start_service, stop_service
+from metaagent_ray.serve import RunService, ServiceOptions, start_service
 from tests.test_report import chromium, headless  # noqa: F401 - the fixture
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -42,9 +42,9 @@ def service(ray_cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[t
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    url = start_service(ServiceOptions(port=port, slots=SERVICE_SLOTS, runs_dir=runs_dir, llm="fake"), on_notice=lambda text: None)
-    yield url, runs_dir
-    stop_service()
+    service = start_service(ServiceOptions(port=port, slots=SERVICE_SLOTS, runs_dir=runs_dir, llm="fake"), on_notice=lambda text: None)
+    yield service.url, runs_dir
+    service.stop()
 
 
 @pytest.fixture
@@ -139,6 +139,7 @@ def test_twenty_runs_at_once_and_a_run_of_another_driver_share_eight_slots_and_a
         ({"query": "q", "bogus": 1}, "bogus"),
         ({"query": "q", "slots": 3}, "slots"),
         ({"query": "q", "plan": chain_plan(1)}, "plan"),
+        ({"plan": {"description": "d", "agents": [{"role": "RESEARCHER", "task": "t", "depends_on": "x"}]}}, "depends_on"),
     ],
 )
 def test_a_bad_body_is_422_naming_the_field(client: httpx.Client, body: dict, field: str):
