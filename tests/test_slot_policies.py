@@ -110,6 +110,7 @@ def test_attained_service_counts_the_calls_in_flight():
 def test_the_cap_over_all_runs_is_exact_and_every_agent_gets_a_slot(policy: Policy):
     slots = {0: 3, 1: 2}
     pool = SlotPool(slots, policy)
+    generator = random.Random(7)
     held = {"now": 0, "most": 0}
     served: list[str] = []
 
@@ -117,13 +118,13 @@ def test_the_cap_over_all_runs_is_exact_and_every_agent_gets_a_slot(policy: Poli
         index = await pool.acquire(priority, run)
         held["now"] += 1
         held["most"] = max(held["most"], held["now"])
-        await asyncio.sleep(random.uniform(0, 0.003))
+        await asyncio.sleep(generator.uniform(0, 0.003))
         held["now"] -= 1
         served.append(run)
         pool.release(index, run)
 
     async def main() -> None:
-        await asyncio.gather(*(agent(f"run{number % 7}", random.uniform(1, 10)) for number in range(200)))
+        await asyncio.gather(*(agent(f"run{number % 7}", generator.uniform(1, 10)) for number in range(200)))
 
     asyncio.run(main())
     assert held["most"] == sum(slots.values())
