@@ -20,6 +20,7 @@ among its runs orders by attained service and path together (docs/serve.md).
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import os
 import time
@@ -222,7 +223,9 @@ class SlotPool:
 
     def __init__(self, slots: dict[int, int], policy: Policy = "path", clock: Callable[[], float] = time.monotonic) -> None:
         self._free = dict(slots)  # executor index -> free slots
-        self._waiting: list[_Waiter] = []
+        # run -> its waiters, a heap in the run's own order (arrival for fifo and las, else longest path first): the
+        # policy compares runs by their first waiters only, so a dispatch costs O(runs), not O(agents waiting)
+        self._waiting: dict[str, list[tuple[tuple[float, ...], _Waiter]]] = {}
         self._order = itertools.count()
         self._policy, self._clock = policy, clock
         self._service: dict[str, _Service] = {}  # run -> its attained service, while it holds or waits for slots
@@ -236,7 +239,9 @@ class SlotPool:
         if not self._free:
             raise NoSlotsLeft()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiting.append(_Waiter(run, priority, next(self._order), future))
+        waiter = _Waiter(run, priority, next(self._order), future)
+        within = (waiter.order,) if self._policy in ("fifo", "las") else (-priority, waiter.order)
+        heapq.heappush(self._waiting.setdefault(run, []), (within, waiter))
         self._of(run)
         self._dispatch()
         try:
@@ -280,9 +285,10 @@ class SlotPool:
         if self._free.pop(index, None) is None:
             return False
         if not self._free:
-            for waiter in self._waiting:
-                if not waiter.future.done():
-                    waiter.future.set_exception(NoSlotsLeft())
+            for waiters in self._waiting.values():
+                for _, waiter in waiters:
+                    if not waiter.future.done():
+                        waiter.future.set_exception(NoSlotsLeft())
             self._waiting.clear()
         return True
 
@@ -290,31 +296,43 @@ class SlotPool:
     def executors(self) -> int:
         return len(self._free)
 
-    def _key(self, now: float) -> Callable[[_Waiter], tuple[float, ...]]:
-        """The policy's order of waiters, smallest first; arrival breaks ties."""
+    def _key(self, now: float, first: dict[str, _Waiter]) -> Callable[[str], tuple[float, ...]]:
+        """The policy's order of runs by their first waiters, smallest first; arrival breaks ties."""
         if self._policy == "fifo":
-            return lambda waiter: (waiter.order,)
+            return lambda run: (first[run].order,)
         if self._policy == "path":
-            return lambda waiter: (-waiter.priority, waiter.order)
+            return lambda run: (-first[run].priority, first[run].order)
         if self._policy == "short":
-            left = {run: service.left - (now - service.arrived) / AGE_S for run, service in self._service.items()}
-            return lambda waiter: (left.get(waiter.run, 0.0), -waiter.priority, waiter.order)
-        attained = {run: service.attained(now) for run, service in self._service.items()}
+            return lambda run: (self._of(run).left - (now - self._of(run).arrived) / AGE_S, -first[run].priority, first[run].order)
         if self._policy == "las":
-            return lambda waiter: (attained.get(waiter.run, 0.0), waiter.order)
-        return lambda waiter: (attained.get(waiter.run, 0.0) // LAS_STEP_S, -waiter.priority, waiter.order)
+            return lambda run: (self._of(run).attained(now), first[run].order)
+        return lambda run: (self._of(run).attained(now) // LAS_STEP_S, -first[run].priority, first[run].order)
+
+    def _first_waiters(self) -> dict[str, _Waiter]:
+        """Each run's first waiter still waiting (one cancelled meanwhile is dropped)."""
+        first = {}
+        for run, waiters in list(self._waiting.items()):
+            while waiters and waiters[0][1].future.done():
+                heapq.heappop(waiters)
+            if waiters:
+                first[run] = waiters[0][1]
+            else:
+                del self._waiting[run]
+        return first
 
     def _dispatch(self) -> None:
-        self._waiting = [waiter for waiter in self._waiting if not waiter.future.done()]  # cancelled while waiting
         now = self._clock()
-        while self._waiting:
+        while True:
             index = max(self._free, key=lambda key: self._free[key], default=None)
             if index is None or self._free[index] == 0:
                 return
-            waiter = min(self._waiting, key=self._key(now))
-            self._waiting.remove(waiter)
+            first = self._first_waiters()
+            if not first:
+                return
+            run = min(first, key=self._key(now, first))
+            _, waiter = heapq.heappop(self._waiting[run])
             self._free[index] -= 1
-            service = self._of(waiter.run)
+            service = self._of(run)
             service.acquired += now
             service.in_flight += 1
             waiter.future.set_result(index)
