@@ -15,7 +15,7 @@ from .connect import RayConnection, RayOptions, cluster_address, ensure_ray, ray
 from .coordinator import Coordinator, Joiner, planned_notice
 from .errors import ConfigError, MetaAgentError, PlanError
 from .events import COORDINATOR, EventHandler, Notice, PlanningStarted, RayStarting, TokenCounter, ignore
-from .executors import stop_kept_executors
+from .executors import POLICIES, Policy, stop_kept_executors
 from .interrupts import exit_code, stop_signals_ignored
 from .jobs import JobLog, JobOutcome, JobRequest, dashboard_address, follow_job, job_run_dir, print_run_archive, stop_job, submit_job
 from .llm import LLM, LLMConfig, create_llm
@@ -24,7 +24,7 @@ from .plan import ExecutionPlan, explain, too_many_agents
 from .record import CoordinatorRecord, RunRecord, resume_choice, valid_text
 from .resources import SlotPlan, default_slots
 from .run_directory import RunDirectory, RunFiles, nearest_existing, new_run_files, save_record, write_problem
-from .runtime import execute_plan, plan_and_execute, write_ray_timeline
+from .runtime import RunStop, execute_plan, plan_and_execute, share_slots, write_ray_timeline
 from .serving import ServeLLMSpec
 from .settings import RunSettings
 from .stops import PlanningInterrupted, RunStopped
@@ -43,9 +43,12 @@ __all__ = [  # this module's own names, and those it passes on from the rooms be
     "JobRequest",
     "MetaAgent",
     "MetaAgentError",
+    "POLICIES",
     "PlanError",
+    "Policy",
     "RunRecord",
     "RunSettings",
+    "RunStop",
     "RunStopped",
     "ServeLLMSpec",
     "SlotPlan",
@@ -63,6 +66,7 @@ __all__ = [  # this module's own names, and those it passes on from the rooms be
     "print_run_archive",
     "resume_summary",
     "save_plan",
+    "share_slots",
     "stop_job",
     "submit_job",
     "write_pictures",
@@ -231,11 +235,13 @@ class MetaAgent:
         verbose: bool = False,
         stream: bool = False,
         stream_plan: bool = True,
+        stop: RunStop | None = None,
         **settings: Any,
     ) -> None:
         """`stream`: answers stream to `on_event` as `TokensArrived` while agents and the coordinator write them.
         `stream_plan`: `run` starts each agent as soon as the coordinator's streamed plan makes it safe,
-        instead of after the whole plan."""
+        instead of after the whole plan. `stop`: called from another thread, it ends the run under way as
+        Ctrl-C does (status interrupted, resumable)."""
         try:
             self.settings = RunSettings(llm=llm, **settings)
         except ValidationError as error:
@@ -244,6 +250,7 @@ class MetaAgent:
         self.verbose = verbose
         self.stream = stream
         self.stream_plan = stream_plan
+        self.stop = stop
         self._trace = exporting(self.settings.otel)  # read once: `--otel` without the extra fails here, before anything runs
         self._llm_config: LLMConfig | None = None
         self._connection: RayConnection | None = None
@@ -264,6 +271,11 @@ class MetaAgent:
                 self._served = None
             stop_kept_executors()
             shutdown_ray()
+
+    def connect(self) -> None:
+        """Connect to Ray now (embedded Ray gets this backend's slots), as a run would first: for `metaagent serve`."""
+        self._llm()
+        self._connect()
 
     def _driver_llm(self) -> LLM:
         """The backend in the driver: bad options and unreachable servers fail here, before any agent runs."""
@@ -351,6 +363,7 @@ class MetaAgent:
                 planning=PlanningStarted(llm=llm.describe()),
                 trace=self._trace,
                 joiner=self._joiner(llm),
+                stop=self.stop,
             ),
             record_path,
             ray_timeline,
@@ -485,6 +498,7 @@ class MetaAgent:
                 stream=self.stream,
                 trace=self._trace,
                 joiner=joiner,
+                stop=self.stop,
             ),
             record_path,
             ray_timeline,

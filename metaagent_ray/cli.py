@@ -7,6 +7,7 @@ import functools
 import inspect
 import logging
 import sys
+import threading
 import webbrowser
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -571,6 +572,44 @@ def report_command(
     print(path)
     if open_it and not webbrowser.open(path.resolve().as_uri()):
         _fail(f"no web browser found to open {path}; open it yourself", 1)
+
+
+@app.command("serve")
+def serve_command(
+    host: Annotated[str, typer.Option("--host", help="Listen on this address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Listen on this port.")] = 8000,
+    slots: Annotated[
+        Optional[int], typer.Option("--slots", min=1, help="LLM slots all runs share (default: all of the cluster's).", show_default=False)
+    ] = None,
+    policy: Annotated[
+        str, typer.Option("--policy", help="Which waiting agent gets a free slot: short, fifo, path, las or las-path (docs/serve.md).")
+    ] = "short",
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", help="Where runs are kept, one run directory each.")] = Path("runs"),
+    llm: Annotated[str, typer.Option("--llm", help="Backend whose footprint sizes embedded Ray's LLM slots.")] = "auto",
+    address: Annotated[
+        Optional[str],
+        typer.Option("--address", help="Ray cluster address (default: $RAY_ADDRESS, else Ray embedded here).", show_default=False),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Tracebacks on errors.")] = False,
+) -> None:
+    """Serve runs over HTTP (POST /v1/runs; GET / lists them): many runs sharing the cluster's LLM slots; Ctrl-C stops."""
+
+    def serve_until_stopped() -> None:
+        try:
+            from .serve import ServiceOptions, start_service
+        except ImportError as error:
+            raise ConfigError(f"metaagent serve needs the serve extra: pip install 'metaagent-ray[serve]' ({error.name} is missing)") from None
+        options = ServiceOptions(host=host, port=port, slots=slots, policy=policy, runs_dir=runs_dir, llm=llm, address=address)  # type: ignore[arg-type]
+        service = start_service(options, on_notice=say)
+        say(f"🛎️ metaagent serve: {service.url}/ (runs in {runs_dir}); Ctrl-C stops")
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            say("🛑 metaagent serve stopped; its runs are kept in their run directories (resume an interrupted one with metaagent resume RUN_DIR)")
+        finally:
+            service.stop()
+
+    _guarded(verbose, serve_until_stopped)
 
 
 def main() -> None:

@@ -11,9 +11,10 @@ Ray resolved for the hub's `supervise` task (hub.py).
 A process that started its own Ray keeps a finished run's executors for its next run
 (`release_executors`), so warm runs do not wait for Ray to start an actor's process.
 
-The run's `SlotPool` hands the executors' threads out: an agent whose inputs are ready waits for
-a free slot on any node, and when several wait, the one with the longest remaining path goes first
-(a priority queue of futures: no polling).
+The `SlotPool` hands the executors' threads out: an agent whose inputs are ready waits for a free
+slot on any node, and when several wait, the policy says who goes first (a queue of futures: no
+polling). A run's own pool orders by longest remaining path; the pool `metaagent serve` shares
+among its runs orders by attained service and path together (docs/serve.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ import asyncio
 import heapq
 import itertools
 import os
+import time
 from dataclasses import dataclass
+from typing import Callable, Literal
 
 import ray
 from ray.actor import ActorHandle
@@ -175,37 +178,106 @@ class NoSlotsLeft(Exception):
     """Every executor of the run is gone with its node: no agent of the run can run any more."""
 
 
+# The order in which agents waiting for a slot get one: `fifo` by arrival; `path` longest remaining path first
+# (one run's order since the start); `las` the run with the least attained service (slot-seconds so far) first,
+# as Autellix does; `las-path` by attained service in steps of LAS_STEP_S, and within a step longest path first;
+# `short` the run with the fewest agents left first (its graph says how many), aged so that a run waiting
+# AGE_S seconds counts one agent less, and within a run longest path first.
+Policy = Literal["fifo", "path", "las", "las-path", "short"]
+POLICIES: tuple[Policy, ...] = ("fifo", "path", "las", "las-path", "short")
+LAS_STEP_S = 4.0  # slot-seconds: runs whose attained service differs by less than this are near-ties for `las-path`
+AGE_S = 2.0  # seconds of a run's age that count as one agent less left, for `short`: a huge run is not starved
+
+
+@dataclass
+class _Waiter:
+    run: str
+    priority: float
+    order: int
+    future: asyncio.Future[int]
+
+
+@dataclass
+class _Service:
+    """One run's attained service, exact at any time without knowing which call is which:
+    slot-seconds = (sum of release times) + (calls in flight) x now - (sum of acquire times)."""
+
+    arrived: float
+    released: float = 0.0
+    acquired: float = 0.0
+    in_flight: int = 0
+    left: int = 0  # agents submitted whose call has not ended
+
+    def attained(self, now: float) -> float:
+        return self.released + self.in_flight * now - self.acquired
+
+
 class SlotPool:
-    """A run's LLM slots on its executors, handed out longest remaining path first.
+    """LLM slots on executors, handed out to the agents of one run or of many (`serve`) in the order of `policy`.
 
     `acquire` waits (on a future, never polling) until an executor has a free thread; `release`
-    gives it back and wakes the waiter with the highest priority. An executor whose node died is
-    dropped, and its slots with it; once none is left, acquiring raises NoSlotsLeft.
+    gives it back and wakes the waiter the policy puts first. An executor whose node died is
+    dropped, and its slots with it; once none is left, acquiring raises NoSlotsLeft. Every run's
+    agents wait in the one queue, so the cap over all of them is the executors' threads, exactly.
     """
 
-    def __init__(self, slots: dict[int, int]) -> None:
+    def __init__(self, slots: dict[int, int], policy: Policy = "path", clock: Callable[[], float] = time.monotonic) -> None:
         self._free = dict(slots)  # executor index -> free slots
-        self._waiting: list[tuple[float, int, asyncio.Future[int]]] = []
+        # run -> its waiters, a heap in the run's own order (arrival for fifo and las, else longest path first): the
+        # policy compares runs by their first waiters only, so a dispatch costs O(runs), not O(agents waiting)
+        self._waiting: dict[str, list[tuple[tuple[float, ...], _Waiter]]] = {}
         self._order = itertools.count()
+        self._policy, self._clock = policy, clock
+        self._service: dict[str, _Service] = {}  # run -> its attained service, while it holds or waits for slots
 
-    async def acquire(self, priority: float) -> int:
+    def for_run(self, run: str) -> RunSlots:
+        """The pool as one run sees it."""
+        return RunSlots(self, run)
+
+    async def acquire(self, priority: float, run: str = "") -> int:
         """An executor index with a slot now held for the caller; NoSlotsLeft once every executor is gone."""
         if not self._free:
             raise NoSlotsLeft()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        heapq.heappush(self._waiting, (-priority, next(self._order), future))
+        waiter = _Waiter(run, priority, next(self._order), future)
+        within = (waiter.order,) if self._policy in ("fifo", "las") else (-priority, waiter.order)
+        heapq.heappush(self._waiting.setdefault(run, []), (within, waiter))
+        self._of(run)
         self._dispatch()
         try:
             return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled():
-                self.release(future.result())
+                self.release(future.result(), run)
             raise
 
-    def release(self, index: int) -> None:
+    def add_work(self, run: str, agents: int) -> None:
+        """The run has `agents` more to run (its plan, a sub-plan): what `short` orders by."""
+        self._of(run).left += agents
+
+    def release(self, index: int, run: str = "") -> None:
+        service = self._service.get(run)
+        if service is not None:  # else the run is over (a call it abandoned ends late)
+            service.released += self._clock()
+            service.in_flight -= 1
+            service.left -= 1
         if index in self._free:
             self._free[index] += 1
             self._dispatch()
+
+    def forget(self, run: str) -> None:
+        """The run is over: its attained service no longer counts (a later run may reuse nothing of it)."""
+        self._service.pop(run, None)
+
+    def _of(self, run: str) -> _Service:
+        if run not in self._service:
+            self._service[run] = _Service(arrived=self._clock())
+        return self._service[run]
+
+    def attained(self, run: str) -> float:
+        """The run's slot-seconds so far, its calls in flight included."""
+        service = self._service.get(run)
+        return 0.0 if service is None else service.attained(self._clock())
 
     def drop(self, index: int) -> bool:
         """The executor is gone for good (its node died): no agent is sent there again. Whether it was
@@ -213,9 +285,10 @@ class SlotPool:
         if self._free.pop(index, None) is None:
             return False
         if not self._free:
-            for _, _, future in self._waiting:
-                if not future.done():
-                    future.set_exception(NoSlotsLeft())
+            for waiters in self._waiting.values():
+                for _, waiter in waiters:
+                    if not waiter.future.done():
+                        waiter.future.set_exception(NoSlotsLeft())
             self._waiting.clear()
         return True
 
@@ -223,13 +296,67 @@ class SlotPool:
     def executors(self) -> int:
         return len(self._free)
 
+    def _key(self, now: float, first: dict[str, _Waiter]) -> Callable[[str], tuple[float, ...]]:
+        """The policy's order of runs by their first waiters, smallest first; arrival breaks ties."""
+        if self._policy == "fifo":
+            return lambda run: (first[run].order,)
+        if self._policy == "path":
+            return lambda run: (-first[run].priority, first[run].order)
+        if self._policy == "short":
+            return lambda run: (self._of(run).left - (now - self._of(run).arrived) / AGE_S, -first[run].priority, first[run].order)
+        if self._policy == "las":
+            return lambda run: (self._of(run).attained(now), first[run].order)
+        return lambda run: (self._of(run).attained(now) // LAS_STEP_S, -first[run].priority, first[run].order)
+
+    def _first_waiters(self) -> dict[str, _Waiter]:
+        """Each run's first waiter still waiting (one cancelled meanwhile is dropped)."""
+        first = {}
+        for run, waiters in list(self._waiting.items()):
+            while waiters and waiters[0][1].future.done():
+                heapq.heappop(waiters)
+            if waiters:
+                first[run] = waiters[0][1]
+            else:
+                del self._waiting[run]
+        return first
+
     def _dispatch(self) -> None:
-        while self._waiting:
+        now = self._clock()
+        while True:
             index = max(self._free, key=lambda key: self._free[key], default=None)
             if index is None or self._free[index] == 0:
                 return
-            _, _, future = heapq.heappop(self._waiting)
-            if future.done():
-                continue
+            first = self._first_waiters()
+            if not first:
+                return
+            run = min(first, key=self._key(now, first))
+            _, waiter = heapq.heappop(self._waiting[run])
             self._free[index] -= 1
-            future.set_result(index)
+            service = self._of(run)
+            service.acquired += now
+            service.in_flight += 1
+            waiter.future.set_result(index)
+
+
+@dataclass(frozen=True)
+class RunSlots:
+    """One run's side of a slot pool: what it acquires and releases counts as its service."""
+
+    pool: SlotPool
+    run: str
+
+    async def acquire(self, priority: float) -> int:
+        return await self.pool.acquire(priority, self.run)
+
+    def add_work(self, agents: int) -> None:
+        self.pool.add_work(self.run, agents)
+
+    def release(self, index: int) -> None:
+        self.pool.release(index, self.run)
+
+    def drop(self, index: int) -> bool:
+        return self.pool.drop(index)
+
+    @property
+    def executors(self) -> int:
+        return self.pool.executors

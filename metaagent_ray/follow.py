@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import signal
+
 import ray
 
 from .events import AgentFinished, AgentStarted, Event, EventHandler, Notice, SubPlanReady
-from .hub import AgentDone, NodeLost, PlanComplete, RunChannel, StreamItem
+from .hub import AgentDone, NodeLost, PlanComplete, RunChannel, StopRequested, StreamItem
+from .interrupts import StopSignal
 from .paths import AgentPath
 from .record import AgentRecord, RunRecord, SubRunRecord
 from .run_directory import RunFiles
@@ -42,6 +45,7 @@ class EventFollower:
         while True:
             batch = self._batch(None) or []
             for position, event in enumerate(batch):
+                _stop_if_asked(event)
                 if isinstance(event, PlanComplete):
                     self.early.extend(batch[position + 1 :])  # for `until_done`, in order
                     return
@@ -73,6 +77,7 @@ class EventFollower:
         run_dir: RunFiles,
         waiting: set[AgentPath],
     ) -> None:
+        _stop_if_asked(event)
         if isinstance(event, SubPlanReady):
             parent = _agent_at(record, event.path)
             if parent.sub_run is None:  # a resumed sub-plan keeps what it had
@@ -105,6 +110,12 @@ class EventFollower:
                 return
             self.announced[event.path] = event.attempt
         self.on_event(event)
+
+
+def _stop_if_asked(event: StreamItem) -> None:
+    """A stop asked through the stream (`RunStop`) ends the run where Ctrl-C would, on the same path."""
+    if isinstance(event, StopRequested):
+        raise StopSignal(signal.SIGINT)
 
 
 def _agent_at(record: RunRecord, path: AgentPath) -> AgentRecord:

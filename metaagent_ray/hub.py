@@ -27,7 +27,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .agents import AgentContext, agent_deadline_s, agent_record
 from .events import AgentStarted, Event, Notice, SubPlanReady
-from .executors import Executor, NoSlotsLeft, SlotPool
+from .executors import Executor, NoSlotsLeft, Policy, RunSlots, SlotPool
 from .llm import LLMConfig
 from .paths import ROOT, AgentPath
 from .plan import AgentSpec, ExecutionPlan
@@ -151,7 +151,12 @@ class PlanComplete:
     early agent it submitted, so the thread that follows the stream hears it in order."""
 
 
-StreamItem = Union[Event, AgentDone, NodeLost, PlanComplete]  # what a run's stream carries to its driver
+@dataclass(frozen=True)
+class StopRequested:
+    """Through the run's stream: someone asked the run to stop (the service's DELETE); its driver ends it as Ctrl-C does."""
+
+
+StreamItem = Union[Event, AgentDone, NodeLost, PlanComplete, StopRequested]  # what a run's stream carries to its driver
 
 
 @dataclass
@@ -160,12 +165,13 @@ class _HubRun:
 
     submission: Submission
     executors: list[Executor]
-    slots: SlotPool
+    slots: RunSlots
     spans: AgentSpans  # its agents' `invoke_agent` spans (tracing.py)
     events: asyncio.Queue[StreamItem | None] = field(default_factory=asyncio.Queue)  # None ends the stream
     results: dict[AgentPath, ray.ObjectRef] = field(default_factory=dict)  # its supervised result
     orders: dict[AgentPath, AgentOrder] = field(default_factory=dict)  # until Ray starts its supervision
     work: list[ray.ObjectRef] = field(default_factory=list)
+    calls: dict[AgentPath, ray.ObjectRef] = field(default_factory=dict)  # the call each agent is in now
     executions: dict[AgentPath, int] = field(default_factory=dict)  # how often it was handed to an executor
     started_at: dict[AgentPath, float] = field(default_factory=dict)
     # executor index -> its (node, pid) once it is up; forgotten when it dies, so a restart is waited for anew
@@ -192,10 +198,25 @@ class RunHub:
     def __init__(self) -> None:
         self._runs: dict[str, _HubRun] = {}
         self._me = ray.get_runtime_context().current_actor
+        self._shared: tuple[list[Executor], SlotPool] | None = None  # the executors and pool every run shares, once `share_slots`
 
-    async def open_run(self, submission: Submission, executors: list[Executor]) -> None:
-        slots = SlotPool({index: executor.slots for index, executor in enumerate(executors)})
-        self._runs[submission.run_id] = _HubRun(submission, executors, slots, AgentSpans(submission.trace))
+    async def share_slots(self, executors: list[Executor], policy: Policy) -> None:
+        """From now on runs opened without executors of their own share these, in one queue ordered by `policy`."""
+        self._shared = (executors, SlotPool(_slots_of(executors), policy))
+
+    async def shared_slots(self) -> int | None:
+        """How many slots its runs share, once `share_slots`."""
+        return None if self._shared is None else sum(executor.slots for executor in self._shared[0])
+
+    async def open_run(self, submission: Submission, executors: list[Executor] | None) -> None:
+        """Open a run on its own executors, or (None) on the executors `share_slots` gave."""
+        if executors is None:
+            assert self._shared is not None, "share_slots first"
+            executors, pool = self._shared
+        else:
+            pool = SlotPool(_slots_of(executors))
+        run = _HubRun(submission, executors, pool.for_run(submission.run_id), AgentSpans(submission.trace))
+        self._runs[submission.run_id] = run
 
     async def submit(self, run_id: str, orders: list[AgentOrder]) -> None:
         """Start supervising these agents (each order after its dependencies' orders)."""
@@ -203,6 +224,7 @@ class RunHub:
 
     def _submit(self, run: _HubRun, orders: list[AgentOrder]) -> None:
         run.total_agents += len(orders)
+        run.slots.add_work(sum(1 for order in orders if order.kept is None))  # the calls still to make, for the `short` order
         for order in orders:
             path = order.context.path
             if order.kept is not None and order.kept.reused:
@@ -214,7 +236,7 @@ class RunHub:
             run.orders[path] = order
             run.results[path] = self._me.supervise.remote(run.submission.run_id, path, *inputs)
 
-    async def post(self, run_id: str, event: Event | PlanComplete) -> None:
+    async def post(self, run_id: str, event: Event | PlanComplete | StopRequested) -> None:
         """An event from outside the hub (streamed tokens, the driver's own), in order with the hub's own."""
         run = self._runs.get(run_id)
         if run is not None:  # dropped once the run is over
@@ -243,6 +265,7 @@ class RunHub:
         """The run is over: release its waiting `next_batch` and everything kept for it."""
         run = self._runs.pop(run_id, None)
         if run is not None:
+            run.slots.pool.forget(run_id)
             run.events.put_nowait(None)
             run.spans.close()
             await asyncio.to_thread(run.spans.flush)
@@ -283,6 +306,13 @@ class RunHub:
                 return _failure(run, context, FailureKind.NO_NODE, "no node with LLM slots for this run is left")
             try:
                 result, work = await self._run_on(run, order, inputs, index)
+            except asyncio.CancelledError:  # the run is cancelled: its slot comes back once its call really ends,
+                work = run.calls.get(context.path)  # so the cap over runs sharing the pool stays exact
+                if work is None:
+                    slots.release(index)
+                else:
+                    asyncio.ensure_future(_release_when_done(work, slots, index))
+                raise
             except EXECUTOR_LOST as error:
                 run.processes.pop(index, None)  # Ray restarts it: its new process is waited for
                 run.spans.event(context.path, "executor_lost", error=type(error).__name__)
@@ -293,6 +323,8 @@ class RunHub:
                 if executions > EXECUTOR_LOSS_RERUNS:
                     return _failure(run, context, FailureKind.EXECUTOR_LOST, f"the agent's executor died {executions} times: {type(error).__name__}")
                 continue
+            finally:
+                run.calls.pop(context.path, None)
             if result.failure is FailureKind.TIMED_OUT:
                 asyncio.ensure_future(_release_when_done(work, slots, index))  # the call still holds its thread
             else:
@@ -307,6 +339,7 @@ class RunHub:
         stream_to = self._me if submission.stream else None
         work = run.executors[index].actor.run.remote(context, order.dependency_specs, stream_to, submission.run_id, *inputs)
         run.work.append(work)
+        run.calls[context.path] = work
         execution = run.executions.get(context.path, 0) + 1
         run.executions[context.path] = execution
         run.started_at.setdefault(context.path, time.time())
@@ -376,15 +409,30 @@ def _failure(run: _HubRun, context: AgentContext, kind: FailureKind, error: str)
 _hubs: dict[tuple[str, str], ActorHandle[RunHub]] = {}
 
 
-def run_hub() -> ActorHandle[RunHub]:
-    """This driver's hub, created on first use."""
+# The hub whose slots `metaagent serve` shares, by name: other drivers' runs on the cluster find it and share them too.
+SERVED_HUB, SERVED_NAMESPACE = "metaagent-serve-hub", "metaagent"
+
+
+def run_hub(*, served: bool = False) -> ActorHandle[RunHub]:
+    """This driver's hub, created on first use; `served` names it (SERVED_HUB), for a service's first call."""
     context = ray.get_runtime_context()
     key = (context.get_node_id(), context.get_job_id())
     if key not in _hubs:
         # On the driver's node: losing another node must not lose the run's supervision.
         here = NodeAffinitySchedulingStrategy(node_id=key[0], soft=False)
-        _hubs[key] = RunHub.options(scheduling_strategy=here).remote()
+        named = {"name": SERVED_HUB, "namespace": SERVED_NAMESPACE} if served else {}
+        _hubs[key] = RunHub.options(scheduling_strategy=here, **named).remote()
     return _hubs[key]
+
+
+def served_hub() -> tuple[ActorHandle[RunHub], int] | None:
+    """The hub of a `metaagent serve` on this cluster and the slots it shares, if one runs."""
+    try:
+        hub = ray.get_actor(SERVED_HUB, namespace=SERVED_NAMESPACE)
+    except ValueError:
+        return None
+    slots = ray.get(hub.shared_slots.remote())
+    return None if slots is None else (hub, slots)
 
 
 class RunChannel:
@@ -397,16 +445,18 @@ class RunChannel:
 
     CANCEL_TIMEOUT_S = 10.0
 
-    def __init__(self, submission: Submission, executors: list[Executor]) -> None:
+    def __init__(self, submission: Submission, executors: list[Executor] | None, hub: ActorHandle[RunHub] | None = None) -> None:
+        """On `executors` of its own, or (None) on those the hub shares among runs (`RunHub.share_slots`); in this
+        driver's hub, or in `hub` (a service's)."""
         self.run_id = submission.run_id
         self._traced = submission.trace is not None
-        self._hub = run_hub()
+        self._hub = hub or run_hub()
         ray.get(self._hub.open_run.remote(submission, executors))
 
     def submit(self, orders: list[AgentOrder]) -> None:
         ray.get(self._hub.submit.remote(self.run_id, orders))
 
-    def post(self, event: Event | PlanComplete) -> None:
+    def post(self, event: Event | PlanComplete | StopRequested) -> None:
         """An event of the driver's into the run's stream, in order with the hub's."""
         self._hub.post.remote(self.run_id, event)
 
@@ -432,10 +482,14 @@ class RunChannel:
                 log.debug("the hub did not send the run's spans", exc_info=True)
 
 
-async def _release_when_done(work: ray.ObjectRef, slots: SlotPool, index: int) -> None:
+async def _release_when_done(work: ray.ObjectRef, slots: RunSlots, index: int) -> None:
     """Give back an abandoned agent's slot once its call really ends, so the cap stays exact."""
     await asyncio.wait([asyncio.ensure_future(work)])
     slots.release(index)
+
+
+def _slots_of(executors: list[Executor]) -> dict[int, int]:
+    return {index: executor.slots for index, executor in enumerate(executors)}
 
 
 def _node_alive(node: str) -> bool:

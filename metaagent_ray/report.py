@@ -33,12 +33,13 @@ pre { background: #fafafa; border: 1px solid #eee; padding: 0.6em; white-space: 
 """
 
 
-def report_html(record: RunRecord) -> str:
-    """The whole page for one run."""
+def report_html(record: RunRecord, *, reload_s: int | None = None) -> str:
+    """The whole page for one run; `reload_s`: the browser loads it again that often (a run still going, `serve`)."""
     title = f"metaagent-ray: {record.query[:80]}"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        *([f'<meta http-equiv="refresh" content="{reload_s}">'] if reload_s else []),
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>",
         "<h1>metaagent-ray run</h1>",

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from ray.actor import ActorHandle
 
 from .connect import RayOptions, embedded, ensure_ray
 from .coordinator import Joiner, planned_notice
@@ -35,9 +36,9 @@ from .events import (
     RunFinished,
     TokenCounter,
 )
-from .executors import Executor, release_executors, start_executors, wait_started
+from .executors import Executor, Policy, release_executors, start_executors, wait_started
 from .follow import EventFollower, NoNodeLeft
-from .hub import AgentOrder, PlanComplete, RunChannel, Submission, agent_order, plan_orders
+from .hub import AgentOrder, PlanComplete, RunChannel, RunHub, StopRequested, Submission, agent_order, plan_orders, run_hub, served_hub
 from .interrupts import exit_code, run_ended, stop_signals_ignored, stop_signals_interrupt
 from .llm import LLMConfig, TextCallback
 from .paths import ROOT
@@ -66,6 +67,57 @@ log = logging.getLogger(__name__)
 Planner = Callable[[TextCallback, Callable[[str], None]], tuple[ExecutionPlan, CoordinatorRecord | None]]
 
 
+class RunStop:
+    """Stops a run from another thread the way Ctrl-C does (status interrupted, resumable): the service's DELETE.
+
+    Signals reach only the main thread, and a service runs many runs in threads; the stop travels
+    through the run's own event stream instead, so the run's driver ends it on its Ctrl-C path.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._channel: RunChannel | None = None
+        self.requested = False
+
+    def attach(self, channel: RunChannel) -> None:
+        """The run's channel (again, after a restart); a stop asked before it existed is sent now."""
+        with self._lock:
+            self._channel = channel
+            if self.requested:
+                channel.post(StopRequested())
+
+    def __call__(self) -> None:
+        with self._lock:
+            self.requested = True
+            if self._channel is not None:
+                self._channel.post(StopRequested())
+
+
+def share_slots(slots: int | None, policy: Policy) -> int:
+    """From now on every run of this process takes its LLM slots from one pool: `slots` of the cluster's (all
+    when None) on executors started once, its agents waiting in one queue across runs ordered by `policy`.
+    How `metaagent serve` runs many runs without them each believing they own every slot. Returns the slots."""
+    executors = start_executors(slots)
+    wait_started(executors)
+    ray.get(run_hub(served=True).share_slots.remote(executors, policy))
+    total = sum(executor.slots for executor in executors)
+    _shared[ray.get_runtime_context().get_job_id()] = total
+    return total
+
+
+_shared: dict[str, int] = {}  # Ray job id -> the slots its runs share (`share_slots`)
+
+
+def _shared_hub() -> tuple[ActorHandle[RunHub] | None, int | None]:
+    """Whose slots a run shares: this process's (a service's own runs: its hub, None here), a service's on the
+    cluster (its hub and slots), or none (None, None: the run starts executors of its own)."""
+    shared = _shared.get(ray.get_runtime_context().get_job_id())
+    if shared is not None:
+        return None, shared
+    served = None if embedded() else served_hub()  # a Ray this process started has no service but its own
+    return (None, None) if served is None else served
+
+
 def whole_plan(plan: ExecutionPlan) -> Planner:
     """A plan already whole (a plan file, a resumed record): the planning route's stream, arriving at once."""
     return lambda on_text, on_rejected: (plan, None)
@@ -86,6 +138,7 @@ def execute_plan(
     stream: bool = False,
     trace: Exporting | None = None,
     joiner: Joiner | None = None,
+    stop: RunStop | None = None,
 ) -> RunRecord:
     """Run every agent of `plan` on Ray and return the record; `run_dir` (whose lock the caller holds) keeps what
     the agents do as they finish. The planning route of `plan_and_execute`, with a plan that arrives at once.
@@ -95,8 +148,9 @@ def execute_plan(
     they answer. With a `joiner`, it judges each round's results and may replan (`--replan`).
     A stop signal raises RunInterrupted and a dead Ray process RunBroken, both after the record is
     saved with its final status. With `trace`, the run is exported as an OpenTelemetry trace (tracing.py).
+    `stop` ends the run from another thread as a stop signal does.
     """
-    with _Run(llm, ray_options, limits, on_event, stream, trace) as run:
+    with _Run(llm, ray_options, limits, on_event, stream, trace, stop) as run:
         plan, _, started = run.plan(query, whole_plan(plan), max_agents=len(plan.agents), stream_plan=False)
         return run.execute(plan, query, run_dir, coordinator, settings or {}, earlier, joiner, already_submitted=started)
 
@@ -117,6 +171,7 @@ def plan_and_execute(
     planning: PlanningStarted | None = None,
     trace: Exporting | None = None,
     joiner: Joiner | None = None,
+    stop: RunStop | None = None,
 ) -> RunRecord:
     """Plan with the coordinator and run the plan; with `stream_plan`, each agent as soon as the answer makes it safe.
 
@@ -124,9 +179,9 @@ def plan_and_execute(
     is complete. When the finished plan does not keep what started early (a cycle, a rejected
     answer), that is cancelled, set aside and said, and the plan runs from the start. `planning` is
     said as the coordinator starts: from then on a stop signal is one that interrupted the planning.
-    With `trace`, the run is exported as an OpenTelemetry trace (tracing.py).
+    With `trace`, the run is exported as an OpenTelemetry trace (tracing.py). `stop` ends it from another thread.
     """
-    with _Run(llm, ray_options, limits, on_event, stream, trace) as run:
+    with _Run(llm, ray_options, limits, on_event, stream, trace, stop) as run:
         plan, coordinator, started = run.plan(query, planner, max_agents=max_agents, stream_plan=stream_plan, planning=planning)
         directory = run_dir()
         with directory.locked():
@@ -137,26 +192,41 @@ class _Run:
     """One run seen from the driver: its executors, its hub run, and the event stream it follows."""
 
     def __init__(
-        self, llm: LLMConfig, ray_options: RayOptions, limits: Limits, on_event: EventHandler, stream: bool, trace: Exporting | None
+        self,
+        llm: LLMConfig,
+        ray_options: RayOptions,
+        limits: Limits,
+        on_event: EventHandler,
+        stream: bool,
+        trace: Exporting | None,
+        stop: RunStop | None,
     ) -> None:
         self.connection = ensure_ray(ray_options, llm)  # the API connects first, so a run that cannot start leaves nothing on disk
         self.llm, self.ray_options, self.limits, self.on_event, self.stream = llm, ray_options, limits, on_event, stream
         self.span = RunSpan(trace, llm)
+        self.stop = stop
+        self.hub, self.shared_slots = _shared_hub()
+        if self.hub is not None:
+            on_event(Notice(f"🤝 Sharing the {self.shared_slots} LLM slots of the metaagent serve service on this cluster (--slots does not apply)"))
         self.executors: list[Executor] = []
         self.abandoned_calls = False
         self._open()
 
     def _open(self) -> None:
-        """Start the executors (they start while the caller goes on) and open the run in the hub."""
-        self.executors = start_executors(self.ray_options.slots)
+        """Start the executors (they start while the caller goes on), unless runs share them, and open the run in the hub."""
+        if self.shared_slots is None:
+            self.executors = start_executors(self.ray_options.slots)
         self.submission = Submission(run_id=uuid.uuid4().hex, llm=self.llm, limits=self.limits, stream=self.stream, trace=self.span.parent)
-        self.channel = RunChannel(self.submission, self.executors)
+        self.channel = RunChannel(self.submission, None if self.shared_slots is not None else self.executors, self.hub)
         self.follower = EventFollower(self.channel, self.on_event)
+        if self.stop is not None:
+            self.stop.attach(self.channel)
 
     def _close(self, *, keep: bool = False) -> None:
-        """End the run in the hub; keep its executors for the next run when `keep`, else stop them."""
+        """End the run in the hub; keep its executors for the next run when `keep`, else stop them (shared ones stay)."""
         self.channel.forget()
-        release_executors(self.executors, self.ray_options.slots, keep=keep)
+        if self.shared_slots is None:
+            release_executors(self.executors, self.ray_options.slots, keep=keep)
 
     def __enter__(self) -> _Run:
         return self
@@ -171,7 +241,8 @@ class _Run:
 
     def executors_started(self) -> None:
         """Wait until the executors hold their slots: a run that cannot get them stops before anything is written."""
-        wait_started(self.executors)
+        if self.shared_slots is None:
+            wait_started(self.executors)
 
     def _submit(self, orders: list[AgentOrder]) -> None:
         """Hand the hub these agents; waited for, so a fault in submitting them ends the run instead of leaving it waiting."""
@@ -308,7 +379,7 @@ class _Run:
             query,
             llm=RecordedLLM(backend=self.llm.backend, model=self.llm.model),
             settings=settings,
-            slots=self.ray_options.slots or int(ray.cluster_resources().get(SLOT_RESOURCE, 0)) or None,
+            slots=self.shared_slots or self.ray_options.slots or int(ray.cluster_resources().get(SLOT_RESOURCE, 0)) or None,
             coordinator=coordinator,
             ray_started_at=self.connection.started_at,
             ray_ready_at=self.connection.ready_at,

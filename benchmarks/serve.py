@@ -1,0 +1,159 @@
+"""Many runs, one model server: which run's ready agent gets the next free LLM slot (`metaagent serve`).
+
+An open-loop arrival of runs (Poisson), each a random DAG of 4 to 60 agents (benchmarks/scale.py's
+generator, 2 to 12 layers), every agent's LLM call taking 0.5 to 2 s (seeded), on 8 slots. The same
+arrivals and durations go through:
+
+- `independent`: today's `metaagent run` per request: every run has its own 8 slots (its own
+  `SlotPool`, longest remaining path first), all on one model server that serves 8 calls at a time
+  and queues the rest first come, first served (what Ollama or llama.cpp with 8 parallel slots do);
+- each policy of the pool `metaagent serve` shares among its runs (`fifo`, `path`, `las`,
+  `las-path`): one `SlotPool` of 8 slots, so the server never holds more than 8 calls.
+
+The agents wait on the real `SlotPool` (metaagent_ray/executors.py, the object the hub uses) under
+asyncio, each call an `asyncio.sleep` of its duration, on an event loop whose clock jumps to its
+next timer whenever nothing is ready (virtual time: exact, the same on every machine, and the 40
+runs take a second instead of minutes; nothing is sampled from wall-clock time on a busy machine).
+Reported in the calls' seconds: mean and p95 run completion time (finish minus arrival), the worst
+slowdown (completion over the run's makespan alone on the 8 slots, longest path first: 1.0 is no
+wait at all), and slot utilisation (the calls' seconds over 8 x the time from the first arrival to
+the last finish).
+
+Run:  python benchmarks/serve.py [--runs 40] [--slots 8] [--load 0.9] [--seeds 1 2 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import selectors
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+from scale import random_dag
+from slots import list_schedule
+
+from metaagent_ray import parse_plan
+from metaagent_ray.executors import POLICIES, SlotPool
+from metaagent_ray.plan import ExecutionPlan
+
+
+@dataclass
+class Run:
+    name: str
+    plan: ExecutionPlan
+    durations: dict[int, float]  # agent -> its call's seconds
+    arrival: float  # seconds after the first run's
+
+    @property
+    def work(self) -> float:
+        return sum(self.durations.values())
+
+
+def workload(runs: int, slots: int, load: float, seed: int) -> list[Run]:
+    """`runs` random DAGs arriving as a Poisson process whose rate keeps the slots `load` busy on average."""
+    generator = random.Random(seed)
+    made = []
+    for number in range(runs):
+        size = generator.randint(4, 60)
+        plan = parse_plan(random_dag(size, seed * 1000 + number, depth=generator.randint(2, min(size, 12))), max_agents=size)
+        durations = {agent: generator.uniform(0.5, 2.0) for agent in range(size)}
+        made.append(Run(f"run{number}", plan, durations, 0.0))
+    rate = load * slots / statistics.mean(run.work for run in made)  # runs per second
+    clock = 0.0
+    for run in made:
+        run.arrival = clock
+        clock += generator.expovariate(rate)
+    return made
+
+
+class JumpingSelector(selectors.SelectSelector):
+    """Waiting for the next timer takes no time: the loop's clock jumps there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout: float | None = None) -> list:
+        if timeout:
+            self.now += timeout
+        return super().select(0)
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self.selector = JumpingSelector()
+        super().__init__(self.selector)
+
+    def time(self) -> float:
+        return self.selector.now
+
+
+def simulate(runs: list[Run], slots: int, policy: str) -> dict[str, float]:
+    """Every run through the pool (or, `independent`, each through its own pool and a first-come server), in
+    virtual time; returns run -> completion time in seconds."""
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(_simulate(runs, slots, policy, loop.time))
+    finally:
+        loop.close()
+
+
+async def _simulate(runs: list[Run], slots: int, policy: str, clock: Callable[[], float]) -> dict[str, float]:
+    shared = SlotPool({0: slots}, policy, clock) if policy != "independent" else None  # type: ignore[arg-type]
+    server = asyncio.Semaphore(slots)  # the model server: `slots` calls at once, the rest queue in arrival order
+    finished: dict[str, float] = {}
+
+    async def one_run(run: Run) -> None:
+        await asyncio.sleep(run.arrival)
+        pool = shared if shared is not None else SlotPool({0: slots}, "path", clock)
+        pool.add_work(run.name, len(run.durations))
+        priority = run.plan.remaining_path()
+        done: dict[int, asyncio.Future[None]] = {agent: asyncio.get_running_loop().create_future() for agent in run.durations}
+
+        async def agent(index: int) -> None:
+            await asyncio.gather(*(done[dep] for dep in run.plan.agents[index].depends_on))
+            slot = await pool.acquire(priority[index], run.name)
+            async with server:
+                await asyncio.sleep(run.durations[index])
+            pool.release(slot, run.name)
+            done[index].set_result(None)
+
+        await asyncio.gather(*(agent(index) for index in run.durations))
+        finished[run.name] = clock() - run.arrival
+
+    await asyncio.gather(*(one_run(run) for run in runs))
+    return finished
+
+
+def row(name: str, runs: list[Run], completion: dict[str, float], slots: int) -> str:
+    alone = {run.name: list_schedule(run.plan, run.durations, slots) for run in runs}
+    times = sorted(completion.values())
+    p95 = times[min(len(times) - 1, int(0.95 * len(times)))]
+    slowdown = max(completion[run.name] / alone[run.name] for run in runs)
+    span = max(run.arrival + completion[run.name] for run in runs) - min(run.arrival for run in runs)
+    utilisation = sum(run.work for run in runs) / (slots * span)
+    return f"| {name} | {statistics.mean(times):.1f} | {p95:.1f} | {slowdown:.1f} | {utilisation:.0%} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--slots", type=int, default=8)
+    parser.add_argument("--load", type=float, default=0.9, help="the slots' average busy share the arrival rate aims at")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one workload each")
+    args = parser.parse_args()
+    for seed in args.seeds:
+        runs = workload(args.runs, args.slots, args.load, seed)
+        sizes = [len(run.plan.agents) for run in runs]
+        print(f"\nseed {seed}: {len(runs)} runs of {min(sizes)}-{max(sizes)} agents ({sum(sizes)} in all), {args.slots} slots, load {args.load}")
+        print("\n| order | mean completion (s) | p95 completion (s) | worst slowdown | slot utilisation |")
+        print("|---|---:|---:|---:|---:|")
+        for policy in ("independent", *POLICIES):
+            print(row(policy, runs, simulate(runs, args.slots, policy), args.slots), flush=True)
+
+
+if __name__ == "__main__":
+    main()
