@@ -45,7 +45,7 @@ from .report import report_html
 from .run_directory import RunDirectory, run_dir_name
 
 APP_NAME = "metaagent"
-SERVICE_OWNED = ("slots", "address", "pool")  # the service's, not a run's: its runs share its slots on its cluster
+SERVICE_OWNED = ("slots", "address", "serve_llm")  # the service's, not a run's: its runs share its slots on its cluster
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a run directory's name under runs_dir, never a path
 
 
