@@ -148,6 +148,10 @@ class RunDirectory(RunFiles):
     def record_file(self) -> Path:
         return self.path / RECORD
 
+    @property
+    def report_file(self) -> Path:
+        return self.path / REPORT
+
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
         """Hold the directory's lock while a run writes it; the OS releases it however the process ends."""

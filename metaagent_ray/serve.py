@@ -160,7 +160,7 @@ class RunService:
         """A run this service took, or an earlier one in its runs directory (ended, or left running by a service that stopped)."""
         if run_id in self.runs:
             return self.runs[run_id]
-        if not RUN_ID.match(run_id) or not (self.runs_dir / run_id / "record.json").is_file():
+        if not RUN_ID.match(run_id) or not RunDirectory(self.runs_dir / run_id).record_file.is_file():
             return None
         try:
             record = load_record(self.runs_dir / run_id)
@@ -187,11 +187,10 @@ class RunService:
     @staticmethod
     def report(run: ServedRun) -> str | None:
         """report.html once the run ended; while it runs, the same page drawn from its latest checkpoint, reloading itself."""
-        path = RunDirectory(run.directory).record_file
-        final = run.directory / "report.html"
-        if run.ended and final.is_file():
-            return final.read_text()
-        if not path.is_file():
+        directory = RunDirectory(run.directory)
+        if run.ended and directory.report_file.is_file():
+            return directory.report_file.read_text()
+        if not directory.record_file.is_file():
             return None
         return report_html(load_record(run.directory), reload_s=2)
 
