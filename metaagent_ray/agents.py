@@ -147,7 +147,8 @@ class CallFailed(Exception):
 
 
 def call_with_retries(llm: LLM, request: LLMRequest, retries: int) -> tuple[LLMResponse, int]:
-    """Call the LLM, retrying transient errors with exponential backoff and full jitter; returns the tries used."""
+    """Call the LLM, retrying transient errors and empty answers with exponential backoff and full jitter;
+    returns the tries used."""
     retrying = Retrying(
         stop=stop_after_attempt(retries + 1),
         wait=wait_random_exponential(multiplier=BACKOFF_BASE_S, max=BACKOFF_MAX_S),
@@ -159,7 +160,10 @@ def call_with_retries(llm: LLM, request: LLMRequest, retries: int) -> tuple[LLMR
     def once() -> LLMResponse:
         nonlocal tries
         tries += 1
-        return complete(llm, replace(request, attempt=tries))
+        response = complete(llm, replace(request, attempt=tries))
+        if not finish_answer(valid_text(response.text))[0].strip():  # a sampled first token hit a stop: ask again
+            raise LLMError("the model's answer was empty", transient=True)
+        return response
 
     try:
         return retrying(once), tries

@@ -91,6 +91,26 @@ def test_no_wait_after_a_permanent_failure_or_the_last_try(monkeypatch: pytest.M
     assert len(slept) == attempts - 1  # a wait only between tries
 
 
+def empty_first(request) -> str:
+    """The scripted backend's answer here (tests.test_reliability:empty_first): nothing on the first try, as a
+    sampled model does whose first token is one of the prompt's stops; agent 1 answers nothing on every try."""
+    return "" if request.attempt == 1 or request.agent_id == 1 else f"answer of agent {request.agent_id}"
+
+
+@pytest.mark.parametrize(("agent", "status", "attempts"), [(0, "ok", 2), (1, "failed", 3)])
+def test_an_empty_answer_is_asked_again_and_fails_the_agent_when_it_stays_empty(
+    monkeypatch: pytest.MonkeyPatch, agent: int, status: str, attempts: int
+):
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    spec = AgentSpec(role=Role.RESEARCHER, task="Research A", depends_on=[])
+    llm = LLMConfig(backend="scripted", options={"function": f"{__name__}:empty_first"})
+    context = AgentContext(path=AgentPath((agent,)), spec=spec, query="q", llm=llm, limits=RunSettings(retries=2).limits())
+    result = run_agent(context, [], {})
+    assert (result.status, result.attempts) == (status, attempts)
+    assert result.output == ("answer of agent 0" if status == "ok" else "")
+    assert result.error == (None if status == "ok" else "the model's answer was empty")
+
+
 def test_a_hung_call_is_ended_by_the_agent_timeout():
     record = run("3:hang", agent_timeout=0.5, retries=0)
     assert record.agents[3].status == "failed" and "no answer within 0.5 s" in record.agents[3].error
