@@ -164,6 +164,20 @@ class RunDirectory(RunFiles):
                 raise ConfigError(f"{self.path}: another run or resume is writing this directory now; wait until it ends") from None
             yield
 
+    def in_use(self) -> bool:
+        """Whether a live process holds the directory's lock now: a run or a resume is writing it."""
+        try:
+            handle = open(self.path / LOCK, encoding="utf-8")
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return False
+
     # --- what the runtime hands it --------------------------------------------------------------
 
     def start(self, record: RunRecord) -> None:

@@ -15,6 +15,7 @@ import asyncio
 import html
 import json
 import re
+import shlex
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from .run_directory import RunDirectory, run_dir_name
 
 APP_NAME = "metaagent"
 SERVICE_OWNED = ("slots", "address", "serve_llm")  # the service's, not a run's: its runs share its slots on its cluster
+LEFT_UNFINISHED = "the process that ran it stopped before the run ended; continue it with: metaagent resume {path}"
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a run directory's name under runs_dir, never a path
 
 
@@ -157,16 +159,21 @@ class RunService:
         run.said(sse("end", {"status": run.status, "error": run.error}), loop, last=True)
 
     def find(self, run_id: str) -> ServedRun | None:
-        """A run this service took, or an earlier one in its runs directory (ended, or left running by a service that stopped)."""
+        """A run this service took, or an earlier one in its runs directory: ended, still running in another
+        process, or left unfinished by a process that stopped (then `interrupted`, to resume)."""
         if run_id in self.runs:
             return self.runs[run_id]
         if not RUN_ID.match(run_id) or not RunDirectory(self.runs_dir / run_id).record_file.is_file():
             return None
+        directory = RunDirectory(self.runs_dir / run_id)
         try:
-            record = load_record(self.runs_dir / run_id)
+            record = load_record(directory.path)
         except MetaAgentError:
             return None
-        return ServedRun(run_id, self.runs_dir / run_id, status=record.status, ended=True)
+        if record.status == "running" and not directory.in_use():  # the process that ran it ended before the run did
+            error = LEFT_UNFINISHED.format(path=shlex.quote(str(directory.path)))
+            return ServedRun(run_id, directory.path, status="interrupted", error=error, ended=True)
+        return ServedRun(run_id, directory.path, status=record.status, ended=True)  # this service has no events of it
 
     def all(self) -> list[ServedRun]:
         """Every run, newest first: those taken now and the earlier ones on disk."""

@@ -122,7 +122,7 @@ def test_without_the_token_one_line_says_how_to_get_it(cluster: RealCluster, tmp
 def test_no_wait_then_ctrl_c_detaches_and_attach_brings_the_run_back(cluster: RealCluster, tmp_path: Path):
     metaagent = [*METAAGENT, "submit", "--address", cluster.dashboard_url]
     submitted = subprocess.run(
-        [*metaagent, "--plan", str(PLAN), "--llm", "fake", "--fake-latency", "6", "--no-wait"],  # still running when Ctrl-C comes
+        [*metaagent, "--plan", str(PLAN), "--llm", "fake", "--fake-latency", "3", "--no-wait"],  # still running when Ctrl-C comes
         env=cluster.env(), cwd=tmp_path, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert submitted.returncode == 0, submitted.stderr

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from metaagent_ray import MetaAgent
+from metaagent_ray.run_directory import RunDirectory
 from metaagent_ray.serve import RunService, ServiceOptions, start_service
 from tests.test_report import chromium, headless  # noqa: F401 - the fixture
 
@@ -159,6 +160,20 @@ def test_a_restarted_service_lists_the_earlier_runs(client: httpx.Client, servic
     assert events(client, run_id)[-1][1]["status"] == "ok"
     earlier = {run.id: run.status for run in RunService(service[1]).all()}  # a new service over the same directory
     assert earlier[run_id] == "ok"
+
+
+def test_a_run_left_unfinished_by_a_stopped_process_is_listed_interrupted_with_its_resume_command(
+    client: httpx.Client, service: tuple[str, Path]
+):
+    run_id = client.post("/v1/runs", json={"plan": chain_plan(2, "left"), "llm": "fake"}).json()["id"]
+    assert events(client, run_id)[-1][1]["status"] == "ok"
+    directory = RunDirectory(service[1] / run_id)
+    record = json.loads(directory.record_file.read_text())
+    directory.record_file.write_text(json.dumps({**record, "status": "running"}))  # as a checkpoint left by a killed service
+    left = RunService(service[1]).find(run_id)
+    assert left is not None and left.status == "interrupted" and left.error.endswith(f"metaagent resume {directory.path}")
+    with directory.locked():  # a live process writes it: it is running there
+        assert RunService(service[1]).find(run_id).status == "running"  # type: ignore[union-attr]
 
 
 def test_the_page_lists_runs_and_links_to_their_reports_in_chromium(client: httpx.Client, service: tuple[str, Path], chromium: str):  # noqa: F811
