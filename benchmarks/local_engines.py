@@ -88,7 +88,7 @@ def researcher_requests(count: int, max_tokens: int) -> list[LLMRequest]:
     for agent_id, topic in enumerate(TOPICS[:count]):
         spec = AgentSpec(role=Role.RESEARCHER, task=f"Research {topic} for web development")
         context = AgentContext(path=ROOT.child(agent_id), spec=spec, query=QUERY, llm=LLMConfig(backend="local"), limits=LIMITS)
-        messages = build_messages(context, [], {})
+        messages = build_messages(context, [])
         requests.append(LLMRequest(messages=messages, caller="agent", query=QUERY, agent_id=agent_id, max_tokens=max_tokens))
     return requests
 

@@ -68,14 +68,13 @@ class AgentContext:
         return self.delegation_allowed and self.depth < self.limits.max_depth
 
 
-def format_inputs(inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec]) -> str:
-    """The dependencies' outputs, each labelled with the agent id and role that produced it."""
+def format_inputs(inputs: Sequence[AgentRecord]) -> str:
+    """The dependencies' outputs, each labelled with the agent id, role and task that produced it."""
     if not inputs:
         return "You have no inputs from other agents."
     blocks = ["Outputs of the agents you depend on:"]
     for result in inputs:
-        spec = specs.get(result.id)
-        label = f"### Agent {result.id} ({result.role})" + (f": {spec.task}" if spec else "")
+        label = f"### Agent {result.id} ({result.role}): {result.task}"
         if result.status == "ok":
             blocks.append(f"{label}\n{result.output}")
         else:
@@ -84,23 +83,20 @@ def format_inputs(inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec]) ->
     return "\n\n".join(blocks)
 
 
-def document_inputs(inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec]) -> str:
-    """The dependencies' outputs as the document prompt's bullet list, one line each."""
+def document_inputs(inputs: Sequence[AgentRecord]) -> str:
+    """The dependencies' outputs as the document prompt's bullet list, one line each, labelled with their task."""
     if not inputs:
         return "(none)"
     lines = []
     for result in inputs:
-        spec = specs.get(result.id)
-        label = spec.task if spec else f"{result.role} {result.id}"
         text = " ".join(result.output.split()) if result.status == "ok" else "(missing: this agent did not finish)"
-        lines.append(f"- {label}: {text}")
+        lines.append(f"- {result.task}: {text}")
     return "\n".join(lines)
 
 
 def build_messages(
     context: AgentContext,
     inputs: Sequence[AgentRecord],
-    specs: dict[int, AgentSpec],
     *,
     may_delegate: bool = False,
     style: PromptStyle = "chat",
@@ -112,14 +108,14 @@ def build_messages(
     """
     if style == "document":
         document = load_prompt(f"document/{context.spec.role.value.lower()}").format(
-            query=context.query, task=context.spec.task, inputs=document_inputs(inputs, specs)
+            query=context.query, task=context.spec.task, inputs=document_inputs(inputs)
         )
         return [Message("document", document)]
     role_prompt = load_prompt(f"roles/{context.spec.role.value.lower()}")
     user_prompt = load_prompt("agent").format(
         query=context.query,
         task=context.spec.task,
-        inputs=format_inputs(inputs, specs),
+        inputs=format_inputs(inputs),
         delegation="\n\n" + load_prompt("agent_delegation") if may_delegate else "",
     )
     return [Message("system", role_prompt), Message("user", user_prompt)]
@@ -186,9 +182,7 @@ def agent_record(context: AgentContext, **fields: object) -> AgentRecord:
     )
 
 
-def run_agent(
-    context: AgentContext, inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec], on_text: TextCallback | None = None
-) -> AgentRecord:
+def run_agent(context: AgentContext, inputs: Sequence[AgentRecord], on_text: TextCallback | None = None) -> AgentRecord:
     """Do this agent's work; a failed call becomes a `failed` record, never an exception.
 
     `on_text` receives the answer as it streams, where the backend streams.
@@ -203,7 +197,7 @@ def run_agent(
     llm = get_llm(context.llm)
     may_delegate = context.may_delegate and llm.delegates
     style = llm.prompt_style
-    messages = build_messages(context, inputs, specs, may_delegate=may_delegate, style=style)
+    messages = build_messages(context, inputs, may_delegate=may_delegate, style=style)
     request = LLMRequest(
         messages=messages,
         caller="agent",
@@ -226,7 +220,7 @@ def run_agent(
         result.llm_ms = response.llm_ms
         result.tokens = response.usage
         if may_delegate and response.text.strip().upper().startswith(DELEGATE):
-            _delegate(context, inputs, specs, llm, result)
+            _delegate(context, inputs, llm, result)
     except CallFailed as failure:
         result.status, result.error, result.failure, result.attempts = "failed", str(failure), FailureKind.LLM, failure.attempts
     except LLMError as error:  # the sub-plan's coordinator call failed
@@ -240,9 +234,9 @@ def run_agent(
     return result
 
 
-def _delegate(context: AgentContext, inputs: Sequence[AgentRecord], specs: dict[int, AgentSpec], llm: LLM, result: AgentRecord) -> None:
+def _delegate(context: AgentContext, inputs: Sequence[AgentRecord], llm: LLM, result: AgentRecord) -> None:
     """The agent asked for a team: plan its task as a sub-plan one level deeper, for the runtime to run."""
-    sub_query = load_prompt("sub_query").format(task=context.spec.task, query=context.query, inputs=format_inputs(inputs, specs))
+    sub_query = load_prompt("sub_query").format(task=context.spec.task, query=context.query, inputs=format_inputs(inputs))
     plan, coordinator = make_plan(
         sub_query,
         llm,

@@ -34,7 +34,6 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from .agents import AgentContext, run_agent
 from .errors import ConfigError
 from .events import TokenCounter
-from .plan import AgentSpec
 from .record import AgentRecord
 from .resources import MAX_SLOTS, SLOT_RESOURCE
 from .tracing import continued
@@ -52,7 +51,7 @@ class AgentExecutor:
         """Its node and process id, once it is up (again, after Ray restarted it)."""
         return ray.get_runtime_context().get_node_id(), os.getpid()
 
-    def run(self, context: AgentContext, dependency_specs: dict[int, AgentSpec], stream_to: ActorHandle | None, run_id: str, *inputs: AgentRecord) -> AgentRecord:
+    def run(self, context: AgentContext, stream_to: ActorHandle | None, run_id: str, *inputs: AgentRecord) -> AgentRecord:
         """One agent's work, on a thread the hub's slot pool reserved for it, so it starts on arrival.
 
         With a hub to `stream_to`, the answer's tokens go there as they arrive (a few events a second, not
@@ -60,7 +59,7 @@ class AgentExecutor:
         """
         on_text = TokenCounter(context.path, lambda event: stream_to.post.remote(run_id, event)) if stream_to is not None else None
         with continued(context.trace, context.llm):  # its LLM calls as spans under the agent's, when the run is traced
-            result = run_agent(context, inputs, dependency_specs, on_text)
+            result = run_agent(context, inputs, on_text)
         result.node = ray.get_runtime_context().get_node_id()
         return result
 

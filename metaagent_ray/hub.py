@@ -54,10 +54,9 @@ class Submission:
 
 @dataclass(frozen=True)
 class AgentOrder:
-    """One agent for the hub to run: its context, its dependencies' specs, and its place in the queue for slots."""
+    """One agent for the hub to run: its context and its place in the queue for slots."""
 
     context: AgentContext
-    dependency_specs: dict[int, AgentSpec]
     priority: float  # its remaining path: under a slot cap, the longest goes first
     kept: AgentRecord | None = None  # what a resume keeps of it: a `reused` one is passed on, a `delegated` one's sub-plan continues
 
@@ -81,7 +80,6 @@ def plan_orders(
         agent_order(
             parent.child(agent_id),
             plan.agents[agent_id],
-            {dep: plan.agents[dep] for dep in plan.agents[agent_id].depends_on},
             query=query,
             llm=llm,
             limits=limits,
@@ -98,7 +96,6 @@ def plan_orders(
 def agent_order(
     path: AgentPath,
     spec: AgentSpec,
-    dependency_specs: dict[int, AgentSpec],
     *,
     query: str,
     llm: LLMConfig,
@@ -119,7 +116,7 @@ def agent_order(
         layer=layer,
         submitted_at=time.time(),
     )
-    return AgentOrder(context, dependency_specs, priority, kept)
+    return AgentOrder(context, priority, kept)
 
 
 @dataclass(frozen=True)
@@ -232,9 +229,8 @@ class RunHub:
                 continue
             # Top-level ObjectRefs: Ray starts `supervise` once every dependency's result exists, and passes the results.
             # The order stays here: the call carries only its name.
-            inputs = [run.results[path.parent.child(dep)] for dep in order.context.spec.depends_on]
             run.orders[path] = order
-            run.results[path] = self._me.supervise.remote(run.submission.run_id, path, *inputs)
+            run.results[path] = self._me.supervise.remote(run.submission.run_id, path, *_inputs_of(run, order))
 
     async def post(self, run_id: str, event: Event | PlanComplete | StopRequested) -> None:
         """An event from outside the hub (streamed tokens, the driver's own), in order with the hub's own."""
@@ -272,7 +268,7 @@ class RunHub:
 
     async def supervise(self, run_id: str, path: AgentPath, *inputs: AgentRecord) -> AgentRecord:
         """The agent's final result: its work's, or its sub-plan's when it delegated. Ray calls it with its
-        dependencies' results once they all exist.
+        dependencies' results once they all exist (`inputs`, unread here: its executor gets the same refs).
 
         Whatever happens, the driver hears of it: a fault here fails this agent, never hangs the run.
         """
@@ -283,9 +279,9 @@ class RunHub:
             if order.kept is not None:  # a resumed agent continues its unfinished sub-plan
                 result = order.kept
             else:
-                result = await self._execute(run, order, inputs)
+                result = await self._execute(run, order)
             if result.status == "delegated" and result.sub_run is not None:
-                result = await self._delegate(run, order, inputs, result)
+                result = await self._delegate(run, order, result)
         except Exception as error:  # noqa: BLE001 - reported as the agent's error
             log.exception("supervising agent %s failed", path)
             result = _failure(run, order.context, FailureKind.SUPERVISION, f"the agent's supervision failed: {type(error).__name__}: {error}")
@@ -296,7 +292,7 @@ class RunHub:
         run.spans.end(path, result)
         return result
 
-    async def _execute(self, run: _HubRun, order: AgentOrder, inputs: tuple[AgentRecord, ...]) -> AgentRecord:
+    async def _execute(self, run: _HubRun, order: AgentOrder) -> AgentRecord:
         """Run the agent on an executor with a free slot; an execution lost with its executor is tried again."""
         context, slots = order.context, run.slots
         while True:
@@ -305,7 +301,7 @@ class RunHub:
             except NoSlotsLeft:
                 return _failure(run, context, FailureKind.NO_NODE, "no node with LLM slots for this run is left")
             try:
-                result, work = await self._run_on(run, order, inputs, index)
+                result, work = await self._run_on(run, order, index)
             except asyncio.CancelledError:  # the run is cancelled: its slot comes back once its call really ends,
                 work = run.calls.get(context.path)  # so the cap over runs sharing the pool stays exact
                 if work is None:
@@ -331,13 +327,14 @@ class RunHub:
                 slots.release(index)
             return result
 
-    async def _run_on(self, run: _HubRun, order: AgentOrder, inputs: tuple[AgentRecord, ...], index: int) -> tuple[AgentRecord, ray.ObjectRef]:
+    async def _run_on(self, run: _HubRun, order: AgentOrder, index: int) -> tuple[AgentRecord, ray.ObjectRef]:
         """One execution on executor `index`, whose slot the caller holds: a free thread of a process that is up,
         so the agent starts as its call arrives, and the hub says so itself (no call back from the executor)."""
         context, submission = order.context, run.submission
         node, pid = await run.process(index)
         stream_to = self._me if submission.stream else None
-        work = run.executors[index].actor.run.remote(context, order.dependency_specs, stream_to, submission.run_id, *inputs)
+        # The inputs go on as the refs they came from: Ray copies their bytes, the hub pickles nothing of them again.
+        work = run.executors[index].actor.run.remote(context, stream_to, submission.run_id, *_inputs_of(run, order))
         run.work.append(work)
         run.calls[context.path] = work
         execution = run.executions.get(context.path, 0) + 1
@@ -362,7 +359,7 @@ class RunHub:
         result.attempts += run.executions[context.path] - 1  # each earlier execution died with its executor: one try each
         return result
 
-    async def _delegate(self, run: _HubRun, order: AgentOrder, inputs: tuple[AgentRecord, ...], parent: AgentRecord) -> AgentRecord:
+    async def _delegate(self, run: _HubRun, order: AgentOrder, parent: AgentRecord) -> AgentRecord:
         """Run the agent's sub-plan as agents like any other; its final output becomes the agent's.
 
         The sub-plan's agents that already finished (a resumed run) are kept as they are.
@@ -374,7 +371,7 @@ class RunHub:
             warning = f"⚠️ Agent {context.path}: not delegating to {len(plan.agents)} more agents, the run would exceed --max-total-agents {limit}; it answers itself"
             run.publish(Notice(warning, warning=True))
             alone = replace(order, context=replace(context, delegation_allowed=False))
-            result = await self._execute(run, alone, inputs)
+            result = await self._execute(run, alone)
             result.warnings = [*parent.warnings, *result.warnings]  # the fallback of its sub-plan, if it had one
             return result
         run.publish(SubPlanReady(path=context.path, query=sub_run.query, plan=plan, layers=sub_run.layers))
@@ -486,6 +483,12 @@ async def _release_when_done(work: ray.ObjectRef, slots: RunSlots, index: int) -
     """Give back an abandoned agent's slot once its call really ends, so the cap stays exact."""
     await asyncio.wait([asyncio.ensure_future(work)])
     slots.release(index)
+
+
+def _inputs_of(run: _HubRun, order: AgentOrder) -> list[ray.ObjectRef]:
+    """The refs of the agent's dependencies' supervised results, in the order of its `depends_on`."""
+    path = order.context.path
+    return [run.results[path.parent.child(dep)] for dep in order.context.spec.depends_on]
 
 
 def _slots_of(executors: list[Executor]) -> dict[int, int]:

@@ -315,11 +315,9 @@ class _Run:
 
     def _order(self, query: str, agent: ReadyAgent, streamed: StreamedPlan) -> AgentOrder:
         """The order for an agent the streamed plan made safe to start: the finished plan gives the same."""
-        dependency_specs = {dep: streamed.started[dep] for dep in agent.spec.depends_on}
         return agent_order(
             ROOT.child(agent.agent_id),
             agent.spec,
-            dependency_specs,
             query=query,
             llm=self.llm,
             limits=self.limits,

@@ -129,7 +129,7 @@ LIMITS = RunSettings().limits()
 def test_delegation_is_offered_only_to_models_that_can_use_it(delegates: bool):
     spec = AgentSpec(role=Role.RESEARCHER, task="Research Rust", depends_on=[])
     context = AgentContext(path=AgentPath((0,)), spec=spec, query="Compare Python and Rust", llm=recorder(delegates=delegates), limits=LIMITS)
-    result = run_agent(context, [], {})
+    result = run_agent(context, [])
     request = REQUESTS[-1]
     offer = load_prompt("agent_delegation")
     assert request.may_delegate is delegates
@@ -142,7 +142,7 @@ def test_a_base_model_gets_its_roles_worked_example_as_one_document_and_a_paragr
     llm = recorder(delegates=False, prompt_style="document")
     context = AgentContext(path=AgentPath((1,)), spec=spec, query="Compare Python and Rust", llm=llm, limits=LIMITS)
     research = AgentRecord(id=0, role="RESEARCHER", task="Research Python", depends_on=[], layer=0, status="ok", output="Python is  easy.\nIt has Django.")
-    run_agent(context, [research], {0: AgentSpec(role=Role.RESEARCHER, task="Research Python", depends_on=[])})
+    run_agent(context, [research])
     request = REQUESTS[-1]
     (message,) = request.messages
     assert message.role == "document"

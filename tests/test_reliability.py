@@ -73,7 +73,7 @@ def backoff_of(monkeypatch: pytest.MonkeyPatch, fail: str, retries: int, *, draw
     spec = AgentSpec(role=Role.RESEARCHER, task="Research A", depends_on=[])
     llm = LLMConfig(backend="fake", options={"fail": fail})
     context = AgentContext(path=AgentPath((0,)), spec=spec, query="q", llm=llm, limits=RunSettings(retries=retries).limits())
-    return run_agent(context, [], {}), slept
+    return run_agent(context, []), slept
 
 
 def test_retries_wait_an_exponential_backoff_with_jitter(monkeypatch: pytest.MonkeyPatch):
@@ -105,7 +105,7 @@ def test_an_empty_answer_is_asked_again_and_fails_the_agent_when_it_stays_empty(
     spec = AgentSpec(role=Role.RESEARCHER, task="Research A", depends_on=[])
     llm = LLMConfig(backend="scripted", options={"function": f"{__name__}:empty_first"})
     context = AgentContext(path=AgentPath((agent,)), spec=spec, query="q", llm=llm, limits=RunSettings(retries=2).limits())
-    result = run_agent(context, [], {})
+    result = run_agent(context, [])
     assert (result.status, result.attempts) == (status, attempts)
     assert result.output == ("answer of agent 0" if status == "ok" else "")
     assert result.error == (None if status == "ok" else "the model's answer was empty")
