@@ -6,6 +6,7 @@ import json
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,7 @@ def test_missing_plan_file_and_bad_options(tmp_path: Path):
     missing = metaagent("exec", str(tmp_path / "nope.json"))
     assert missing.returncode == 2 and "cannot read the plan file" in missing.stderr
     plan = str(EXAMPLES / "parallel_research.json")
-    for args, expected in [
+    cases = [
         (["--llm", "nonsense"], "unknown LLM backend 'nonsense'"),
         (["--llm", "fake", "--fake-latency", "soon"], "--fake-latency soon: not a number and not a readable file"),
         (["--llm", "fake", "--fake-fail", "x:y"], "--fake-fail x:y: cannot read"),
@@ -76,8 +77,10 @@ def test_missing_plan_file_and_bad_options(tmp_path: Path):
         (["--llm", "fake", "--prompt-style", "document"], "--openai-base-url and --prompt-style apply to --llm openai only"),
         (["--llm", "openai", "--prompt-style", "plain"], "openai backend: option prompt_style: Input should be 'auto', 'chat' or 'document'"),
         (["--llm", "fake", "--on-failure", "maybe"], "on_failure: Input should be 'continue' or 'stop'"),
-    ]:
-        result = metaagent("exec", plan, *args, cwd=tmp_path)
+    ]
+    with ThreadPoolExecutor() as processes:  # each is a cold process that mostly imports: side by side
+        results = list(processes.map(lambda case: metaagent("exec", plan, *case[0], cwd=tmp_path), cases))
+    for (_, expected), result in zip(cases, results):
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr
 

@@ -191,7 +191,7 @@ def dags_with_failures(draw: st.DrawFn) -> tuple[dict, set[int]]:
     return {"description": "random", "agents": agents}, failing
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dags_with_failures(), st.sampled_from(["continue", "stop"]))
 def test_every_agent_ends_in_one_final_state_that_agrees_with_the_policy(case: tuple[dict, set[int]], policy: str):
     data, failing = case

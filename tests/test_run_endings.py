@@ -236,7 +236,7 @@ def test_repeated_ctrl_c_on_an_embedded_run_is_clean_and_leaves_no_ray_process(t
 def test_ctrl_c_while_the_streamed_coordinator_writes_is_one_line_and_leaves_no_ray_process(tmp_path: Path, latency_file):
     """Agents already started from the half-written plan are cancelled with it; there is no plan to resume."""
     run_dir = tmp_path / "run"
-    latency = latency_file({"default": 60.0, "coordinator": 60.0})  # the plan streams over a minute
+    latency = latency_file({"default": 60.0, "coordinator": 20.0})  # the plan streams over 20 s, each agent takes a minute
     query = "Compare Python, Rust, and Go for web development"
     process = start("run", query, "--llm", "fake", "--fake-latency", latency, "--run-dir", str(run_dir), session=True)
     wait_for_line(process, "Agent 0: RESEARCHER")  # started while the plan is still being written
