@@ -180,12 +180,13 @@ class NoSlotsLeft(Exception):
 # The order in which agents waiting for a slot get one: `fifo` by arrival; `path` longest remaining path first
 # (one run's order since the start); `las` the run with the least attained service (slot-seconds so far) first,
 # as Autellix does; `las-path` by attained service in steps of LAS_STEP_S, and within a step longest path first;
-# `short` the run with the fewest agents left first (its graph says how many), aged so that a run waiting
-# AGE_S seconds counts one agent less, and within a run longest path first.
+# `short` the run with the fewest agents left first (its graph says how many), aged by its slowdown so far (its
+# wait over what it would take alone on the slots: SLOWDOWN_STEP of it halves its count, two steps a third,
+# and so on), and within a run longest path first.
 Policy = Literal["fifo", "path", "las", "las-path", "short"]
 POLICIES: tuple[Policy, ...] = ("fifo", "path", "las", "las-path", "short")
 LAS_STEP_S = 4.0  # slot-seconds: runs whose attained service differs by less than this are near-ties for `las-path`
-AGE_S = 2.0  # seconds of a run's age that count as one agent less left, for `short`: a huge run is not starved
+SLOWDOWN_STEP = 0.25  # for `short`: a run that has waited this share of its time alone counts half its agents left
 
 
 @dataclass
@@ -206,9 +207,32 @@ class _Service:
     acquired: float = 0.0
     in_flight: int = 0
     left: int = 0  # agents submitted whose call has not ended
+    agents: int = 0  # agents submitted
+    path: float = 0.0  # the longest chain of agents among its plans
 
     def attained(self, now: float) -> float:
         return self.released + self.in_flight * now - self.acquired
+
+    def slowdown(self, now: float, slots: int, call_s: float) -> float:
+        """Its age over its time alone on `slots` slots (its longest chain, or its agents spread over the
+        slots, whichever is longer), in calls of `call_s` seconds."""
+        alone_s = max(self.path, self.agents / max(slots, 1)) * call_s
+        return (now - self.arrived) / alone_s if alone_s > 0 else 0.0
+
+
+@dataclass
+class _CallTimes:
+    """Every call the pool granted, ended runs' too: what a call takes on average, exact at any time like `_Service`."""
+
+    granted: int = 0
+    ended: int = 0
+    granted_at: float = 0.0  # the sum of their grant times
+    ended_at: float = 0.0  # the sum of their end times
+
+    def mean(self, now: float) -> float:
+        """Seconds per call so far, the calls in flight counted up to now."""
+        in_flight = self.granted - self.ended
+        return (self.ended_at + in_flight * now - self.granted_at) / self.granted if self.granted else 0.0
 
 
 class SlotPool:
@@ -222,12 +246,14 @@ class SlotPool:
 
     def __init__(self, slots: dict[int, int], policy: Policy = "path", clock: Callable[[], float] = time.monotonic) -> None:
         self._free = dict(slots)  # executor index -> free slots
+        self._slots = dict(slots)  # executor index -> its slots, while it is in the pool
         # run -> its waiters, a heap in the run's own order (arrival for fifo and las, else longest path first): the
         # policy compares runs by their first waiters only, so a dispatch costs O(runs), not O(agents waiting)
         self._waiting: dict[str, list[tuple[tuple[float, ...], _Waiter]]] = {}
         self._order = itertools.count()
         self._policy, self._clock = policy, clock
         self._service: dict[str, _Service] = {}  # run -> its attained service, while it holds or waits for slots
+        self._calls = _CallTimes()
 
     def for_run(self, run: str) -> RunSlots:
         """The pool as one run sees it."""
@@ -250,9 +276,13 @@ class SlotPool:
                 self.release(future.result(), run)
             raise
 
-    def add_work(self, run: str, agents: int) -> None:
-        """The run has `agents` more to run (its plan, a sub-plan): what `short` orders by."""
-        self._of(run).left += agents
+    def add_work(self, run: str, agents: int, path: float) -> None:
+        """The run has `agents` more to run (its plan, a sub-plan), whose longest chain is `path` agents: what
+        `short` orders by."""
+        service = self._of(run)
+        service.left += agents
+        service.agents += agents
+        service.path = max(service.path, path)
 
     def release(self, index: int, run: str = "") -> None:
         service = self._service.get(run)
@@ -260,6 +290,8 @@ class SlotPool:
             service.released += self._clock()
             service.in_flight -= 1
             service.left -= 1
+        self._calls.ended += 1
+        self._calls.ended_at += self._clock()
         if index in self._free:
             self._free[index] += 1
             self._dispatch()
@@ -283,6 +315,7 @@ class SlotPool:
         still in the pool; once none is, every waiter gets NoSlotsLeft."""
         if self._free.pop(index, None) is None:
             return False
+        self._slots.pop(index, None)
         if not self._free:
             for waiters in self._waiting.values():
                 for _, waiter in waiters:
@@ -302,10 +335,19 @@ class SlotPool:
         if self._policy == "path":
             return lambda run: (-first[run].priority, first[run].order)
         if self._policy == "short":
-            return lambda run: (self._of(run).left - (now - self._of(run).arrived) / AGE_S, -first[run].priority, first[run].order)
+            return lambda run: (self._aged_left(run, now), -first[run].priority, first[run].order)
         if self._policy == "las":
             return lambda run: (self._of(run).attained(now), first[run].order)
         return lambda run: (self._of(run).attained(now) // LAS_STEP_S, -first[run].priority, first[run].order)
+
+    def _aged_left(self, run: str, now: float) -> float:
+        """The run's agents left, divided by 1 + its slowdown so far in SLOWDOWN_STEPs: a huge run that has
+        waited long goes before a small one that just came. No ageing until a call has ended (no call time yet)."""
+        service = self._of(run)
+        if self._calls.ended == 0:
+            return service.left
+        slowdown = service.slowdown(now, sum(self._slots.values()), self._calls.mean(now))
+        return service.left / (1 + slowdown / SLOWDOWN_STEP)
 
     def _first_waiters(self) -> dict[str, _Waiter]:
         """Each run's first waiter still waiting (one cancelled meanwhile is dropped)."""
@@ -334,6 +376,8 @@ class SlotPool:
             service = self._of(run)
             service.acquired += now
             service.in_flight += 1
+            self._calls.granted += 1
+            self._calls.granted_at += now
             waiter.future.set_result(index)
 
 
@@ -347,8 +391,8 @@ class RunSlots:
     async def acquire(self, priority: float) -> int:
         return await self.pool.acquire(priority, self.run)
 
-    def add_work(self, agents: int) -> None:
-        self.pool.add_work(self.run, agents)
+    def add_work(self, agents: int, path: float) -> None:
+        self.pool.add_work(self.run, agents, path)
 
     def release(self, index: int) -> None:
         self.pool.release(index, self.run)

@@ -221,7 +221,8 @@ class RunHub:
 
     def _submit(self, run: _HubRun, orders: list[AgentOrder]) -> None:
         run.total_agents += len(orders)
-        run.slots.add_work(sum(1 for order in orders if order.kept is None))  # the calls still to make, for the `short` order
+        to_run = [order for order in orders if order.kept is None]  # the calls still to make, for the `short` order
+        run.slots.add_work(len(to_run), max((order.priority for order in to_run), default=0.0))
         for order in orders:
             path = order.context.path
             if order.kept is not None and order.kept.reused:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from metaagent_ray.executors import AGE_S, LAS_STEP_S, POLICIES, Policy, SlotPool
+from metaagent_ray.executors import LAS_STEP_S, POLICIES, Policy, SlotPool
 
 
 class Clock:
@@ -75,18 +75,20 @@ def test_las_path_breaks_near_ties_in_attained_service_by_remaining_path():
     assert order("las-path", WAITERS, far) == [2, 4, 1, 3, 0]
 
 
-def test_short_serves_the_run_with_the_fewest_agents_left_first_and_ages_the_others():
-    clock = Clock()
-    pool = SlotPool({0: 1}, "short", clock)
-    pool.add_work("big", 40)
-    clock.now = 10 * AGE_S  # "big" has waited: it counts 10 agents less, 30
-    pool.add_work("small", 5)
-    assert asyncio.run(served_order(pool, WAITERS)) == [2, 4, 1, 3, 0]  # "small" by path, then "big" by path
-    pool = SlotPool({0: 1}, "short", clock)
-    pool.add_work("big", 40)
-    clock.now += 40 * AGE_S  # now "big" has waited long enough to go first
-    pool.add_work("small", 5)
-    assert asyncio.run(served_order(pool, WAITERS)) == [1, 3, 0, 2, 4]
+def test_short_serves_the_run_with_the_fewest_agents_left_first_and_ages_the_others_by_their_slowdown():
+    async def served(waited: float) -> list[int]:
+        clock = Clock()
+        pool = SlotPool({0: 1}, "short", clock)
+        index = await pool.acquire(0, "earlier")  # a call of 1 s ends: the pool knows what a call takes
+        clock.now = 1.0
+        pool.release(index, "earlier")
+        pool.add_work("big", 40, 10)  # alone on the one slot it takes 40 calls
+        clock.now += waited
+        pool.add_work("small", 5, 5)  # just come: no slowdown yet
+        return await served_order(pool, WAITERS)
+
+    assert asyncio.run(served(10.0)) == [2, 4, 1, 3, 0]  # "big" has waited a fraction of its time alone: "small" first
+    assert asyncio.run(served(1000.0)) == [1, 3, 0, 2, 4]  # many times its time alone: "big" first, each by path
 
 
 def test_attained_service_counts_the_calls_in_flight():
@@ -138,8 +140,8 @@ def test_a_huge_run_does_not_starve_a_small_one(policy: Policy):
     pool = SlotPool({0: 1}, policy, clock)
 
     async def main() -> list[int]:
-        pool.add_work("huge", 101)
-        pool.add_work("small", 1)
+        pool.add_work("huge", 101, 2)
+        pool.add_work("small", 1, 1)
         index = await pool.acquire(0, "huge")
         clock.now += 10 * LAS_STEP_S  # the huge run has had its share already
         pool.release(index, "huge")
