@@ -24,7 +24,7 @@ import heapq
 import itertools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import ray
@@ -198,41 +198,45 @@ class _Waiter:
 
 
 @dataclass
-class _Service:
-    """One run's attained service, exact at any time without knowing which call is which:
-    slot-seconds = (sum of release times) + (calls in flight) x now - (sum of acquire times)."""
-
-    arrived: float
-    released: float = 0.0
-    acquired: float = 0.0
-    in_flight: int = 0
-    left: int = 0  # agents submitted whose call has not ended
-    agents: int = 0  # agents submitted
-    path: float = 0.0  # the longest chain of agents among its plans
-
-    def attained(self, now: float) -> float:
-        return self.released + self.in_flight * now - self.acquired
-
-    def slowdown(self, now: float, slots: int, call_s: float) -> float:
-        """Its age over its time alone on `slots` slots (its longest chain, or its agents spread over the
-        slots, whichever is longer), in calls of `call_s` seconds."""
-        alone_s = max(self.path, self.agents / max(slots, 1)) * call_s
-        return (now - self.arrived) / alone_s if alone_s > 0 else 0.0
-
-
-@dataclass
-class _CallTimes:
-    """Every call the pool granted, ended runs' too: what a call takes on average, exact at any time like `_Service`."""
+class _SlotSeconds:
+    """Calls granted a slot, and the slot-seconds they held, exact at any time without knowing which call is
+    which: (sum of end times) + (calls in flight) x now - (sum of grant times)."""
 
     granted: int = 0
     ended: int = 0
     granted_at: float = 0.0  # the sum of their grant times
     ended_at: float = 0.0  # the sum of their end times
 
-    def mean(self, now: float) -> float:
-        """Seconds per call so far, the calls in flight counted up to now."""
-        in_flight = self.granted - self.ended
-        return (self.ended_at + in_flight * now - self.granted_at) / self.granted if self.granted else 0.0
+    def grant(self, now: float) -> None:
+        self.granted += 1
+        self.granted_at += now
+
+    def end(self, now: float) -> None:
+        self.ended += 1
+        self.ended_at += now
+
+    def total(self, now: float) -> float:
+        return self.ended_at + (self.granted - self.ended) * now - self.granted_at
+
+
+@dataclass
+class _Service:
+    """One run's calls and work, while it holds or waits for slots."""
+
+    arrived: float
+    held: _SlotSeconds = field(default_factory=_SlotSeconds)  # its attained service
+    left: int = 0  # agents submitted whose call has not ended
+    agents: int = 0  # agents submitted
+    path: float = 0.0  # the longest chain of agents among its plans
+
+    def aged_left(self, now: float, slots: int, call_s: float | None) -> float:
+        """Its agents left, divided by 1 + its slowdown so far in SLOWDOWN_STEPs; its slowdown is its age over
+        its time alone on `slots` slots (its longest chain, or its agents spread over the slots, whichever is
+        longer) in calls of `call_s` seconds. No ageing while no call has ended (`call_s` None)."""
+        alone_s = max(self.path, self.agents / slots) * (call_s or 0.0)
+        if alone_s <= 0:
+            return self.left
+        return self.left / (1 + (now - self.arrived) / alone_s / SLOWDOWN_STEP)
 
 
 class SlotPool:
@@ -253,7 +257,7 @@ class SlotPool:
         self._order = itertools.count()
         self._policy, self._clock = policy, clock
         self._service: dict[str, _Service] = {}  # run -> its attained service, while it holds or waits for slots
-        self._calls = _CallTimes()
+        self._calls = _SlotSeconds()  # every call the pool granted, ended runs' too: what a call takes on average
 
     def for_run(self, run: str) -> RunSlots:
         """The pool as one run sees it."""
@@ -286,12 +290,11 @@ class SlotPool:
 
     def release(self, index: int, run: str = "") -> None:
         service = self._service.get(run)
+        now = self._clock()
         if service is not None:  # else the run is over (a call it abandoned ends late)
-            service.released += self._clock()
-            service.in_flight -= 1
+            service.held.end(now)
             service.left -= 1
-        self._calls.ended += 1
-        self._calls.ended_at += self._clock()
+        self._calls.end(now)
         if index in self._free:
             self._free[index] += 1
             self._dispatch()
@@ -308,7 +311,7 @@ class SlotPool:
     def attained(self, run: str) -> float:
         """The run's slot-seconds so far, its calls in flight included."""
         service = self._service.get(run)
-        return 0.0 if service is None else service.attained(self._clock())
+        return 0.0 if service is None else service.held.total(self._clock())
 
     def drop(self, index: int) -> bool:
         """The executor is gone for good (its node died): no agent is sent there again. Whether it was
@@ -335,19 +338,12 @@ class SlotPool:
         if self._policy == "path":
             return lambda run: (-first[run].priority, first[run].order)
         if self._policy == "short":
-            return lambda run: (self._aged_left(run, now), -first[run].priority, first[run].order)
+            slots, calls = sum(self._slots.values()), self._calls
+            call_s = calls.total(now) / calls.granted if calls.ended else None  # the calls in flight counted up to now
+            return lambda run: (self._of(run).aged_left(now, slots, call_s), -first[run].priority, first[run].order)
         if self._policy == "las":
-            return lambda run: (self._of(run).attained(now), first[run].order)
-        return lambda run: (self._of(run).attained(now) // LAS_STEP_S, -first[run].priority, first[run].order)
-
-    def _aged_left(self, run: str, now: float) -> float:
-        """The run's agents left, divided by 1 + its slowdown so far in SLOWDOWN_STEPs: a huge run that has
-        waited long goes before a small one that just came. No ageing until a call has ended (no call time yet)."""
-        service = self._of(run)
-        if self._calls.ended == 0:
-            return service.left
-        slowdown = service.slowdown(now, sum(self._slots.values()), self._calls.mean(now))
-        return service.left / (1 + slowdown / SLOWDOWN_STEP)
+            return lambda run: (self._of(run).held.total(now), first[run].order)
+        return lambda run: (self._of(run).held.total(now) // LAS_STEP_S, -first[run].priority, first[run].order)
 
     def _first_waiters(self) -> dict[str, _Waiter]:
         """Each run's first waiter still waiting (one cancelled meanwhile is dropped)."""
@@ -373,11 +369,8 @@ class SlotPool:
             run = min(first, key=self._key(now, first))
             _, waiter = heapq.heappop(self._waiting[run])
             self._free[index] -= 1
-            service = self._of(run)
-            service.acquired += now
-            service.in_flight += 1
-            self._calls.granted += 1
-            self._calls.granted_at += now
+            self._of(run).held.grant(now)
+            self._calls.grant(now)
             waiter.future.set_result(index)
 
 
