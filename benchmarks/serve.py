@@ -20,11 +20,12 @@ runs take a second instead of minutes; nothing is sampled from wall-clock time o
 Reported in the calls' seconds: mean and p95 run completion time (finish minus arrival), the worst
 slowdown (completion over the run's makespan alone on the 8 slots, longest path first: 1.0 is no
 wait at all), and slot utilisation (the calls' seconds over 8 x the time from the first arrival to
-the last finish). With several seeds, a last table sums each order up over the workloads: its mean
-over FIFO's on average, and on how many workloads it reaches 0.7 x FIFO's mean and keeps its worst
-slowdown within FIFO's.
+the last finish). With several seeds or loads, a last table sums each order up over each load's
+workloads: its mean over FIFO's on average, and on how many workloads it reaches 0.7 x FIFO's mean
+and keeps its worst slowdown within FIFO's. How much any order can gain depends on the load: with
+little queueing there is little to reorder.
 
-Run:  python benchmarks/serve.py [--runs 40] [--slots 8] [--load 0.9] [--seeds 1 2 3]
+Run:  python benchmarks/serve.py [--runs 40] [--slots 8] [--load 0.9 [1.0 ...]] [--seeds 1 2 3]
 """
 
 from __future__ import annotations
@@ -214,31 +215,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--load", type=float, default=0.9, help="the slots' average busy share the arrival rate aims at")
+    parser.add_argument("--load", type=float, nargs="+", default=[0.9], help="the slots' average busy share the arrival rate aims at; several: one sweep each")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one workload each")
     args = parser.parse_args()
     orders = ("independent", *POLICIES, "oracle")
-    against_fifo: dict[str, list[tuple[float, bool]]] = {order: [] for order in orders}  # mean / FIFO's, worst <= FIFO's worst
-    for seed in args.seeds:
-        runs = workload(args.runs, args.slots, args.load, seed)
-        sizes = [len(run.plan.agents) for run in runs]
-        print(f"\nseed {seed}: {len(runs)} runs of {min(sizes)}-{max(sizes)} agents ({sum(sizes)} in all), {args.slots} slots, load {args.load}")
-        print("\n| order | mean completion (s) | mean / FIFO's | p95 completion (s) | worst slowdown | slot utilisation |")
-        print("|---|---:|---:|---:|---:|---:|")
-        fifo = figures(runs, simulate(runs, args.slots, "fifo"), args.slots)
-        for order in orders:
-            got = figures(runs, simulate(runs, args.slots, order), args.slots)
-            against_fifo[order].append((got.mean / fifo.mean, got.worst_slowdown <= fifo.worst_slowdown))
-            print(f"| {order} | {got.mean:.1f} | {got.mean / fifo.mean:.2f} | {got.p95:.1f} | {got.worst_slowdown:.1f} | {got.utilisation:.0%} |", flush=True)
-    if len(args.seeds) > 1:
+    # (load, order) -> per workload: mean / FIFO's, worst slowdown <= FIFO's worst
+    against_fifo: dict[tuple[float, str], list[tuple[float, bool]]] = {(load, order): [] for load in args.load for order in orders}
+    for load in args.load:
+        for seed in args.seeds:
+            runs = workload(args.runs, args.slots, load, seed)
+            sizes = [len(run.plan.agents) for run in runs]
+            print(f"\nseed {seed}: {len(runs)} runs of {min(sizes)}-{max(sizes)} agents ({sum(sizes)} in all), {args.slots} slots, load {load}")
+            print("\n| order | mean completion (s) | mean / FIFO's | p95 completion (s) | worst slowdown | slot utilisation |")
+            print("|---|---:|---:|---:|---:|---:|")
+            fifo = figures(runs, simulate(runs, args.slots, "fifo"), args.slots)
+            for order in orders:
+                got = figures(runs, simulate(runs, args.slots, order), args.slots)
+                against_fifo[load, order].append((got.mean / fifo.mean, got.worst_slowdown <= fifo.worst_slowdown))
+                print(f"| {order} | {got.mean:.1f} | {got.mean / fifo.mean:.2f} | {got.p95:.1f} | {got.worst_slowdown:.1f} | {got.utilisation:.0%} |", flush=True)
+    if len(args.seeds) > 1 or len(args.load) > 1:
         count = len(args.seeds)
-        print(f"\nOver the {count} workloads:\n")
-        print("| order | mean / FIFO's, average | workloads with mean <= 0.7 x FIFO's | workloads with worst slowdown <= FIFO's worst |")
-        print("|---|---:|---:|---:|")
-        for order, results in against_fifo.items():
+        print(f"\nOver the {count} workloads of each load:\n")
+        print("| load | order | mean / FIFO's, average | workloads with mean <= 0.7 x FIFO's | workloads with worst slowdown <= FIFO's worst |")
+        print("|---:|---|---:|---:|---:|")
+        for (load, order), results in against_fifo.items():
             ratios = [ratio for ratio, _ in results]
             within = sum(round(ratio, 2) <= 0.7 for ratio in ratios)
-            print(f"| {order} | {statistics.mean(ratios):.2f} | {within}/{count} | {sum(fair for _, fair in results)}/{count} |")
+            print(f"| {load} | {order} | {statistics.mean(ratios):.2f} | {within}/{count} | {sum(fair for _, fair in results)}/{count} |")
 
 
 if __name__ == "__main__":
