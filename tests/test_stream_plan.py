@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -175,9 +176,10 @@ def test_the_cli_prints_agent_starts_before_the_plan_and_can_turn_streaming_off(
     from tests.test_cli import metaagent
 
     plan = str(EXAMPLES / "parallel_research.json")
-    latency = latency_file({"coordinator": 4.0, "default": 0.1})  # time for the run's executor to start
-    streamed = metaagent("run", "q", "--llm", "fake", "--fake-plan", plan, "--fake-latency", latency, cwd=tmp_path)
-    whole = metaagent("run", "q", "--llm", "fake", "--fake-plan", plan, "--fake-latency", latency, "--no-stream-plan", cwd=tmp_path)
+    latency = latency_file({"coordinator": 6.0, "default": 0.1})  # time for the run's executor to start, two Rays starting
+    command = ("run", "q", "--llm", "fake", "--fake-plan", plan, "--fake-latency", latency)
+    with ThreadPoolExecutor() as processes:  # two cold runs, each with its own Ray: side by side
+        streamed, whole = processes.map(lambda extra: metaagent(*command, *extra, cwd=tmp_path), [(), ("--no-stream-plan",)])
     for result in (streamed, whole):
         assert result.returncode == 0, result.stderr
     first_start = streamed.stdout.index("⚡ [PARALLEL] Agent 0")
