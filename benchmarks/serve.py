@@ -228,9 +228,9 @@ def main() -> None:
             print(f"\nseed {seed}: {len(runs)} runs of {min(sizes)}-{max(sizes)} agents ({sum(sizes)} in all), {args.slots} slots, load {load}")
             print("\n| order | mean completion (s) | mean / FIFO's | p95 completion (s) | worst slowdown | slot utilisation |")
             print("|---|---:|---:|---:|---:|---:|")
-            fifo = figures(runs, simulate(runs, args.slots, "fifo"), args.slots)
-            for order in orders:
-                got = figures(runs, simulate(runs, args.slots, order), args.slots)
+            each = {order: figures(runs, simulate(runs, args.slots, order), args.slots) for order in orders}
+            fifo = each["fifo"]
+            for order, got in each.items():
                 against_fifo[load, order].append((got.mean / fifo.mean, got.worst_slowdown <= fifo.worst_slowdown))
                 print(f"| {order} | {got.mean:.1f} | {got.mean / fifo.mean:.2f} | {got.p95:.1f} | {got.worst_slowdown:.1f} | {got.utilisation:.0%} |", flush=True)
     if len(args.seeds) > 1 or len(args.load) > 1:

@@ -256,7 +256,7 @@ class SlotPool:
         self._waiting: dict[str, list[tuple[tuple[float, ...], _Waiter]]] = {}
         self._order = itertools.count()
         self._policy, self._clock = policy, clock
-        self._service: dict[str, _Service] = {}  # run -> its attained service, while it holds or waits for slots
+        self._service: dict[str, _Service] = {}  # run -> its calls and work, while it holds or waits for slots
         self._calls = _SlotSeconds()  # every call the pool granted, ended runs' too: what a call takes on average
 
     def for_run(self, run: str) -> RunSlots:

@@ -20,7 +20,7 @@ from tests.stand_in_server import StandInServer
 
 
 def metaagent(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    """The real command in a fresh process (these inputs fail before Ray starts)."""
+    """The real command in a fresh process, as a user types it."""
     return subprocess.run([sys.executable, "-m", "metaagent_ray", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
