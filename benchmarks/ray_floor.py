@@ -12,6 +12,10 @@ runtime on Ray can take:
 - `executor shape`: the work's own call takes the dependencies' refs as top-level arguments, straight
   to an async executor actor that holds the slot queue and runs the work in a pool of `slots` threads;
   the hub only awaits each result (as it must, to report it). One actor call per agent instead of two.
+- `executor shape, agent's call`: the executor shape, each call doing what an agent of the project does
+  in its executor: `run_agent` on the agent's real context (its prompt, the fake LLM's call of
+  `--latency` seconds, its record) with its dependencies' records as inputs. No hub of the project, no
+  events, no driver: what the project's own agent call adds to the cheapest shape.
 
 and then the project itself, a cold `metaagent exec` (scale.py's `run_cold`). Each makespan is first
 start to last finish, divided by the longest-remaining-path-first list schedule on the slots.
@@ -32,15 +36,22 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
+from typing import Union
 
 import ray
 from scale import SEEDS, random_dag, run_cold
 from slots import list_schedule
 
-from metaagent_ray import RunRecord, parse_plan
+from metaagent_ray import AgentRecord, RunRecord, parse_plan
+from metaagent_ray.agents import AgentContext, run_agent
+from metaagent_ray.hub import plan_orders
+from metaagent_ray.llm import LLMConfig
+from metaagent_ray.settings import RunSettings
 
 Timing = tuple[float, float]  # the work's start and finish
+Job = Union[float, AgentContext]  # seconds of sleep, or an agent of the project to run
 
 
 class Slots:
@@ -85,10 +96,11 @@ class AsyncExecutor:
         self.slots = Slots(slots)
         self.threads = ThreadPoolExecutor(slots)
 
-    async def run(self, latency: float, priority: float, *inputs: Timing) -> Timing:
+    async def run(self, job: Job, priority: float, *inputs: Timing | AgentRecord) -> Timing | AgentRecord:
         await self.slots.acquire(priority)
+        call = partial(work, job) if isinstance(job, float) else partial(run_agent, job, inputs)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.threads, work, latency)
+            return await asyncio.get_running_loop().run_in_executor(self.threads, call)
         finally:
             self.slots.release()
 
@@ -116,19 +128,19 @@ class Hub:
         await result
         self.finished += 1
 
-    async def run(self, depends_on: list[list[int]], priority: list[float], latency: float) -> list[Timing]:
+    async def run(self, depends_on: list[list[int]], priority: list[float], jobs: list[Job]) -> list[Timing]:
         results: list[ray.ObjectRef] = []
         watched = []
         for agent, dependencies in enumerate(depends_on):
             inputs = [results[dependency] for dependency in dependencies]
             if self.shape == "hub shape":
-                results.append(self.me.supervise.remote(latency, priority[agent], *inputs))
+                results.append(self.me.supervise.remote(jobs[agent], priority[agent], *inputs))
             else:
-                results.append(self.executor.run.remote(latency, priority[agent], *inputs))
+                results.append(self.executor.run.remote(jobs[agent], priority[agent], *inputs))
                 watched.append(self.watch(results[-1]))
-        timings = await asyncio.gather(*results)
+        done = await asyncio.gather(*results)
         await asyncio.gather(*watched)
-        return list(timings)
+        return [timing if isinstance(timing, tuple) else (timing.started_at, timing.finished_at) for timing in done]
 
 
 def makespan(timings: list[Timing]) -> float:
@@ -153,13 +165,17 @@ def main() -> None:
         bound = list_schedule(plan, latencies, args.slots)
         priority = plan.remaining_path(latencies)
         depends_on = [list(spec.depends_on) for spec in plan.agents]
-        ratios: dict[str, list[float]] = {"hub shape": [], "executor shape": [], "metaagent exec": []}
+        sleeps: list[Job] = [args.latency] * size
+        llm = LLMConfig(backend="fake", options={"latency": args.latency})
+        agents: list[Job] = [order.context for order in plan_orders(plan, "a query", llm, RunSettings(llm="fake", max_agents=size).limits())]
+        shapes = {"hub shape": ("hub shape", sleeps), "executor shape": ("executor shape", sleeps), "executor shape, agent's call": ("executor shape", agents)}
+        ratios: dict[str, list[float]] = {**{name: [] for name in shapes}, "metaagent exec": []}
         ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         for _ in range(args.repeat):
-            for shape in ("hub shape", "executor shape"):
+            for name, (shape, jobs) in shapes.items():
                 hub = Hub.remote(args.slots, shape)
-                ray.get(hub.run.remote([[]], [args.latency], args.latency))  # both actors up
-                ratios[shape].append(makespan(ray.get(hub.run.remote(depends_on, priority, args.latency))) / bound)
+                ray.get(hub.run.remote([[]], [args.latency], jobs[:1]))  # both actors up, the agent's code imported
+                ratios[name].append(makespan(ray.get(hub.run.remote(depends_on, priority, jobs))) / bound)
                 ray.kill(hub)
         ray.shutdown()
         plan_file = work_dir / f"dag-{size}.json"
@@ -172,8 +188,8 @@ def main() -> None:
         rows.append((size, bound, ratios))
         print(f"  {size} agents: " + "; ".join(f"{name} {', '.join(f'{r:.3f}' for r in runs)}" for name, runs in ratios.items()), flush=True)
     print(f"\nmakespan / list schedule on {args.slots} slots (median of {args.repeat})\n")
-    print("| agents | list schedule (s) | Ray alone, hub shape | Ray alone, executor shape | metaagent exec (cold CLI) |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| agents | list schedule (s) | Ray alone, hub shape | Ray alone, executor shape | executor shape, agent's call | metaagent exec (cold CLI) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for size, bound, ratios in rows:
         print(f"| {size} | {bound:.2f} | " + " | ".join(f"{statistics.median(runs):.3f}" for runs in ratios.values()) + " |")
 
