@@ -3,7 +3,7 @@
 Where does a 500-agent run's time above its bound go: to the project, or to Ray's calls on this
 machine? This runs scale.py's random DAGs (every agent `--latency` seconds, a `time.sleep` in a
 thread, as the fake LLM does) with no code of the project in the Ray processes, in the two shapes a
-runtime on Ray can take:
+runtime on Ray can take, and then the cheaper shape with the project's agent call in it:
 
 - `hub shape`: what hub.py does. An async hub actor calls itself (`supervise`) with the agent's
   dependencies' refs as top-level arguments, so Ray starts it once they exist; it takes a slot from a
