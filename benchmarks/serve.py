@@ -1,8 +1,10 @@
 """Many runs, one model server: which run's ready agent gets the next free LLM slot (`metaagent serve`).
 
 An open-loop arrival of runs (Poisson), each a random DAG of 4 to 60 agents (benchmarks/scale.py's
-generator, 2 to 12 layers), every agent's LLM call taking 0.5 to 2 s (seeded), on 8 slots. The same
-arrivals and durations go through:
+generator, 2 to 12 layers), every agent's LLM call taking 0.5 to 2 s (seeded), on 8 slots. 400 runs
+by default: a load is what the slots see once arrivals have kept them busy a while, and the first
+few dozen runs find them empty whatever the order (`--runs 40` measures that start, a short burst).
+The same arrivals and durations go through:
 
 - `independent`: today's `metaagent run` per request: every run has its own 8 slots (its own
   `SlotPool`, longest remaining path first), all on one model server that serves 8 calls at a time
@@ -15,8 +17,9 @@ arrivals and durations go through:
 
 The agents wait on the real `SlotPool` (metaagent_ray/executors.py, the object the hub uses) under
 asyncio, each call an `asyncio.sleep` of its duration, on an event loop whose clock jumps to its
-next timer whenever nothing is ready (virtual time: exact, the same on every machine, and the 40
-runs take a second instead of minutes; nothing is sampled from wall-clock time on a busy machine).
+next timer whenever nothing is ready (virtual time: exact, the same on every machine, and 400
+runs, over half an hour of arrivals, take about a second per order; nothing is sampled from
+wall-clock time on a busy machine).
 Reported in the calls' seconds: mean and p95 run completion time (finish minus arrival), the worst
 slowdown (completion over the run's makespan alone on the 8 slots, longest path first: 1.0 is no
 wait at all), and slot utilisation (the calls' seconds over 8 x the time from the first arrival to
@@ -25,7 +28,7 @@ workloads: its mean over FIFO's on average, and on how many workloads it reaches
 and keeps its worst slowdown within FIFO's. How much any order can gain depends on the load: with
 little queueing there is little to reorder.
 
-Run:  python benchmarks/serve.py [--runs 40] [--slots 8] [--load 0.9 [1.0 ...]] [--seeds 1 2 3]
+Run:  python benchmarks/serve.py [--runs 400] [--slots 8] [--load 0.9 [1.0 ...]] [--seeds 1 2 3]
 """
 
 from __future__ import annotations
@@ -213,7 +216,7 @@ def figures(runs: list[Run], completion: dict[str, float], slots: int) -> Figure
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--runs", type=int, default=400, help="runs arriving, one workload")
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--load", type=float, nargs="+", default=[0.9], help="the slots' average busy share the arrival rate aims at; several: one sweep each")
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3], help="one workload each")
